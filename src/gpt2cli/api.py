@@ -1,0 +1,285 @@
+"""The library API the CLI itself uses: ``load`` a model, then stream, generate or complete.
+
+Layers, as in mlx-lm: ``LM.stream`` yields text pieces then one ``GenerationResult``;
+``LM.generate`` yields the text of one sample; ``LM.complete`` returns the finished result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt2cli.config import GenerationConfig, GPT2Config
+from gpt2cli.device import make_generator, pick_device, pick_dtype
+from gpt2cli.engine import Engine, EngineStats
+from gpt2cli.errors import CorruptWeightsError, NotGPT2Error
+from gpt2cli.hub import ResolvedModel, resolve
+from gpt2cli.model import GPT2
+from gpt2cli.stopping import StopMatcher
+from gpt2cli.tokenizer import StreamDecoder, Tokenizer
+from gpt2cli.weights import normalize_state_dict, read_state_dict, weight_files
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class TextPiece:
+    """A piece of newly generated text of sample ``sample``."""
+
+    sample: int
+    text: str
+
+
+@dataclass
+class SampleResult:
+    text: str
+    tokens: int
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class GenerationResult:
+    """Everything about one finished generation request."""
+
+    model: str
+    prompt_tokens: int
+    samples: list[SampleResult]
+    seconds: float
+    tokens_per_second: float
+    time_to_first_token: float
+    prompt_tokens_per_second: float
+    prompt_truncated: int = 0
+    stats: EngineStats = field(default_factory=EngineStats, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--format json`` object."""
+        return {
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "samples": [
+                {"text": s.text, "tokens": s.tokens, "finish_reason": s.finish_reason} for s in self.samples
+            ],
+            "seconds": round(self.seconds, 6),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+        }
+
+    def stats_dict(self) -> dict[str, Any]:
+        return asdict(self.stats)
+
+
+class LM:
+    """A loaded GPT-2: model, tokenizer and engine on one device."""
+
+    def __init__(self, model: GPT2, tokenizer: Tokenizer, resolved: ResolvedModel) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.resolved = resolved
+        self.engine = Engine(model)
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+    @property
+    def config(self) -> GPT2Config:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.wte.weight.dtype
+
+    @property
+    def window(self) -> int:
+        return self.config.n_positions
+
+    def encode(self, text: str) -> list[int]:
+        """Text to ids; a literal ``<|endoftext|>`` is the special token, as in transformers."""
+        return self.tokenizer.encode(text, allow_special=True)
+
+    def prepare_prompt(self, prompt: str | list[int], warn: Warn | None = None) -> tuple[list[int], int]:
+        """Prompt ids, keeping the most recent ``window`` tokens; returns (ids, dropped)."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            ids = [self.tokenizer.eot_id]  # an empty prompt generates unconditionally
+        dropped = max(0, len(ids) - self.window)
+        if dropped:
+            ids = ids[dropped:]
+            if warn:
+                warn(
+                    f"prompt is {len(ids) + dropped} tokens, longer than the {self.window}-token "
+                    f"window: kept the last {self.window}"
+                )
+        return ids, dropped
+
+    def stream(
+        self, prompt: str | list[int], cfg: GenerationConfig | None = None, *, warn: Warn | None = None
+    ) -> Iterator[TextPiece | GenerationResult]:
+        """Generate, yielding ``TextPiece``s as text completes, then one ``GenerationResult``."""
+        cfg = (cfg or GenerationConfig()).validate()
+        ids, dropped = self.prepare_prompt(prompt, warn)
+        eot = self.tokenizer.eot_id
+        tokens = self.engine.generate(ids, cfg, eos_id=eot, generator=make_generator(cfg.seed, self.device))
+        run = _SampleTexts(self.tokenizer, cfg)
+        t0 = time.perf_counter()
+        ttft: float | None = None
+        for step in tokens:
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            for sample, token in enumerate(step):
+                if token is None:
+                    continue
+                text, stopped = run.push(sample, token, is_eos=token == eot and not cfg.ignore_eos)
+                if text:
+                    yield TextPiece(sample, text)
+                if stopped:
+                    tokens.stop(sample, "stop")
+        for sample, text in run.flush():
+            yield TextPiece(sample, text)
+        seconds = time.perf_counter() - t0
+        yield self._result(ids, dropped, run, tokens.finish_reasons, tokens.stats, seconds, ttft)
+
+    def _result(
+        self,
+        ids: list[int],
+        dropped: int,
+        run: _SampleTexts,
+        reasons: list[str | None],
+        stats: EngineStats,
+        seconds: float,
+        ttft: float | None,
+    ) -> GenerationResult:
+        samples = [
+            SampleResult(run.texts[i], len(run.ids[i]), reasons[i] or "length", run.ids[i])
+            for i in range(len(run.texts))
+        ]
+        generated = sum(s.tokens for s in samples)
+        return GenerationResult(
+            model=self.name,
+            prompt_tokens=len(ids),
+            samples=samples,
+            seconds=seconds,
+            tokens_per_second=generated / stats.decode_seconds if stats.decode_seconds > 0 else 0.0,
+            time_to_first_token=ttft or 0.0,
+            prompt_tokens_per_second=(
+                stats.prefill_tokens / stats.prefill_seconds if stats.prefill_seconds > 0 else 0.0
+            ),
+            prompt_truncated=dropped,
+            stats=stats,
+        )
+
+    def generate(self, prompt: str | list[int], **options: Any) -> Iterator[str]:
+        """Yield the text of one sample as it is generated (options as in GenerationConfig)."""
+        for event in self.stream(prompt, GenerationConfig(**options)):
+            if isinstance(event, TextPiece):
+                yield event.text
+
+    def complete(self, prompt: str | list[int], **options: Any) -> GenerationResult:
+        """Generate to the end and return the result (options as in GenerationConfig)."""
+        result = None
+        for event in self.stream(prompt, GenerationConfig(**options)):
+            if isinstance(event, GenerationResult):
+                result = event
+        assert result is not None
+        return result
+
+
+class _SampleTexts:
+    """Per-sample streaming decoders and stop matchers."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: GenerationConfig) -> None:
+        n = cfg.num_samples
+        self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
+        self.matchers = [StopMatcher(cfg.stop) for _ in range(n)]
+        self.texts = [""] * n
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.done = [False] * n
+
+    def push(self, sample: int, token: int, *, is_eos: bool) -> tuple[str, bool]:
+        if self.done[sample]:
+            return "", False
+        if is_eos:
+            return self._finish(sample), False
+        self.ids[sample].append(token)
+        text, stopped = self.matchers[sample].push(self.decoders[sample].push(token))
+        self.texts[sample] += text
+        self.done[sample] = stopped
+        return text, stopped
+
+    def _finish(self, sample: int) -> str:
+        text, stopped = self.matchers[sample].push(self.decoders[sample].flush())
+        if not stopped:
+            text += self.matchers[sample].flush()
+        self.texts[sample] += text
+        self.done[sample] = True
+        return text
+
+    def flush(self) -> Iterator[tuple[int, str]]:
+        for sample in range(len(self.texts)):
+            if not self.done[sample]:
+                text = self._finish(sample)
+                if text:
+                    yield sample, text
+
+
+def load(
+    spec: str = "gpt2",
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    offline: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> LM:
+    """Resolve ``spec`` (alias, ``org/name[@rev]`` or directory), download if needed, and load it.
+
+    Raises:
+        Gpt2Error: any of its kinds (model not found, offline miss, unsafe or corrupt weights...).
+    """
+    resolved = resolve(spec, offline=offline, allow_pickle=allow_pickle, progress=progress)
+    return load_resolved(resolved, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def load_resolved(
+    resolved: ResolvedModel, *, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False
+) -> LM:
+    """Load a model already on disk."""
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    path = resolved.path
+    config = GPT2Config.from_json(path / "config.json")
+    tokenizer = _load_tokenizer(path, config)
+    model = build_model(config, read_state_dict(weight_files(path, allow_pickle)))
+    model.to(device=torch_device, dtype=torch_dtype)
+    return LM(model, tokenizer, resolved)
+
+
+def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor]) -> GPT2:
+    """A GPT2 built on the meta device and given ``raw_state``'s tensors (no second copy)."""
+    state = normalize_state_dict(raw_state, config)
+    raw_state.clear()
+    with torch.device("meta"):
+        model = GPT2(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_tokenizer(path: Path, config: GPT2Config) -> Tokenizer:
+    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
+        raise NotGPT2Error(f"{path} has no vocab.json/merges.txt: GPT-2's tokenizer files are needed")
+    tokenizer = Tokenizer.from_dir(path)
+    if tokenizer.n_vocab > config.vocab_size:
+        raise CorruptWeightsError(
+            f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {config.vocab_size}"
+        )
+    return tokenizer

@@ -1,0 +1,1 @@
+"""The command-line client: parse, call the library, render. No tensor code lives here."""

@@ -1,0 +1,113 @@
+"""Assembles the Typer app and runs it: errors are rendered here once, as one line and a hint.
+
+Only Typer, our errors/config and the command modules (which import nothing heavy at module
+level) load before a command runs, so ``gpt2 --help`` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.exceptions import Abort, Exit
+
+from gpt2cli import __version__
+from gpt2cli.cli import generate
+from gpt2cli.cli.output import StdoutClosed, error_line
+from gpt2cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, Gpt2Error
+
+app = typer.Typer(
+    name="gpt2",
+    help="Run OpenAI's GPT-2 family locally: generate, chat, score, benchmark, fine-tune and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"gpt2cli {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    """Run OpenAI's GPT-2 family locally: generate, chat, score, benchmark, fine-tune and serve."""
+
+
+app.command("generate", no_args_is_help=False)(generate.generate)
+
+
+def _wants_debug(args: Sequence[str]) -> bool:
+    return "--debug" in args or os.environ.get("GPT2_DEBUG", "") not in ("", "0")
+
+
+def run(args: Sequence[str]) -> int:
+    """Run the CLI on ``args``; return the exit code (errors already rendered on stderr)."""
+    debug = _wants_debug(args)
+    try:
+        result = app(args=list(args), prog_name="gpt2", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except Exit as exc:
+        return exc.exit_code
+    except Gpt2Error as exc:
+        return _fail(exc.message, exc.hint, exc.exit_code, debug)
+    except NoArgsIsHelpError as exc:
+        exc.show()  # bare `gpt2` (or a group): help is the answer, not an error
+        return 0
+    except UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "gpt2"
+        return _fail(exc.format_message(), f"see '{command} --help'", EXIT_USAGE, debug)
+    except ClickException as exc:
+        return _fail(exc.format_message(), None, exc.exit_code, debug)
+    except (Abort, KeyboardInterrupt) as exc:
+        if isinstance(exc, KeyboardInterrupt) or isinstance(exc.__cause__, KeyboardInterrupt):
+            sys.stderr.write("\n")
+            return EXIT_INTERRUPTED
+        return _fail("aborted", None, EXIT_RUNTIME, debug)
+    except StdoutClosed:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise StdoutClosed from exc
+        return _fail(str(exc), None, EXIT_RUNTIME, debug)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        return _fail(
+            f"unexpected {type(exc).__name__}: {exc}", "rerun with --debug for the traceback", 1, debug
+        )
+
+
+def _fail(message: str, hint: str | None, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(error_line(message, hint))
+    sys.stderr.flush()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = run(args)
+        sys.stdout.flush()
+    except (StdoutClosed, BrokenPipeError):
+        # The reader went away (`| head`): stop quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    sys.exit(code)

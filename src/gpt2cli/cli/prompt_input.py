@@ -1,0 +1,48 @@
+"""Reading a prompt: the PROMPT argument, ``-`` for stdin, or stdin when it is piped."""
+
+from __future__ import annotations
+
+import sys
+
+from gpt2cli.cli.output import is_terminal, warn
+from gpt2cli.errors import BadInputError
+
+
+def read_stdin_text() -> str:
+    """All of stdin as text; invalid UTF-8 is replaced, with a warning naming the byte offset."""
+    stream = sys.stdin
+    if stream is None:
+        return ""
+    buffer = getattr(stream, "buffer", None)
+    try:
+        data = buffer.read() if buffer is not None else stream.read().encode("utf-8", "surrogateescape")
+    except (OSError, ValueError):
+        return ""  # a closed or unreadable stdin holds no prompt
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        warn(f"stdin is not valid UTF-8 (first bad byte at offset {exc.start}): replaced invalid bytes")
+        return data.decode("utf-8", errors="replace")
+
+
+def read_prompt(prompt: str | None) -> str:
+    """The prompt to use.
+
+    Raises:
+        BadInputError: no prompt given and none on stdin, or the prompt is empty.
+    """
+    if prompt == "-" or (prompt is None and not is_terminal(sys.stdin) and sys.stdin is not None):
+        text = read_stdin_text()
+        source = "stdin"
+    elif prompt is None:
+        raise BadInputError(
+            "no prompt given", hint='pass one: gpt2 generate "Once upon a time", or pipe text on stdin'
+        )
+    else:
+        text, source = prompt, "the prompt"
+    if not text.strip() and not text:
+        raise BadInputError(
+            f"{source} is empty",
+            hint="give some text; to generate unconditionally, use '<|endoftext|>' as the prompt",
+        )
+    return text

@@ -1,0 +1,211 @@
+"""Checkpoint files in, a normalised state dict out (and back to the Hub's layout for saving).
+
+The core, ``normalize_state_dict``, is a pure dict-to-dict function: strip ``transformer.``,
+drop the stored causal-mask buffers, transpose the four Conv1D weights, drop the tied lm_head,
+then check every key and shape against the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from gpt2cli.config import GPT2Config
+from gpt2cli.errors import CorruptWeightsError, NotGPT2Error, UnsafeWeightsError
+
+# Conv1D layers store their weight as (in, out); nn.Linear wants (out, in).
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers some checkpoints carry: the causal mask and its fill value. We never need them.
+IGNORED_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter of our model, with its shape, in our (out, in) layout."""
+    C, inner = config.n_embd, config.inner_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "wte.weight": (config.vocab_size, C),
+        "wpe.weight": (config.n_positions, C),
+        "ln_f.weight": (C,),
+        "ln_f.bias": (C,),
+    }
+    for i in range(config.n_layer):
+        p = f"h.{i}."
+        shapes |= {
+            p + "ln_1.weight": (C,),
+            p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (3 * C, C),
+            p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C),
+            p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,),
+            p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (inner, C),
+            p + "mlp.c_fc.bias": (inner,),
+            p + "mlp.c_proj.weight": (C, inner),
+            p + "mlp.c_proj.bias": (C,),
+        }
+    return shapes
+
+
+def normalize_state_dict(raw: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+    """Map a Hub GPT-2 state dict (either key layout) onto our parameter names and layout.
+
+    Raises:
+        CorruptWeightsError: keys missing, unexpected, or of the wrong shape.
+    """
+    shapes = expected_shapes(config)
+    out: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    lm_head: torch.Tensor | None = None
+    for key, tensor in raw.items():
+        name = key.removeprefix("transformer.")
+        if IGNORED_BUFFER.match(name):
+            continue
+        if name == "lm_head.weight":
+            lm_head = tensor
+            continue
+        if name not in shapes:
+            unexpected.append(key)
+            continue
+        if name.endswith(CONV1D_SUFFIXES) and tensor.ndim == 2:
+            tensor = tensor.t()
+        out[name] = tensor
+    if "wte.weight" not in out and lm_head is not None:
+        out["wte.weight"] = lm_head  # a checkpoint saved with only the tied copy
+    _check_keys_and_shapes(out, shapes, unexpected)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _check_keys_and_shapes(
+    out: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], unexpected: list[str]
+) -> None:
+    if unexpected:
+        raise NotGPT2Error(
+            f"unexpected weights {_few(unexpected)}: not a GPT-2 checkpoint",
+            hint="gpt2cli runs GPT-2-architecture models (GPT2LMHeadModel) only",
+        )
+    missing = [k for k in shapes if k not in out]
+    if missing:
+        raise CorruptWeightsError(f"weights missing from the checkpoint: {_few(missing)}")
+    for name, shape in shapes.items():
+        if tuple(out[name].shape) != shape:
+            raise CorruptWeightsError(
+                f"{name} has shape {tuple(out[name].shape)}, config.json implies {shape}"
+            )
+
+
+def _few(keys: Iterable[str], n: int = 3) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def to_hub_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict back to openai-community/gpt2's layout (Conv1D transposed, no prefix)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def weight_files(directory: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors preferred.
+
+    Raises:
+        UnsafeWeightsError: only pickle weights exist and ``allow_pickle`` is false.
+        NotGPT2Error: no weights at all.
+    """
+    for single, index in (("model.safetensors", SAFETENSORS_INDEX),) + (
+        (("pytorch_model.bin", PICKLE_INDEX),) if allow_pickle else ()
+    ):
+        if (directory / single).is_file():
+            return [directory / single]
+        if (directory / index).is_file():
+            return _shards_from_index(directory / index)
+    if (directory / "pytorch_model.bin").exists() or (directory / PICKLE_INDEX).exists():
+        raise UnsafeWeightsError(
+            f"{directory} has only pickle weights (pytorch_model.bin), which can run code"
+        )
+    raise NotGPT2Error(f"{directory} has no model.safetensors: no weights to load")
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptWeightsError(f"cannot read shard index {index_path}: {exc}") from exc
+    for name in names:
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise CorruptWeightsError(f"{index_path} names a shard outside the checkpoint: {name}")
+    return [index_path.parent / n for n in names]
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Validate a safetensors header against the file size, before torch touches it.
+
+    Raises:
+        CorruptWeightsError: missing, truncated, or with an unreadable header.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CorruptWeightsError(f"{path} is truncated ({size} bytes): not safetensors")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise CorruptWeightsError(f"{path} is truncated or not safetensors")
+            header = json.loads(fh.read(header_len))
+    except FileNotFoundError as exc:
+        raise CorruptWeightsError(f"weight file {path} is missing") from exc
+    except (OSError, ValueError) as exc:
+        raise CorruptWeightsError(f"{path} has a corrupt safetensors header: {exc}") from exc
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise CorruptWeightsError(f"{path} is truncated: {size} bytes of the {expected} expected")
+
+
+def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Read every tensor from ``files`` (safetensors, or pickle via weights_only=True).
+
+    Raises:
+        CorruptWeightsError: a file cannot be parsed.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            check_safetensors_file(path)
+            try:
+                state.update(load_file(str(path)))
+            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                raise CorruptWeightsError(f"cannot read {path}: {exc}") from exc
+        else:
+            state.update(_load_pickle(path))
+    return state
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError as exc:
+        raise CorruptWeightsError(f"weight file {path} is missing") from exc
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds here; all mean "bad file"
+        raise CorruptWeightsError(f"cannot load {path} safely: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise CorruptWeightsError(f"{path} does not hold a state dict")
+    return loaded

@@ -1,0 +1,91 @@
+"""Our model against transformers' GPT2LMHeadModel on the same checkpoints: logits and greedy ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2cli import load
+from gpt2cli.config import GenerationConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def reference(path: Path):
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
+
+
+def test_logits_match_transformers(ckpt: Path) -> None:
+    lm = load(str(ckpt), device="cpu")
+    ref = reference(ckpt)
+    ids = torch.tensor([lm.encode("Hello world, this is a test of GPT-2 fidelity! ünïcödé 🎉")])
+    with torch.no_grad():
+        ours = lm.model(ids)
+        theirs = ref(ids).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_cached_decoding_matches_full_forward(ckpt: Path) -> None:
+    lm = load(str(ckpt), device="cpu")
+    ids = torch.tensor([lm.encode("The quick brown fox jumps over the lazy dog")])
+    with torch.no_grad():
+        full = lm.model(ids)
+        cache = lm.model.new_cache(1, 64)
+        first = lm.model(ids[:, :5], cache)
+        rest = [lm.model(ids[:, t : t + 1], cache) for t in range(5, ids.shape[1])]
+    stepped = torch.cat([first, *rest], dim=1)
+    torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
+
+
+def test_chunked_prefill_after_cache_matches(ckpt: Path) -> None:
+    lm = load(str(ckpt), device="cpu")
+    ids = torch.tensor([lm.encode("one two three four five six seven eight nine ten")])
+    with torch.no_grad():
+        full = lm.model(ids)
+        cache = lm.model.new_cache(1, 8)  # grows on demand
+        a = lm.model(ids[:, :4], cache)
+        b = lm.model(ids[:, 4:], cache)
+    torch.testing.assert_close(torch.cat([a, b], dim=1), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", ["Once upon a time", "def fib(n):\n    return", "<|endoftext|>"])
+def test_greedy_ids_match_transformers(ckpt: Path, prompt: str) -> None:
+    lm = load(str(ckpt), device="cpu")
+    ref = reference(ckpt)
+    ids = lm.encode(prompt)
+    result = lm.complete(prompt, max_new_tokens=30, temperature=0, ignore_eos=True)
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([ids]),
+            max_new_tokens=30,
+            do_sample=False,
+            min_new_tokens=30,
+            pad_token_id=50256,
+        )
+    assert result.samples[0].token_ids == out[0, len(ids) :].tolist()
+    assert result.samples[0].finish_reason == "length"
+
+
+def test_greedy_batched_samples_equal_single(ckpt_h: Path) -> None:
+    lm = load(str(ckpt_h), device="cpu")
+    single = lm.complete("Hi there", max_new_tokens=12, temperature=0, ignore_eos=True)
+    many = lm.complete("Hi there", max_new_tokens=12, temperature=0, ignore_eos=True, num_samples=3)
+    assert [s.token_ids for s in many.samples] == [single.samples[0].token_ids] * 3
+
+
+def test_window_slide_keeps_generating(tmp_path: Path) -> None:
+    from checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "small", n_positions=16)
+    lm = load(str(path), device="cpu")
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0, ignore_eos=True)
+    result = None
+    for event in lm.stream("a b c d e f g h i j k l m n o p q r s t", cfg):
+        result = event
+    assert result is not None and result.prompt_truncated > 0
+    assert result.samples[0].tokens == 40
+    assert result.stats.window_slides >= 1
