@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from bpe import copy_bpe_files
+from safetensors.torch import save_file
 
 VOCAB_SIZE = 50257
 

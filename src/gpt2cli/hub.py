@@ -204,12 +204,13 @@ def _download(spec: ModelSpec, files: list[str], progress: bool) -> Path:
 
 
 def _from_cache(spec: ModelSpec, allow_pickle: bool) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
+    """The cached snapshot of ``spec`` (branch via refs/, or a commit sha), without the network."""
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        snapshot = Path(snapshot_download(spec.repo_id or "", revision=spec.revision, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError and kin
-        raise OfflineMissError(f"{spec.text} is not in the local cache") from exc
+    found = try_to_load_from_cache(spec.repo_id or "", "config.json", revision=spec.revision)
+    if not isinstance(found, str):
+        raise OfflineMissError(f"{spec.text} is not in the local cache")
+    snapshot = Path(found).parent
     names = [p.name for p in snapshot.iterdir()]
     try:
         choose_files(names, allow_pickle)

@@ -1,0 +1,314 @@
+"""`gpt2 generate` as users drive it: in-process for speed, subprocesses for pipes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from checkpoints import make_checkpoint
+from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess, run_subprocess
+
+from gpt2cli import load
+
+
+@pytest.fixture
+def gen(capsys, monkeypatch):
+    def call(args, stdin=None):
+        return run_inprocess(["generate", *args], capsys, monkeypatch, stdin=stdin)
+
+    return call
+
+
+def test_greedy_text_matches_library(ckpt: Path, gen) -> None:
+    result = gen(["-m", str(ckpt), "Once upon a time", "-n", "15", "-t", "0", "--ignore-eos"])
+    assert result.code == 0, result.err
+    expected = load(str(ckpt), device="cpu").complete(
+        "Once upon a time", max_new_tokens=15, temperature=0, ignore_eos=True
+    )
+    assert result.out == expected.samples[0].text + "\n"
+    assert "\x1b" not in result.out
+
+
+def test_seed_reproducible(ckpt_h: Path, gen) -> None:
+    args = ["-m", str(ckpt_h), "Hello", "-n", "20", "--ignore-eos"]
+    first = gen([*args, "--seed", "3"])
+    second = gen([*args, "--seed", "3"])
+    other = gen([*args, "--seed", "4"])
+    assert first.code == second.code == other.code == 0
+    assert first.out == second.out
+    assert first.out != other.out
+
+
+def test_json_schema(ckpt_h: Path, gen) -> None:
+    result = gen(
+        ["-m", str(ckpt_h), "Hi", "-n", "6", "--format", "json", "--num-samples", "2", "--seed", "1"]
+    )
+    assert result.code == 0, result.err
+    obj = json.loads(result.out)
+    assert set(obj) >= {"model", "prompt_tokens", "samples", "seconds", "tokens_per_second"}
+    assert obj["model"] == str(ckpt_h) and obj["prompt_tokens"] == 1
+    assert len(obj["samples"]) == 2
+    for sample in obj["samples"]:
+        assert set(sample) == {"text", "tokens", "finish_reason"}
+        assert sample["finish_reason"] in ("length", "stop", "eos")
+        assert isinstance(sample["text"], str) and 0 < sample["tokens"] <= 6
+
+
+def test_jsonl_pieces_add_up_to_summary(ckpt_h: Path, gen) -> None:
+    result = gen(["-m", str(ckpt_h), "Hi", "-n", "8", "--format", "jsonl", "-t", "0", "--ignore-eos"])
+    lines = [json.loads(line) for line in result.out.splitlines()]
+    assert lines[-1]["type"] == "summary"
+    text = "".join(line["text"] for line in lines[:-1])
+    assert len(lines) > 2 and text == lines[-1]["samples"][0]["text"]
+
+
+def test_stop_string_not_printed(ckpt_h: Path, gen) -> None:
+    base = gen(["-m", str(ckpt_h), "Hi", "-n", "30", "-t", "0", "--ignore-eos", "--format", "json"])
+    full = json.loads(base.out)["samples"][0]["text"]
+    stop = full[10:14]
+    result = gen(
+        ["-m", str(ckpt_h), "Hi", "-n", "30", "-t", "0", "--ignore-eos", "--stop", stop, "--format", "json"]
+    )
+    sample = json.loads(result.out)["samples"][0]
+    assert sample["finish_reason"] == "stop"
+    assert sample["text"] == full[: full.index(stop)]
+
+
+def test_echo_prints_prompt_first(ckpt_h: Path, gen) -> None:
+    result = gen(["-m", str(ckpt_h), "Echo me", "-n", "3", "--echo"])
+    assert result.code == 0 and result.out.startswith("Echo me")
+
+
+def test_prompt_from_stdin_and_dash(ckpt_h: Path, gen) -> None:
+    args = ["-m", str(ckpt_h), "-n", "5", "-t", "0", "--ignore-eos"]
+    piped = gen(args, stdin=b"From stdin")
+    dashed = gen([*args, "-"], stdin=b"From stdin")
+    direct = gen([*args, "From stdin"])
+    assert piped.code == dashed.code == 0
+    assert piped.out == dashed.out == direct.out
+
+
+def test_invalid_utf8_stdin_is_replaced_with_warning(ckpt_h: Path, gen) -> None:
+    result = gen(["-m", str(ckpt_h), "-n", "3"], stdin=b"caf\xe9 \xff ok")
+    assert result.code == 0
+    assert "not valid UTF-8" in result.err and "offset 3" in result.err
+
+
+def test_endoftext_literal_in_prompt(ckpt_h: Path, gen) -> None:
+    result = gen(["-m", str(ckpt_h), "a<|endoftext|>b", "-n", "3", "--format", "json"])
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["prompt_tokens"] == 3  # a, <|endoftext|>, b
+
+
+def test_long_prompt_keeps_recent_tokens_with_warning(ckpt_h: Path, gen) -> None:
+    prompt = "word " * 300  # the fixture's window is 128 tokens
+    result = gen(["-m", str(ckpt_h), prompt, "-n", "3", "--format", "json"])
+    assert result.code == 0
+    assert json.loads(result.out)["prompt_tokens"] == 128
+    assert result.err.count("gpt2: warning:") == 1 and "window" in result.err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["-t", "-1"], "temperature"),
+        (["-t", "nan"], "temperature"),
+        (["-t", "inf"], "temperature"),
+        (["--top-p", "0"], "top-p"),
+        (["--top-p", "1.5"], "top-p"),
+        (["-n", "0"], "max-new-tokens"),
+        (["--num-samples", "0"], "num-samples"),
+        (["--top-k", "-2"], "top-k"),
+        (["--repetition-penalty", "0"], "repetition-penalty"),
+        (["-t", "abc"], "temperature"),
+        (["--format", "xml"], "format"),
+        (["--device", "quantum"], "device"),
+        (["--dtype", "int3"], "dtype"),
+        (["--stop", ""], "stop"),
+    ],
+)
+def test_bad_options_exit_2(ckpt_h: Path, gen, args: list[str], needle: str) -> None:
+    result = gen(["-m", str(ckpt_h), "Hello", *args])
+    assert_one_line_error(result, 2, needle)
+
+
+def test_missing_cuda_is_a_clear_error(ckpt_h: Path, gen) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_one_line_error(gen(["-m", str(ckpt_h), "Hi", "--device", "cuda"]), 2, "CUDA")
+
+
+def test_empty_prompt_and_empty_stdin(ckpt_h: Path, gen) -> None:
+    assert_one_line_error(gen(["-m", str(ckpt_h)], stdin=b""), 2, "empty")
+    assert_one_line_error(gen(["-m", str(ckpt_h), ""]), 2, "empty")
+
+
+def test_unknown_model_directory(gen, tmp_path: Path) -> None:
+    assert_one_line_error(gen(["-m", str(tmp_path / "nope"), "Hi"]), 1, "no such model directory")
+
+
+def test_directory_that_is_not_gpt2(gen, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(gen(["-m", str(empty), "Hi"]), 1, "config.json")
+    bert = make_checkpoint(tmp_path / "bert", config_extra={"model_type": "bert"})
+    assert_one_line_error(gen(["-m", str(bert), "Hi"]), 1, "'bert'")
+
+
+def test_truncated_and_corrupt_safetensors(gen, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "trunc")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "truncated", "verify")
+    weights.write_bytes(struct.pack("<Q", 40) + b"{not json" + b"\0" * 100)
+    assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "corrupt")
+    weights.write_bytes(b"\x01")
+    assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "safetensors")
+
+
+def test_wrong_shapes_are_reported(gen, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "shape", n_embd=32)
+    config = json.loads((path / "config.json").read_text())
+    config["n_embd"] = 64
+    (path / "config.json").write_text(json.dumps(config))
+    assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "shape")
+
+
+def test_pickle_only_needs_opt_in(gen, tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "pickled", weights="bin")
+    assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "pickle", "--allow-pickle")
+    result = gen(["-m", str(path), "Hi", "-n", "3", "--allow-pickle"])
+    assert result.code == 0, result.err
+
+
+def test_multiple_samples_text(ckpt_h: Path, gen) -> None:
+    result = gen(["-m", str(ckpt_h), "Hi", "-n", "4", "--num-samples", "3", "-t", "0", "--ignore-eos"])
+    assert result.code == 0
+    blocks = result.out.strip("\n").split("\n\n")
+    assert len(blocks) == 3 and len(set(blocks)) == 1
+
+
+def test_stats_on_stderr(ckpt_h: Path, gen) -> None:
+    result = gen(["-m", str(ckpt_h), "Hi", "-n", "4", "--stats"])
+    assert "tok/s" in result.err and "first token" in result.err
+    assert "tok/s" not in result.out
+
+
+# --- real subprocesses: pipes, closed stdin, signals, imports -------------------------------
+
+
+def test_subprocess_plain_output_no_escape_codes(ckpt_h: Path) -> None:
+    result = run_subprocess(["generate", "-m", str(ckpt_h), "Hi", "-n", "5", "--echo"], env={"NO_COLOR": ""})
+    assert result.code == 0, result.err
+    assert result.out.startswith("Hi") and "\x1b" not in result.out + result.err
+
+
+def test_closed_stdin_with_prompt(ckpt_h: Path) -> None:
+    proc = subprocess.run(
+        [str(GPT2_BIN), "generate", "-m", str(ckpt_h), "Hi", "-n", "3"],
+        capture_output=True,
+        preexec_fn=lambda: os.close(0),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout
+
+
+def test_closed_stdin_without_prompt(ckpt_h: Path) -> None:
+    proc = subprocess.run(
+        [str(GPT2_BIN), "generate", "-m", str(ckpt_h)],
+        capture_output=True,
+        preexec_fn=lambda: os.close(0),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert b"gpt2: error:" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_broken_pipe_exits_quietly(ckpt_h: Path) -> None:
+    proc = subprocess.Popen(
+        [str(GPT2_BIN), "generate", "-m", str(ckpt_h), "Hi", "-n", "100000", "--ignore-eos"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    head = proc.stdout.read(20)  # like `| head -c 20`
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0
+    assert len(head) == 20 and err == b""
+
+
+def test_ctrl_c_keeps_output_and_exits_130(ckpt_h: Path) -> None:
+    proc = subprocess.Popen(
+        [str(GPT2_BIN), "generate", "-m", str(ckpt_h), "Hi", "-n", "100000", "--ignore-eos"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.read(30)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert len(first) == 30 and b"Traceback" not in err
+    assert (first + rest).endswith(b"\n")  # the line is finished, nothing cut off
+
+
+def test_ctrl_c_json_keeps_partial_text(ckpt_h: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            str(GPT2_BIN),
+            "generate",
+            "-m",
+            str(ckpt_h),
+            "Hi",
+            "-n",
+            "100000",
+            "--ignore-eos",
+            "--format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    time.sleep(6)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    obj = json.loads(out)
+    assert obj["interrupted"] is True and obj["samples"][0]["text"]
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_nothing_heavy(flag: str) -> None:
+    code = (
+        "import sys\n"
+        "from gpt2cli.cli.app import main\n"
+        f"try:\n    main([{flag!r}])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'tiktoken', 'huggingface_hub', 'prompt_toolkit', 'safetensors')"
+        " if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_python_dash_m(ckpt_h: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpt2cli", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("gpt2cli ")

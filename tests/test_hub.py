@@ -1,0 +1,184 @@
+"""Model resolution and download against the loopback Hub imitation, through the real CLI.
+
+huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE at import time, so these run ``gpt2``
+as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from checkpoints import make_checkpoint
+from cliutil import assert_one_line_error, run_subprocess
+from hubsim import HubSim
+
+from gpt2cli.errors import BadInputError, ModelNotFoundError, UnsafeWeightsError
+from gpt2cli.hub import ALIASES, choose_files, parse_spec
+
+NEEDED = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "generation_config.json"}
+JUNK = {
+    "tf_model.h5": b"tf" * 100,
+    "flax_model.msgpack": b"flax" * 100,
+    "rust_model.ot": b"rust" * 100,
+    "onnx/decoder_model.onnx": b"onnx" * 100,
+    "64-8bits.tflite": b"tflite" * 100,
+    "pytorch_model.bin": b"pickle" * 100,
+    "README.md": b"# a model\n",
+}
+
+
+def repo_files(path: Path, extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    files["generation_config.json"] = json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}).encode()
+    return files | (extra or {})
+
+
+@pytest.fixture
+def hub(tmp_path: Path):
+    sim = HubSim()
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+def hub_env(hub: HubSim, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.endpoint or "", "HF_HOME": str(tmp_path / "hf"), **extra}
+
+
+def greedy(model: str, env: dict[str, str], *more: str):
+    return run_subprocess(
+        ["generate", "-m", model, "Hi", "-n", "5", "-t", "0", "--ignore-eos", *more], env=env
+    )
+
+
+def test_download_fetches_only_needed_files_then_works_offline(hub: HubSim, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ck", seed=5)
+    hub.add_repo("acme/tiny-gpt2", repo_files(ckpt, JUNK))
+    env = hub_env(hub, tmp_path)
+    first = greedy("acme/tiny-gpt2", env)
+    assert first.code == 0, first.err
+    assert hub.downloaded_files("acme/tiny-gpt2") == NEEDED
+    hub.stop()
+    again = greedy("acme/tiny-gpt2", env)  # no network, no flag: the cache answers
+    assert again.code == 0, again.err
+    assert again.out == first.out
+    offline = greedy("acme/tiny-gpt2", {**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.code == 0 and offline.out == first.out
+    flag = greedy("acme/tiny-gpt2", env, "--offline")
+    assert flag.code == 0 and flag.out == first.out
+
+
+def test_offline_never_touches_network(hub: HubSim, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ck")
+    hub.add_repo("acme/tiny-gpt2", repo_files(ckpt))
+    env = hub_env(hub, tmp_path)
+    result = greedy("acme/tiny-gpt2", env, "--offline")
+    assert_one_line_error(result, 1, "not in the local cache")
+    result = greedy("acme/tiny-gpt2", {**env, "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(result, 1, "not in the local cache")
+    assert hub.requests == []
+
+
+def test_alias_and_revision(hub: HubSim, tmp_path: Path) -> None:
+    main = make_checkpoint(tmp_path / "main", seed=1)
+    v2 = make_checkpoint(tmp_path / "v2", seed=2)
+    hub.add_repo(ALIASES["gpt2"], repo_files(main))
+    sha = hub.add_repo(ALIASES["gpt2"], repo_files(v2), revision="v2")
+    env = hub_env(hub, tmp_path)
+    by_alias = greedy("gpt2", env)
+    by_rev = greedy(f"{ALIASES['gpt2']}@v2", env)
+    by_sha = greedy(f"{ALIASES['gpt2']}@{sha}", env)
+    assert by_alias.code == by_rev.code == by_sha.code == 0, by_alias.err + by_rev.err + by_sha.err
+    assert by_rev.out == by_sha.out != by_alias.out
+    hub.stop()
+    assert greedy(f"{ALIASES['gpt2']}@v2", env, "--offline").out == by_rev.out
+
+
+def test_unknown_repo_and_revision(hub: HubSim, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ck")
+    hub.add_repo("acme/tiny-gpt2", repo_files(ckpt))
+    env = hub_env(hub, tmp_path)
+    assert_one_line_error(greedy("acme/nothing-here", env), 1, "no model named")
+    assert_one_line_error(greedy("acme/tiny-gpt2@nope", env), 1, "no revision")
+
+
+def test_unreachable_hub_without_cache(tmp_path: Path) -> None:
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    assert_one_line_error(greedy("acme/tiny-gpt2", env), 1, "cannot reach the hub")
+
+
+def test_pickle_only_repo(hub: HubSim, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ck", weights="bin")
+    hub.add_repo("acme/pickled", repo_files(ckpt))
+    env = hub_env(hub, tmp_path)
+    assert_one_line_error(greedy("acme/pickled", env), 1, "pickle", "--allow-pickle")
+    assert "pytorch_model.bin" not in hub.downloaded_files("acme/pickled")
+    ok = greedy("acme/pickled", env, "--allow-pickle")
+    assert ok.code == 0, ok.err
+    assert "pytorch_model.bin" in hub.downloaded_files("acme/pickled")
+
+
+def test_sharded_safetensors(hub: HubSim, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    ckpt = make_checkpoint(tmp_path / "ck", seed=7)
+    single = greedy(str(ckpt), {})
+    state = load_file(str(ckpt / "model.safetensors"))
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, str(shard_dir / shard))
+        weight_map |= dict.fromkeys(keys, shard)
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        (shard_dir / name).write_bytes((ckpt / name).read_bytes())
+    local = greedy(str(shard_dir), {})
+    assert local.code == 0 and local.out == single.out
+    hub.add_repo("acme/sharded", repo_files(shard_dir))
+    remote = greedy("acme/sharded", hub_env(hub, tmp_path))
+    assert remote.code == 0 and remote.out == single.out, remote.err
+    assert hub.downloaded_files("acme/sharded") == {
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        *halves,
+    }
+
+
+def test_parse_spec() -> None:
+    assert parse_spec("gpt2").repo_id == "openai-community/gpt2"
+    spec = parse_spec("org/name@abc")
+    assert (spec.repo_id, spec.revision) == ("org/name", "abc")
+    with pytest.raises(BadInputError):
+        parse_spec("bad name!")
+    with pytest.raises(BadInputError):
+        parse_spec("org/name@")
+    with pytest.raises(ModelNotFoundError):
+        parse_spec("./not/here")
+
+
+def test_choose_files() -> None:
+    listing = [
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "model.safetensors",
+        "pytorch_model.bin",
+        "tf_model.h5",
+    ]
+    assert choose_files(listing, allow_pickle=False) == [
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "model.safetensors",
+    ]
+    with pytest.raises(UnsafeWeightsError):
+        choose_files(["config.json", "pytorch_model.bin"], allow_pickle=False)
+    assert choose_files(["config.json", "pytorch_model.bin"], allow_pickle=True)[-1] == "pytorch_model.bin"
