@@ -17,7 +17,7 @@ import torch
 from gpt2cli.config import GenerationConfig, GPT2Config
 from gpt2cli.device import make_generator, pick_device, pick_dtype
 from gpt2cli.engine import Engine, EngineStats
-from gpt2cli.errors import CorruptWeightsError, NotGPT2Error
+from gpt2cli.errors import BadInputError, CorruptWeightsError, NotGPT2Error
 from gpt2cli.hub import ResolvedModel, resolve
 from gpt2cli.model import GPT2
 from gpt2cli.stopping import StopMatcher
@@ -239,20 +239,30 @@ def load(
     offline: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> LM:
     """Resolve ``spec`` (alias, ``org/name[@rev]`` or directory), download if needed, and load it.
+
+    ``quantize`` ("int8") stores the linear weights as int8 with per-row scales.
 
     Raises:
         Gpt2Error: any of its kinds (model not found, offline miss, unsafe or corrupt weights...).
     """
     resolved = resolve(spec, offline=offline, allow_pickle=allow_pickle, progress=progress)
-    return load_resolved(resolved, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return load_resolved(resolved, device=device, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize)
 
 
 def load_resolved(
-    resolved: ResolvedModel, *, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False
+    resolved: ResolvedModel,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    quantize: str | None = None,
 ) -> LM:
     """Load a model already on disk."""
+    if quantize not in (None, "none"):
+        raise BadInputError(f"unknown quantization {quantize!r}", hint="quantization is not available yet")
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     path = resolved.path

@@ -34,6 +34,9 @@ AllowPickle = Annotated[
         help="Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).",
     ),
 ]
+Quantize = Annotated[
+    str | None, typer.Option("--quantize", help="Weight quantization: int8 (per-row scales) or none.")
+]
 
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
