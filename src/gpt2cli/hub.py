@@ -304,7 +304,8 @@ def _progress_class(enabled: bool) -> tuple[Any, Any]:
 
     class RichBar(hf_tqdm):  # type: ignore[misc,valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            desc = str(kwargs.get("desc") or "download")
+            # the client names bars by URL tail (…/resolve/<commit>/name): show just the file name
+            desc = str(kwargs.get("desc") or "download").rsplit("/", 1)[-1]
             total, initial = kwargs.get("total"), kwargs.get("initial") or 0
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)
