@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_pull_fetches_needed_files_then_only_checks_the_revision(hub: HubSim, en
 
     hub.clear_requests()
     offline = gpt2(env, "models", "pull", REPO, "--offline")
-    assert offline.code == 0 and "not asked" in offline.out, offline.err
+    assert offline.code == 0 and "not checked" in offline.out, offline.err
     assert hub.requests == []
 
 
@@ -323,3 +324,55 @@ def test_parameter_count_from_headers(ckpt_h: Path, ckpt_t: Path, lm_h) -> None:
     n_params = sum(p.numel() for p in lm_h.model.parameters())
     assert safetensors_parameters([ckpt_h / "model.safetensors"]) == (n_params, "F32")
     assert safetensors_parameters([ckpt_t / "model.safetensors"]) == (n_params, "F32")
+
+
+def test_pull_with_hub_down_uses_the_cache_and_says_so(hub: HubSim, env: dict[str, str]) -> None:
+    assert gpt2(env, "models", "pull", REPO).code == 0
+    hub.stop()
+    result = gpt2(env, "models", "pull", REPO)
+    assert result.code == 0, result.err
+    assert "gpt2: warning:" in result.err and "cannot reach the hub" in result.err.lower()
+    assert "not checked" in result.out
+
+
+@pytest.mark.parametrize(("answer", "code"), [("n\n", 1), ("y\n", 0)])
+def test_rm_confirms_on_a_terminal(
+    answer: str,
+    code: int,
+    hub: HubSim,
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gpt2cli.cache
+    import gpt2cli.cli.models
+
+    assert gpt2(env, "models", "pull", REPO).code == 0
+    # huggingface_hub fixed its cache path when this process imported it: point ours at env's
+    monkeypatch.setattr(gpt2cli.cache, "cache_dir", lambda: Path(env["HF_HOME"]) / "hub")
+    monkeypatch.setattr(gpt2cli.cli.models, "is_terminal", lambda stream: True)
+    result = run_inprocess(["models", "rm", REPO], capsys, monkeypatch, stdin=answer.encode())
+    assert result.code == code, result.err
+    assert f"Delete {REPO}@" in result.err  # the question goes to stderr
+    assert repo_dir(env).exists() == (answer == "n\n")
+    if code:
+        assert result.err.count("gpt2: error:") == 1 and "nothing deleted" in result.err
+        assert result.out == ""
+    else:
+        assert result.out.startswith(f"removed {REPO}@") and "freed" in result.out
+
+
+def test_models_commands_import_nothing_heavy(hub: HubSim, env: dict[str, str]) -> None:
+    code = (
+        "import sys\n"
+        "from gpt2cli.cli.app import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
+        "heavy = [m for m in ('torch', 'tiktoken', 'prompt_toolkit') if m in sys.modules]\n"
+        "heavy += ['huggingface_hub'] if '--help' in sys.argv and 'huggingface_hub' in sys.modules else []\n"
+        "assert not heavy, heavy\n"
+    )
+    for args in (["models", "--help"], ["models", "pull", "--help"], ["models", "pull", REPO]):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, env={**os.environ, **env}, timeout=120
+        )
+        assert proc.returncode == 0, (args, proc.stderr.decode())

@@ -100,7 +100,8 @@ class PullResult:
     model: CachedModel
     downloaded: tuple[str, ...]
     bytes_downloaded: int
-    checked_hub: bool  # False when offline (or the Hub was unreachable): nothing was asked
+    checked_hub: bool  # False when offline (nothing was asked) or the Hub was unreachable
+    hub_error: str | None = None  # why the Hub could not answer, when the cache did instead
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +109,7 @@ class PullResult:
             "downloaded": list(self.downloaded),
             "bytes_downloaded": self.bytes_downloaded,
             "checked_hub": self.checked_hub,
+            "hub_error": self.hub_error,
         }
 
 
@@ -349,9 +351,10 @@ def pull(
         return PullResult(_cached_complete(text, spec, allow_pickle), (), 0, checked_hub=False)
     try:
         names, commit = list_remote(spec)
-    except NetworkError:
+    except NetworkError as exc:
         try:
-            return PullResult(_cached_complete(text, spec, allow_pickle), (), 0, checked_hub=False)
+            model = _cached_complete(text, spec, allow_pickle)
+            return PullResult(model, (), 0, checked_hub=False, hub_error=exc.message)
         except OfflineMissError:
             raise NetworkError(f"cannot reach the Hub to download {text}") from None
     files = choose_files(names, allow_pickle)

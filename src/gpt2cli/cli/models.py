@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpt2cli.cli import options as opt
-from gpt2cli.cli.output import is_terminal, stderr_console, write, write_json
+from gpt2cli.cli.output import is_terminal, stderr_console, warn, write, write_json
 from gpt2cli.errors import BadInputError, CorruptWeightsError, Gpt2Error
 
 if TYPE_CHECKING:
@@ -67,6 +67,8 @@ def pull(
     from gpt2cli.cache import pull as pull_model
 
     result = pull_model(name, offline=offline, allow_pickle=allow_pickle, progress=True)
+    if result.hub_error:
+        warn(f"{result.hub_error}; the cached copy of {name} may not be the latest")
     if output_format is Format.json:
         write_json(result.to_dict(), pretty=True)
         return
@@ -74,7 +76,7 @@ def pull(
     if result.downloaded:
         what = f"downloaded {len(result.downloaded)} files, {human_size(result.bytes_downloaded)}"
     else:
-        what = "up to date" if result.checked_hub else "cached (the Hub was not asked)"
+        what = "up to date" if result.checked_hub else "cached (not checked against the Hub)"
     write(f"{name}: {m.repo_id}@{m.commit[:12]}, {human_size(m.size)}: {what}\n")
 
 
@@ -172,13 +174,24 @@ def rm(
                 f"refusing to delete {name} without confirmation (stdin is not a terminal)",
                 hint=f"pass --yes: gpt2 models rm {name} --yes",
             )
-        if not typer.confirm(f"Delete {listing} ({human_size(plan.freed)})?", err=True):
+        if not _confirm(f"Delete {listing} ({human_size(plan.freed)})?"):
             raise Gpt2Error(f"kept {name}: nothing deleted")
     freed = plan.execute()
     if output_format is Format.json:
         write_json({"removed": [m.to_dict() for m in plan.models], "freed": freed}, pretty=True)
     else:
         write(f"removed {listing}: freed {human_size(freed)}\n")
+
+
+def _confirm(question: str) -> bool:
+    """Ask on stderr, read the answer from stdin; only y/yes agrees (EOF is no).
+
+    Not ``typer.confirm(err=True)``: Click prints the prompt's last character (a space) through
+    ``input()``, i.e. on stdout, which must carry only the product.
+    """
+    sys.stderr.write(f"{question} [y/N]: ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 # ---------------------------------------------------------------------------- rendering helpers
