@@ -376,3 +376,17 @@ def test_models_commands_import_nothing_heavy(hub: HubSim, env: dict[str, str]) 
             [sys.executable, "-c", code, *args], capture_output=True, env={**os.environ, **env}, timeout=120
         )
         assert proc.returncode == 0, (args, proc.stderr.decode())
+
+
+def test_missing_blob_is_reported_repaired_and_removable(hub: HubSim, env: dict[str, str]) -> None:
+    assert gpt2(env, "models", "pull", REPO).code == 0
+    weight_blob(env).unlink()  # scan_cache_dir now refuses the whole repo
+    bad = gpt2(env, "models", "verify", REPO, "--format", "json")
+    assert_one_line_error(bad, 1, "failed verification", "--repair")
+    statuses = {f["name"]: f["status"] for f in json.loads(bad.out)["files"]}
+    assert statuses["model.safetensors"] == "missing"
+    assert gpt2(env, "models", "verify", REPO, "--repair").code == 0
+    assert_snapshot_intact(env)
+    weight_blob(env).unlink()
+    assert gpt2(env, "models", "rm", REPO, "--yes").code == 0
+    assert not repo_dir(env).exists()

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt2cli.errors import BadInputError, NetworkError, OfflineMissError
+from gpt2cli.errors import BadInputError, CorruptWeightsError, NetworkError, OfflineMissError
 from gpt2cli.hub import ALIASES, ModelSpec, choose_files, download, list_remote, offline_requested, parse_spec
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -225,14 +225,69 @@ def _scan(directory: Path | None, gpt2_only: bool) -> Iterable[tuple[Any, Cached
     if not root.is_dir():
         return
     info = scan_cache_dir(root)
-    for repo in info.repos:
-        if repo.repo_type != "model":
+    revisions: list[tuple[str, Any]] = [
+        (repo.repo_id, rev) for repo in info.repos if repo.repo_type == "model" for rev in repo.revisions
+    ]
+    # scan_cache_dir skips a repo whole when one of its blobs is gone (a dangling snapshot link):
+    # walk those ourselves, so that verify can report the missing file and repair it.
+    scanned = {repo.repo_path.name for repo in info.repos}
+    for folder in sorted(root.glob("models--*")):
+        if folder.name not in scanned and (folder / "snapshots").is_dir():
+            revisions += [(_repo_id(folder), rev) for rev in _walk_revisions(folder)]
+    for repo_id, revision in revisions:
+        config = _read_config(revision.snapshot_path / "config.json")
+        if gpt2_only and config.get("model_type") != "gpt2":
             continue
-        for revision in repo.revisions:
-            config = _read_config(revision.snapshot_path / "config.json")
-            if gpt2_only and config.get("model_type") != "gpt2":
+        yield info, describe(repo_id, revision, config)
+
+
+@dataclass(frozen=True)
+class _File:
+    """The fields of huggingface_hub's ``CachedFileInfo`` that ``describe`` reads."""
+
+    file_name: str
+    file_path: Path
+    blob_path: Path
+    size_on_disk: int
+
+
+@dataclass(frozen=True)
+class _Revision:
+    """The fields of huggingface_hub's ``CachedRevisionInfo`` that ``describe`` reads."""
+
+    commit_hash: str
+    refs: frozenset[str]
+    snapshot_path: Path
+    files: tuple[_File, ...]
+    size_on_disk: int
+
+
+def _repo_id(folder: Path) -> str:
+    return "/".join(folder.name.split("--")[1:])
+
+
+def _walk_revisions(folder: Path) -> list[_Revision]:
+    """The revisions of a repo folder scan_cache_dir refused (missing blobs count 0 bytes)."""
+    import os
+
+    refs: dict[str, set[str]] = {}
+    for ref in (folder / "refs").rglob("*"):
+        if ref.is_file():
+            name = ref.relative_to(folder / "refs").as_posix()
+            refs.setdefault(ref.read_text(encoding="utf-8").strip(), set()).add(name)
+    out = []
+    for snapshot in sorted(p for p in (folder / "snapshots").iterdir() if p.is_dir()):
+        files = []
+        for path in sorted(snapshot.rglob("*")):
+            if path.is_dir():
                 continue
-            yield info, describe(repo.repo_id, revision, config)
+            blob = Path(os.path.abspath(path.parent / os.readlink(path))) if path.is_symlink() else path
+            files.append(_File(path.name, path, blob, blob.stat().st_size if blob.exists() else 0))
+        size = sum({f.blob_path: f.size_on_disk for f in files}.values())
+        out.append(
+            _Revision(snapshot.name, frozenset(refs.get(snapshot.name, ())), snapshot, tuple(files), size)
+        )
+    return out
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -513,10 +568,28 @@ def plan_removal(text: str, directory: Path | None = None) -> RemovalPlan:
     from huggingface_hub import scan_cache_dir
 
     models = find(text, directory)
+    whole_repo = _hub_spec(text).revision is None
+    folder = _repo_path(models[0].repo_id, directory)
+    partial = sum(p.stat().st_size for p in (folder / "blobs").glob("*.incomplete")) if whole_repo else 0
     info = scan_cache_dir(directory or cache_dir())
-    strategy = info.delete_revisions(*(m.commit for m in models))
-    partial = 0
-    if _hub_spec(text).revision is None:
-        blobs = _repo_path(models[0].repo_id, directory) / "blobs"
-        partial = sum(p.stat().st_size for p in blobs.glob("*.incomplete"))
-    return RemovalPlan(models, strategy.expected_freed_size + partial, strategy)
+    if any(repo.repo_path == folder for repo in info.repos):
+        strategy = info.delete_revisions(*(m.commit for m in models))
+        return RemovalPlan(models, strategy.expected_freed_size + partial, strategy)
+    # a repo scan_cache_dir refused (a blob is missing): only removing it whole is safe
+    if not whole_repo:
+        raise CorruptWeightsError(
+            f"the cache entry of {models[0].repo_id} is damaged (a file is missing)",
+            hint=f"repair it with `gpt2 models verify {text} --repair`, or remove every revision",
+        )
+    blobs = sum(b.stat().st_size for b in (folder / "blobs").iterdir() if b.is_file())
+    return RemovalPlan(models, blobs, _RemoveTree(folder))
+
+
+@dataclass(frozen=True)
+class _RemoveTree:
+    path: Path
+
+    def execute(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path)
