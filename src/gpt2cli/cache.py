@@ -196,9 +196,9 @@ def find(text: str, directory: Path | None = None, *, gpt2_only: bool = False) -
 
 def pick(models: list[CachedModel], revision: str | None = None) -> CachedModel:
     """The revision ``info`` shows: the one ``main`` points to, else the most recent one."""
-    for m in models:
-        if revision is None and "main" in m.refs:
-            return m
+    main = [m for m in models if "main" in m.refs]
+    if revision is None and main:
+        return main[0]
     return max(models, key=lambda m: max((f.path.lstat().st_mtime for f in m.files), default=0.0))
 
 
@@ -349,7 +349,7 @@ def safetensors_parameters(paths: Iterable[Path]) -> tuple[int | None, str | Non
     header cannot be read.
     """
     numel: dict[str, int] = {}
-    names: set[str] = set()
+    dtype: dict[str, str] = {}
     for path in paths:
         header = read_safetensors_header(path)
         if header is None:
@@ -357,21 +357,13 @@ def safetensors_parameters(paths: Iterable[Path]) -> tuple[int | None, str | Non
         for name, info in header.items():
             if name == "__metadata__" or not isinstance(info, dict) or _BUFFER.match(name):
                 continue
-            names.add(name)
             n = 1
             for dim in info.get("shape", []):
                 n *= int(dim)
-            numel[name] = n
-    if "lm_head.weight" in numel and (names & {"wte.weight", "transformer.wte.weight"}):
+            numel[name], dtype[name] = n, str(info.get("dtype"))
+    if "lm_head.weight" in numel and ({"wte.weight", "transformer.wte.weight"} & numel.keys()):
         del numel["lm_head.weight"]
-    dtypes = sorted(
-        {
-            str(info.get("dtype"))
-            for p in paths
-            for k, info in (read_safetensors_header(p) or {}).items()
-            if k in numel and isinstance(info, dict)
-        }
-    )
+    dtypes = sorted({dtype[name] for name in numel})
     return sum(numel.values()), "+".join(dtypes) or None
 
 
@@ -535,13 +527,24 @@ def check_file(
 
 
 def _is_truncated(path: Path, size: int) -> bool:
+    """A safetensors file shorter than its own header says (the header itself included)."""
     if path.suffix != ".safetensors":
         return False
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+    except (OSError, struct.error):
+        return True  # not even the 8-byte header length
+    if size < 8 + n:
+        return True
     header = read_safetensors_header(path)
     if header is None:
-        return True
-    n = struct.unpack("<Q", path.open("rb").read(8))[0]
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+        return False  # a complete header that does not parse: corrupt, not short
+    ends = [
+        int(t.get("data_offsets", [0, 0])[1])
+        for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict)
+    ]
     return size < 8 + n + max(ends, default=0)
 
 
