@@ -268,7 +268,13 @@ def load_resolved(
     path = resolved.path
     config = GPT2Config.from_json(path / "config.json")
     tokenizer = _load_tokenizer(path, config)
-    model = build_model(config, read_state_dict(weight_files(path, allow_pickle)))
+    try:
+        raw_state = read_state_dict(weight_files(path, allow_pickle))
+    except CorruptWeightsError as exc:
+        if resolved.spec.repo_id is not None:  # a Hub model in the cache: the cache can repair it
+            exc.hint = f"re-download it: `gpt2 models verify {resolved.name} --repair`"
+        raise
+    model = build_model(config, raw_state)
     model.to(device=torch_device, dtype=torch_dtype)
     return LM(model, tokenizer, resolved)
 
