@@ -192,3 +192,12 @@ def test_help_documents_the_method(score) -> None:
     assert result.code == 0
     flat = " ".join(result.out.split())
     assert "prefixed with <|endoftext|>" in flat and "exactly once" in flat and "--stride" in flat
+
+
+def test_every_file_failing_prints_no_json(score, tmp_path: Path) -> None:
+    result = score([str(tmp_path / "x.txt"), str(tmp_path / "y.txt"), "--format", "json"])
+    assert result.code == 1 and result.out == ""
+    assert [line for line in result.err.splitlines() if line.startswith("gpt2: error:")] == [
+        f"gpt2: error: {tmp_path / 'x.txt'}: no such file",
+        f"gpt2: error: {tmp_path / 'y.txt'}: no such file",
+    ]

@@ -269,9 +269,10 @@ class _JsonRenderer(_Renderer):
 
     def finish(self, results: list[Any], several: bool) -> None:
         pretty = is_terminal(sys.stdout)
+        if not results:
+            return  # every file failed: the errors are on stderr
         if not several:
-            if results:
-                write_json(results[0].to_json(), pretty=pretty)
+            write_json(results[0].to_json(), pretty=pretty)
             return
         write_json(
             {"files": [r.to_json() for r in results], "total": self.total(results).to_json()}, pretty=pretty
