@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from cliutil import assert_one_line_error, run_inprocess
+from cliutil import assert_one_line_error, run_inprocess, run_subprocess
 
 from gpt2cli.cli import score as score_cli
 
@@ -201,3 +201,11 @@ def test_every_file_failing_prints_no_json(score, tmp_path: Path) -> None:
         f"gpt2: error: {tmp_path / 'x.txt'}: no such file",
         f"gpt2: error: {tmp_path / 'y.txt'}: no such file",
     ]
+
+
+def test_real_pipe_in_and_out(ckpt_h: Path, lm_h) -> None:
+    """A real process: text piped on stdin, JSON on stdout, nothing on stderr."""
+    result = run_subprocess(["score", "-m", str(ckpt_h), "--format", "json"], input=TEXT.encode())
+    assert result.code == 0, result.err
+    assert result.err == ""
+    assert json.loads(result.out)["perplexity"] == pytest.approx(lm_h.score(TEXT).perplexity, rel=1e-6)
