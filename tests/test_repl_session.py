@@ -169,13 +169,15 @@ def test_slash_help_lists_every_command(session: Session) -> None:
         ("max_new_tokens", "16", 16),
         ("seed", "7", 7),
         ("seed", "none", None),
+        ("Temperature", " 0.25 ", 0.25),
     ],
 )
 def test_set_each_option(session: Session, option: str, value: str, expected: object) -> None:
     out = session.command(f"/set {option} {value}")
     assert not out.error, out.text
-    assert getattr(session.cfg, option.replace("-", "_")) == expected
-    assert f"{option.replace('-', '_')}={expected}" in session.command("/show").text
+    key = option.replace("-", "_").lower()
+    assert getattr(session.cfg, key) == expected
+    assert f"{key}={expected}" in session.command("/show").text
 
 
 @pytest.mark.parametrize(
@@ -191,6 +193,7 @@ def test_set_each_option(session: Session, option: str, value: str, expected: ob
         ("/set seed x", "seed must be an integer"),
         ("/set warmth 3", "unknown setting 'warmth'"),
         ("/set temperature", "usage: /set OPTION VALUE"),
+        ("/set temperature 0.5 extra", "usage: /set OPTION VALUE"),
         ("/frobnicate", "unknown command /frobnicate: type /help"),
         ("/mode poetry", "unknown mode 'poetry'"),
         ("/save", "usage: /save FILE"),

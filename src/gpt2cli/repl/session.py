@@ -371,10 +371,11 @@ def _help(session: Session, arg: str) -> Outcome:
 
 
 def _set(session: Session, arg: str) -> Outcome:
-    name, _, value = arg.partition(" ")
-    if not name or not value.strip():
+    words = arg.split()
+    if len(words) != 2:
         return Outcome(f"usage: /set OPTION VALUE (options: {', '.join(SETTINGS)})", error=True)
-    session.set_option(name, value.strip())
+    name, value = words
+    session.set_option(name, value)
     key = name.replace("-", "_").lower()
     return Outcome(f"set {key} to {getattr(session.cfg, key)}")
 
