@@ -6,12 +6,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
+import signal
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess, run_subprocess
+from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
@@ -143,14 +146,30 @@ def test_piped_complete_mode_and_dialogpt_template(ckpt_h: Path, repl) -> None:
     assert result.code == 0 and "template dialogpt" in result.err
 
 
-def test_piped_subprocess_plain_text(ckpt_h: Path) -> None:
+def test_piped_subprocess_plain_text_and_ctrl_c_exits_130(ckpt_h: Path, tmp_path: Path) -> None:
+    """A real pipe, colour allowed by the environment: plain text; SIGINT ends the line, exit 130."""
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     env["TERM"] = "xterm-256color"
-    result = run_subprocess(
-        ["repl", "-m", str(ckpt_h), "-n", "5", "--seed", "2"], input=b"hello\nand again\n", env=env
-    )
-    assert result.code == 0, result.err
-    assert len(result.out.splitlines()) >= 2 and "\x1b" not in result.out
+    lines = tmp_path / "in.txt"
+    lines.write_bytes(b"Tell me a long story\n")
+    with lines.open("rb") as stdin:
+        proc = subprocess.Popen(
+            [str(GPT2_BIN), "repl", "-m", str(ckpt_h), "--seed", "1", "-n", "100000"],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    assert ready, "no reply within 120 s"
+    first = proc.stdout.read1(64)  # the reply has begun
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    text = (first + out).decode()
+    assert proc.returncode == 130, err
+    assert text.strip() and text.endswith("\n") and "\x1b" not in text
+    assert b"Traceback" not in err
 
 
 @pytest.mark.parametrize(
