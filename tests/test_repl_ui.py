@@ -227,3 +227,26 @@ def test_pty_ctrl_c_while_streaming_and_at_prompt_ctrl_d_leaves(ckpt_h: Path, tm
     assert "Traceback" not in log.getvalue()
     reply = json.loads(saved.read_text())["turns"][1]
     assert reply["content"] and reply["content"] in log.getvalue()  # kept what was shown
+
+
+def test_pty_stdout_redirected_gets_only_replies(ckpt_h: Path, tmp_path: Path) -> None:
+    """Terminal on stdin, stdout to a file: the prompt and notes stay on the terminal (stderr)."""
+    pexpect = pytest.importorskip("pexpect")
+    out = tmp_path / "replies.txt"
+    env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
+    command = f"'{GPT2_BIN}' repl -m '{ckpt_h}' -t 0 -n 5 > '{out}'"
+    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect(">>>")
+        child.sendline("hi")
+        child.expect_exact("\x1b[?2004l")  # the line was read
+        child.sendline("/show")
+        child.expect_exact("context:  ")  # command output on the terminal
+        child.expect(">>>")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    text = out.read_text()
+    assert text.strip() and ">>>" not in text and "context" not in text and "/help" not in text

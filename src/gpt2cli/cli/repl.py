@@ -77,7 +77,7 @@ def repl(
     from gpt2cli.repl import ui
 
     if is_terminal(sys.stdin):
-        ui.TerminalUI(session).run()
+        ui.terminal_ui(session).run()
         return
     try:
         ui.run_piped(session, sys.stdin)

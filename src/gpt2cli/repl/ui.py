@@ -18,7 +18,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
-from gpt2cli.cli.output import color_allowed, write
+from gpt2cli.cli.output import color_allowed, stderr_console, write
 from gpt2cli.repl.session import COMMAND_NAMES, MODES, SETTINGS, Outcome, Session, lstrip_stream
 
 BLOCK = '"""'
@@ -84,21 +84,32 @@ class TerminalUI:
         session: the conversation.
         console: a Rich console for output (default: stdout, colour only where allowed).
         history: prompt history (default: the file in the user data directory).
+        output: where the prompt is drawn (default: prompt-toolkit's, from the app session).
+        notes: a Rich console for notes and command output (default: ``console``).
     """
 
-    def __init__(self, session: Session, console: Any = None, history: History | None = None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        console: Any = None,
+        history: History | None = None,
+        output: Any = None,
+        notes: Any = None,
+    ) -> None:
         from rich.console import Console
 
         self.session = session
         self.console = console or Console(
             highlight=False, markup=False, emoji=False, soft_wrap=True, no_color=not color_allowed(sys.stdout)
         )
+        self.notes = notes or self.console
         self.prompt: PromptSession[str] = PromptSession(
             history=history if history is not None else _history(),
             completer=SlashCompleter(),
             complete_while_typing=False,
             key_bindings=_key_bindings(),
             bottom_toolbar=self.toolbar,
+            output=output,
         )
 
     def toolbar(self) -> str:
@@ -110,7 +121,7 @@ class TerminalUI:
         )
 
     def note(self, text: str, error: bool = False) -> None:
-        self.console.print(text, style="red" if error else "dim")
+        self.notes.print(text, style="red" if error else "dim")
 
     def run(self) -> None:
         """Read and answer turns until /exit or Ctrl-D."""
@@ -158,7 +169,7 @@ class TerminalUI:
         if outcome.error:
             self.note(outcome.text, error=True)
         elif outcome.text:
-            self.console.print(outcome.text)
+            self.notes.print(outcome.text)
 
     def reply(self, text: str) -> None:
         """Stream the reply; Ctrl-C stops it and keeps what was shown."""
@@ -175,6 +186,16 @@ class TerminalUI:
             self.console.out("")
             return
         self.console.out("\n")
+
+
+def terminal_ui(session: Session) -> TerminalUI:
+    """The UI for a terminal on stdin; with stdout redirected, only replies go there (the prompt,
+    notes and command output go to the terminal on stderr)."""
+    from prompt_toolkit.output import create_output
+
+    if sys.stdout is not None and sys.stdout.isatty():
+        return TerminalUI(session)
+    return TerminalUI(session, output=create_output(always_prefer_tty=True), notes=stderr_console())
 
 
 def run_piped(session: Session, lines: Iterable[str]) -> None:
