@@ -19,6 +19,7 @@ from typer.exceptions import Abort, Exit
 from gpt2cli import __version__
 from gpt2cli.cli import generate
 from gpt2cli.cli.output import StdoutClosed, error_line
+from gpt2cli.cli.serve import serve as serve_command
 from gpt2cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, Gpt2Error
 
 app = typer.Typer(
@@ -49,6 +50,7 @@ def root(
 
 
 app.command("generate", no_args_is_help=False)(generate.generate)
+app.command("serve")(serve_command)
 
 
 def _wants_debug(args: Sequence[str]) -> bool:
