@@ -164,8 +164,12 @@ class BatchRun:
 
     def _sample(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """Each job samples its own rows with its own settings and generator."""
+        groups = self._job_rows()
+        if len(groups) == 1:  # one job: no gather/scatter
+            (j,) = groups
+            return self.samplers[j](logits, history, self.generators[j])
         out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        for j, rows in self._job_rows().items():
+        for j, rows in groups.items():
             idx = torch.tensor(rows, device=logits.device)
             out[idx] = self.samplers[j](logits[idx], history[idx], self.generators[j])
         return out

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_LOGPROBS = 20
 MAX_N = 16
+MAX_STOPS = 16
 
 
 class ApiError(Exception):
@@ -56,8 +57,8 @@ class _Request(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(s == "" for s in stops):
             raise ApiError(400, "stop strings cannot be empty", param="stop")
-        if len(stops) > 4:
-            raise ApiError(400, "at most 4 stop sequences are allowed", param="stop")
+        if len(stops) > MAX_STOPS:  # OpenAI allows 4; clients such as lm-eval may send a few more
+            raise ApiError(400, f"at most {MAX_STOPS} stop sequences are allowed", param="stop")
         return tuple(stops)
 
 
