@@ -81,7 +81,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 is steadier on a shared, oversubscribed machine)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        from gpt2cli.device import configure_threads
+
+        configure_threads(args.threads)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from serverutil import ServerThread

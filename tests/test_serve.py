@@ -76,6 +76,11 @@ def test_stream_equals_whole(client, model_id: str) -> None:
     chunks = list(client.completions.create(stream=True, **args))
     assert "".join(c.choices[0].text for c in chunks) == whole
     assert chunks[-1].choices[0].finish_reason == "length"
+    streamed = [c.choices[0].logprobs for c in client.completions.create(stream=True, logprobs=1, **args)]
+    tokens = [t for lp in streamed if lp for t in lp.tokens]
+    offsets = [o for lp in streamed if lp for o in lp.text_offset]
+    assert "".join(tokens) == whole
+    assert offsets == [len(PROMPTS[1]) + len("".join(tokens[:k])) for k in range(len(tokens))]
 
 
 def test_n_samples_with_seed_are_reproducible_and_match_the_library(client, model_id: str, lm_h) -> None:

@@ -46,6 +46,14 @@ class ServerState:
     model_ids: list[str]
     log: Log
     created: int = field(default_factory=lambda: int(time.time()))
+    _token_texts: dict[int, str] = field(default_factory=dict)
+
+    def token_text(self, token: int) -> str:
+        """A token's text as shown in logprobs (cached: the same few thousand tokens recur)."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.lm.tokenizer.decode([token])
+        return text
 
 
 def create_app(
@@ -408,6 +416,11 @@ class _Answer:
         self.prompt_lps: list[list[TokenLogprob] | None] = [None] * len(plan.prompts)
         self.chat = plan.kind == "chat.completion"
         self.cleaners = [_ReplyCleaner() for _ in range(count)] if self.chat else []
+        # text_offset of the next streamed token: generated text follows the prompt's text.
+        self.stream_offsets = [0] * count
+        if plan.logprobs is not None and plan.stream:
+            lengths = [len(state.lm.tokenizer.decode(p)) for p in plan.prompts]
+            self.stream_offsets = [lengths[c // n] for c in range(count)]
 
     # one event -> stream chunks (also recorded for the final body)
     def add(self, i: int, ev: Event) -> list[dict[str, Any]]:
@@ -450,7 +463,8 @@ class _Answer:
         else:
             choice = {"index": c, "text": text, "finish_reason": finish, "logprobs": None}
             if plan.logprobs is not None and lps:
-                choice["logprobs"] = self._logprobs_obj(lps, 0)
+                choice["logprobs"] = self._logprobs_obj(lps, self.stream_offsets[c])
+                self.stream_offsets[c] += sum(len(t) for t in choice["logprobs"]["tokens"])
             obj = "text_completion"
         return {
             "id": self._id(),
@@ -464,7 +478,7 @@ class _Answer:
         return ("chatcmpl-" if self.chat else "cmpl-") + self.plan.id
 
     def _logprobs_obj(self, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
-        decode = _token_text(self.state.lm)
+        decode = self.state.token_text
         tokens, offsets = [], []
         for e in lps:
             tokens.append(decode(e.token))
@@ -545,22 +559,6 @@ class _ReplyCleaner:
         body = text.rstrip()
         self.held = text[len(body) :]
         return body
-
-
-@functools.cache
-def _token_text_cache(lm_id: int) -> dict[int, str]:
-    return {}
-
-
-def _token_text(lm: LM) -> Callable[[int], str]:
-    cache = _token_text_cache(id(lm))
-
-    def decode(token: int) -> str:
-        if token not in cache:
-            cache[token] = lm.tokenizer.decode([token])
-        return cache[token]
-
-    return decode
 
 
 # --- middlewares --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gpt2cli.api import LM
 from gpt2cli.server.batch import BatchRun, Failed, Job, run_scores
 
 
@@ -39,11 +40,8 @@ class Scheduler:
     """Feeds waiting jobs to the model, one batch at a time, on a background thread."""
 
     def __init__(
-        self, lm: object, *, max_queue: int = 64, max_batch: int = 8, log: Callable[[str], None] | None = None
+        self, lm: LM, *, max_queue: int = 64, max_batch: int = 8, log: Callable[[str], None] | None = None
     ) -> None:
-        from gpt2cli.api import LM
-
-        assert isinstance(lm, LM)
         self.lm = lm
         self.max_queue = max_queue
         self.max_batch = max_batch
