@@ -70,6 +70,25 @@ def run_load(url: str, model: str, clients: int, requests: int, max_tokens: int)
     return sum(counts), seconds
 
 
+def engine_only(lm, max_tokens: int) -> None:
+    """The batch itself, without HTTP: B equal prompts run as one ``BatchRun``, B = 1, 4, 8."""
+    from gpt2cli.config import GenerationConfig
+    from gpt2cli.server.batch import BatchRun, Job
+
+    prompt = lm.encode(PROMPTS[0])
+    cfg = GenerationConfig(max_new_tokens=max_tokens, temperature=0)
+
+    def rate(b: int) -> float:
+        jobs = [Job(prompt, cfg, lambda event: None, eos_id=None) for _ in range(b)]
+        t0 = time.perf_counter()
+        BatchRun(lm.model, lm.tokenizer, jobs).run()
+        return b * max_tokens / (time.perf_counter() - t0)
+
+    rate(1)  # warm-up
+    one, four, eight = rate(1), rate(4), rate(8)
+    print(f"engine alone: {one:.1f} tok/s at B=1; B=4 {four / one:.2f}x, B=8 {eight / one:.2f}x\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +123,7 @@ def main() -> None:
         }
         try:
             run_load(servers["batched"].url, spec, 1, 1, 4)  # warm-up
+            engine_only(lm, args.max_tokens)
             print(
                 f"model: {args.model or f'random {args.layers}x{args.embd}'} on {args.device}; "
                 f"{args.requests} requests x {args.max_tokens} tokens per client, greedy\n"
