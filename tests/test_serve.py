@@ -165,6 +165,27 @@ def test_chat_uses_the_repl_template(client, model_id: str, lm_h) -> None:
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_dialogpt_models_get_their_template(tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "DialoGPT-tiny", seed=5)
+    lm = load(str(path), device="cpu")
+    srv = ServerThread(lm).start()
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        messages = [
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "Hi"},
+            {"role": "user", "content": "How are you?"},
+        ]
+        out = client.chat.completions.create(model=str(path), messages=messages, max_tokens=6, temperature=0)
+    finally:
+        srv.stop()
+    template = pick_template(str(path))
+    assert template.kind == "dialogpt"
+    prompt = "Hello there<|endoftext|>Hi<|endoftext|>How are you?<|endoftext|>"
+    assert template.render(messages) == prompt
+    assert out.choices[0].message.content == greedy(lm, prompt, 6).strip()
+
+
 # --- batching and load ------------------------------------------------------------------------
 
 
