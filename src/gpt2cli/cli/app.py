@@ -21,6 +21,7 @@ from gpt2cli.cli import generate, score
 from gpt2cli.cli import models as models_cmd
 from gpt2cli.cli import repl as repl_cmd
 from gpt2cli.cli.output import StdoutClosed, error_line
+from gpt2cli.cli.serve import serve as serve_command
 from gpt2cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, Gpt2Error
 
 app = typer.Typer(
@@ -54,6 +55,7 @@ app.command("generate", no_args_is_help=False)(generate.generate)
 app.add_typer(models_cmd.app, name="models")
 app.command("score", no_args_is_help=False)(score.score)
 app.command("repl")(repl_cmd.repl)
+app.command("serve")(serve_command)
 
 
 def _wants_debug(args: Sequence[str]) -> bool:
