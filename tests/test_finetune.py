@@ -50,6 +50,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12 KB corpus for the tests that check mechanics rather than learning (a cheap held-out set)."""
+    path = tmp_path_factory.mktemp("small") / "small.txt"
+    path.write_text(grammar_text(12_000, seed=1), encoding="utf-8")
+    return path
+
+
 def scratch_settings(corpus: Path, ckpt_h: Path, output: Path, **kw) -> FinetuneSettings:
     base = dict(
         data=[corpus],
@@ -120,10 +128,22 @@ def test_generate_loads_output(trained, capsys, monkeypatch) -> None:
 
 
 def test_cli_runs_and_prints_output_dir(
-    corpus: Path, ckpt_h: Path, tmp_path: Path, capsys, monkeypatch
+    small: Path, ckpt_h: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     out = tmp_path / "cli"
-    args = ["finetune", str(corpus), "-o", str(out), "-m", str(ckpt_h), "--from-scratch", "--max-steps", "3"]
+    args = [
+        "finetune",
+        str(small),
+        "-o",
+        str(out),
+        "-m",
+        str(ckpt_h),
+        "--from-scratch",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+    ]
     result = run_inprocess(
         [*args, "--block-size", "16", "--batch-size", "2", "--device", "cpu"], capsys, monkeypatch
     )
@@ -143,10 +163,10 @@ def test_jsonl_and_markdown_documents(ckpt_h: Path, tmp_path: Path) -> None:
     assert result.steps == 2 and (tmp_path / "o" / "model.safetensors").is_file()
 
 
-def test_lora_changes_only_adapted_projections(corpus: Path, ckpt_h: Path, tmp_path: Path) -> None:
+def test_lora_changes_only_adapted_projections(small: Path, ckpt_h: Path, tmp_path: Path) -> None:
     out = tmp_path / "lora"
     settings = FinetuneSettings(
-        data=[corpus],
+        data=[small],
         output=out,
         model=str(ckpt_h),
         lora=4,
@@ -184,10 +204,10 @@ def test_gradient_checkpointing_same_gradients(ckpt_h: Path) -> None:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-5)
 
 
-def test_ctrl_c_saves_and_resume_matches_uninterrupted(corpus: Path, ckpt_h: Path, tmp_path: Path) -> None:
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(small: Path, ckpt_h: Path, tmp_path: Path) -> None:
     common = dict(max_steps=8, batch_size=4, block_size=16, eval_every=4)
     straight = tmp_path / "straight"
-    finetune(scratch_settings(corpus, ckpt_h, straight, **common))
+    finetune(scratch_settings(small, ckpt_h, straight, **common))
 
     def interrupt(event) -> None:
         if isinstance(event, StepEvent) and event.step == 5:
@@ -195,11 +215,11 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(corpus: Path, ckpt_h: Pat
 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        finetune(scratch_settings(corpus, ckpt_h, cut, **common), interrupt)
+        finetune(scratch_settings(small, ckpt_h, cut, **common), interrupt)
     assert "step 5 of 8" in (cut / "README.md").read_text()
     evals: list[EvalEvent] = []
     result = finetune(
-        scratch_settings(corpus, ckpt_h, cut, resume=True, **common),
+        scratch_settings(small, ckpt_h, cut, resume=True, **common),
         lambda e: evals.append(e) if isinstance(e, EvalEvent) else None,
     )
     assert result.steps == 8 and evals[0].step == 5
@@ -208,12 +228,12 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(corpus: Path, ckpt_h: Pat
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
 
 
-def test_ddp_two_cpu_processes_match_single_process(corpus: Path, ckpt_h: Path, tmp_path: Path) -> None:
+def test_ddp_two_cpu_processes_match_single_process(small: Path, ckpt_h: Path, tmp_path: Path) -> None:
     """torchrun with 2 gloo ranks x batch 2 equals one process with batch 4 (same global batch)."""
-    base = ["finetune", str(corpus), "-m", str(ckpt_h), "--from-scratch", "--max-steps", "4"]
+    base = ["finetune", str(small), "-m", str(ckpt_h), "--from-scratch", "--max-steps", "4"]
     base += ["--block-size", "16", "--eval-every", "2", "--device", "cpu", "--lr", "3e-3"]
     single = tmp_path / "single"
-    finetune(scratch_settings(corpus, ckpt_h, single, max_steps=4, batch_size=4, block_size=16, eval_every=2))
+    finetune(scratch_settings(small, ckpt_h, single, max_steps=4, batch_size=4, block_size=16, eval_every=2))
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -224,6 +244,32 @@ def test_ddp_two_cpu_processes_match_single_process(corpus: Path, ckpt_h: Path, 
     a, b = load_file(str(single / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_ctrl_c_saves_and_exits_130(
+    small: Path, ckpt_h: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Ctrl-C during step 3 (simulated where the signal would land): step 2 is saved, exit 130."""
+    from gpt2cli.train import loop
+
+    original = loop._Run._one_step
+
+    def one_step(self) -> None:
+        if self.step == 2:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(loop._Run, "_one_step", one_step)
+    out = tmp_path / "cut"
+    args = ["finetune", str(small), "-o", str(out), "-m", str(ckpt_h), "--from-scratch", "--max-steps", "6"]
+    result = run_inprocess(
+        [*args, "--block-size", "16", "--batch-size", "2", "--device", "cpu"], capsys, monkeypatch
+    )
+    assert result.code == 130, result.err
+    assert "saved step 2" in result.err and "--resume" in result.err and "Traceback" not in result.err
+    assert result.out == ""
+    assert "step 2 of 6" in (out / "README.md").read_text()
+    assert load(str(out), device="cpu").config.n_embd == 32
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -256,22 +302,22 @@ def test_jsonl_line_without_text(ft, tmp_path: Path) -> None:
     assert_one_line_error(ft([str(bad), "-o", str(tmp_path / "o")]), 2, "bad.jsonl line 2", '"text"')
 
 
-def test_block_size_larger_than_window(ft, corpus: Path, tmp_path: Path) -> None:
-    result = ft([str(corpus), "-o", str(tmp_path / "o"), "--block-size", "256"])
+def test_block_size_larger_than_window(ft, small: Path, tmp_path: Path) -> None:
+    result = ft([str(small), "-o", str(tmp_path / "o"), "--block-size", "256"])
     assert_one_line_error(result, 2, "block size 256", "window of 128")
     assert not (tmp_path / "o").exists()
 
 
-def test_foreign_output_dir_refused_unless_overwrite(ft, corpus: Path, tmp_path: Path) -> None:
+def test_foreign_output_dir_refused_unless_overwrite(ft, small: Path, tmp_path: Path) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    result = ft([str(corpus), "-o", str(out), "--from-scratch", "--max-steps", "1", "--block-size", "16"])
+    result = ft([str(small), "-o", str(out), "--from-scratch", "--max-steps", "1", "--block-size", "16"])
     assert_one_line_error(result, 2, "not a gpt2 finetune checkpoint", "--overwrite")
     assert (out / "notes.txt").read_text() == "precious"
     result = ft(
         [
-            str(corpus),
+            str(small),
             "-o",
             str(out),
             "--from-scratch",
@@ -286,13 +332,13 @@ def test_foreign_output_dir_refused_unless_overwrite(ft, corpus: Path, tmp_path:
     assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
 
 
-def test_lora_with_from_scratch(ft, corpus: Path, tmp_path: Path) -> None:
-    result = ft([str(corpus), "-o", str(tmp_path / "o"), "--from-scratch", "--lora", "8"])
+def test_lora_with_from_scratch(ft, small: Path, tmp_path: Path) -> None:
+    result = ft([str(small), "-o", str(tmp_path / "o"), "--from-scratch", "--lora", "8"])
     assert_one_line_error(result, 2, "--lora cannot be combined with --from-scratch")
 
 
-def test_resume_without_checkpoint(ft, corpus: Path, tmp_path: Path) -> None:
-    assert_one_line_error(ft([str(corpus), "-o", str(tmp_path / "o"), "--resume"]), 2, "nothing to resume")
+def test_resume_without_checkpoint(ft, small: Path, tmp_path: Path) -> None:
+    assert_one_line_error(ft([str(small), "-o", str(tmp_path / "o"), "--resume"]), 2, "nothing to resume")
 
 
 def test_help_lists_options() -> None:
@@ -302,3 +348,30 @@ def test_help_lists_options() -> None:
     assert code == 0
     for flag in ("--lora", "--from-scratch", "--resume", "--save-every", "--gradient-checkpointing"):
         assert flag in out.getvalue()
+
+
+# --- units ---------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
+    from gpt2cli.train.loop import lr_at
+
+    lrs = [lr_at(s, 1.0, 10, 100, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:-1], lrs[10:], strict=True))
+    assert lr_at(100, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_rank_shards_together_equal_one_process_batch() -> None:
+    from gpt2cli.train.data import Batching, pack, step_batches
+
+    data = pack(torch.arange(2000), block_size=8, val_fraction=0.1, seed=3)
+    for step in (0, 5, 30):  # 30 is in the second epoch
+        alone = torch.cat(list(step_batches(data, Batching(4, 2, 1, 0), 7, step)))
+        ranks = [torch.cat(list(step_batches(data, Batching(2, 2, 2, r), 7, step))) for r in (0, 1)]
+        as_set = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
+        assert as_set(torch.cat(ranks)) == as_set(alone)
+        assert not set(map(tuple, ranks[0].tolist())) & set(map(tuple, ranks[1].tolist()))
+    # held-out blocks never appear in training
+    train = set(map(tuple, data.train.tolist()))
+    assert not train & set(map(tuple, data.val.tolist()))
