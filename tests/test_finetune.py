@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from gpt2cli import load
 from gpt2cli.cli.app import run
-from gpt2cli.train.loop import EvalEvent, StepEvent, finetune
+from gpt2cli.train.loop import EvalEvent, SaveEvent, StepEvent, finetune
 from gpt2cli.train.settings import FinetuneSettings
 
 NOUNS = ["cat", "dog", "bird", "fox", "horse", "mouse", "king", "queen", "farmer", "child"]
@@ -158,9 +158,13 @@ def test_jsonl_and_markdown_documents(ckpt_h: Path, tmp_path: Path) -> None:
     jsonl.write_text("\n".join(json.dumps({"text": grammar_text(300, seed=i)}) for i in range(20)) + "\n")
     md = tmp_path / "d.md"
     md.write_text("# Notes\n\n" + grammar_text(2000, seed=99))
-    settings = scratch_settings(jsonl, ckpt_h, tmp_path / "o", data=[jsonl, md], max_steps=2, batch_size=2)
-    result = finetune(settings)
-    assert result.steps == 2 and (tmp_path / "o" / "model.safetensors").is_file()
+    settings = scratch_settings(
+        jsonl, ckpt_h, tmp_path / "o", data=[jsonl, md], max_steps=4, batch_size=2, save_every=2
+    )
+    saves: list[SaveEvent] = []
+    result = finetune(settings, lambda e: saves.append(e) if isinstance(e, SaveEvent) else None)
+    assert result.steps == 4 and (tmp_path / "o" / "model.safetensors").is_file()
+    assert [(e.step, e.final) for e in saves] == [(2, False), (4, True)]
 
 
 def test_lora_changes_only_adapted_projections(small: Path, ckpt_h: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,15 @@ import typer
 from gpt2cli.cli import options as opt
 from gpt2cli.cli.output import is_terminal, stderr_console, write
 from gpt2cli.errors import EXIT_INTERRUPTED
+
+
+class Size(str, Enum):
+    """--from-scratch sizes (the architectures are in train/settings.py)."""
+
+    tiny = "tiny"
+    mini = "mini"
+    small = "small"
+    gpt2 = "gpt2"
 
 
 def finetune(
@@ -67,9 +77,7 @@ def finetune(
         bool,
         typer.Option("--from-scratch", help="Train a new model (--model gives only the tokenizer)."),
     ] = False,
-    size: Annotated[
-        str, typer.Option("--size", help="Size for --from-scratch: tiny, mini, small or gpt2.")
-    ] = "tiny",
+    size: Annotated[Size, typer.Option("--size", help="Size for --from-scratch.")] = Size.tiny,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Recompute activations: less memory, more time.")
     ] = False,
@@ -110,7 +118,7 @@ def finetune(
         lora=lora,
         lora_alpha=lora_alpha,
         from_scratch=from_scratch,
-        size=size,
+        size=size.value,
         gradient_checkpointing=gradient_checkpointing,
         resume=resume,
         overwrite=overwrite,
