@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from gpt2cli.config import GPT2Config
@@ -102,6 +103,8 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.forward_tokens = 0  # tokens run through the network, for tests and stats
+        # Training only: recompute each block's activations in backward instead of storing them.
+        self.gradient_checkpointing = False
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
@@ -131,8 +134,12 @@ class GPT2(nn.Module):
             # Chunk after a cached prefix: query i (at start+i) sees keys 0..start+i.
             keys = torch.arange(start + T, device=idx.device)
             mask = keys[None, :] <= pos[:, None]  # (T, start+T)
+        checkpointed = self.gradient_checkpointing and self.training and cache is None
         for block in self.h:
-            x = block(x, start, cache, mask)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(block, x, start, cache, mask, use_reentrant=False)
+            else:
+                x = block(x, start, cache, mask)
         if cache is not None:
             cache.length = start + T
         self.forward_tokens += B * T
