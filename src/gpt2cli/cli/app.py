@@ -17,7 +17,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.exceptions import Abort, Exit
 
 from gpt2cli import __version__
-from gpt2cli.cli import generate
+from gpt2cli.cli import bench, generate
 from gpt2cli.cli.output import StdoutClosed, error_line
 from gpt2cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, Gpt2Error
 
@@ -49,6 +49,7 @@ def root(
 
 
 app.command("generate", no_args_is_help=False)(generate.generate)
+app.command("bench")(bench.bench)
 
 
 def _wants_debug(args: Sequence[str]) -> bool:
