@@ -183,3 +183,20 @@ def test_weight_bytes_count_tied_weights_once(lm_h) -> None:
     params = {n: p for n, p in model.named_parameters()}
     expected = sum(p.numel() * p.element_size() for n, p in params.items() if n != "wpe.weight")
     assert weight_bytes_per_step(model, "wpe.weight") == expected
+
+
+def test_library_run_reports_progress_and_batch_bandwidth(ckpt_h: Path) -> None:
+    from gpt2cli.bench import run
+
+    events: list[tuple[str, int, int]] = []
+    spec = BenchSpec(
+        model=str(ckpt_h), prompt_tokens=(4,), new_tokens=3, batch_sizes=(2,), repeats=2, warmup=0
+    )
+    report = run(spec, progress=lambda label, done, total: events.append((label, done, total)))
+    (r,) = report.results
+    assert events[0] == ("gpt2cli: loading", 0, 2) and events[-1] == ("gpt2cli: done", 2, 2)
+    assert [done for _, done, _ in events] == sorted(done for _, done, _ in events)
+    # the weights are read once per step for all rows of the batch
+    assert r.bandwidth_bytes_per_second == pytest.approx(
+        r.weight_bytes_per_step * r.decode_tokens_per_second / 2
+    )
