@@ -17,7 +17,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.exceptions import Abort, Exit
 
 from gpt2cli import __version__
-from gpt2cli.cli import finetune, generate, score
+from gpt2cli.cli import bench, finetune, generate, score
 from gpt2cli.cli import models as models_cmd
 from gpt2cli.cli import repl as repl_cmd
 from gpt2cli.cli.output import StdoutClosed, error_line
@@ -57,6 +57,7 @@ app.command("score", no_args_is_help=False)(score.score)
 app.command("repl")(repl_cmd.repl)
 app.command("serve")(serve_command)
 app.command("finetune")(finetune.finetune)
+app.command("bench")(bench.bench)
 
 
 def _wants_debug(args: Sequence[str]) -> bool:
