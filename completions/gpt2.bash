@@ -17,6 +17,75 @@ _gpt2_nargs() {
         'generate|--format') return 1 ;;
         'generate|--device') return 1 ;;
         'generate|--dtype') return 1 ;;
+        'score|--model'|'score|-m') return 1 ;;
+        'score|--context') return 1 ;;
+        'score|--stride') return 1 ;;
+        'score|--batch-size') return 1 ;;
+        'score|--format') return 1 ;;
+        'score|--top') return 1 ;;
+        'score|--errors') return 1 ;;
+        'score|--device') return 1 ;;
+        'score|--dtype') return 1 ;;
+        'repl|--model'|'repl|-m') return 1 ;;
+        'repl|--max-new-tokens'|'repl|-n') return 1 ;;
+        'repl|--temperature'|'repl|-t') return 1 ;;
+        'repl|--top-k') return 1 ;;
+        'repl|--top-p') return 1 ;;
+        'repl|--min-p') return 1 ;;
+        'repl|--repetition-penalty') return 1 ;;
+        'repl|--seed') return 1 ;;
+        'repl|--mode') return 1 ;;
+        'repl|--template') return 1 ;;
+        'repl|--user-name') return 1 ;;
+        'repl|--bot-name') return 1 ;;
+        'repl|--device') return 1 ;;
+        'repl|--dtype') return 1 ;;
+        'serve|--model'|'serve|-m') return 1 ;;
+        'serve|--host') return 1 ;;
+        'serve|--port') return 1 ;;
+        'serve|--api-key') return 1 ;;
+        'serve|--max-queue') return 1 ;;
+        'serve|--max-batch') return 1 ;;
+        'serve|--device') return 1 ;;
+        'serve|--dtype') return 1 ;;
+        'serve|--quantize') return 1 ;;
+        'finetune|--output'|'finetune|-o') return 1 ;;
+        'finetune|--model'|'finetune|-m') return 1 ;;
+        'finetune|--block-size') return 1 ;;
+        'finetune|--val-fraction') return 1 ;;
+        'finetune|--epochs') return 1 ;;
+        'finetune|--max-steps') return 1 ;;
+        'finetune|--batch-size') return 1 ;;
+        'finetune|--grad-accum') return 1 ;;
+        'finetune|--lr') return 1 ;;
+        'finetune|--warmup-steps') return 1 ;;
+        'finetune|--weight-decay') return 1 ;;
+        'finetune|--grad-clip') return 1 ;;
+        'finetune|--seed') return 1 ;;
+        'finetune|--eval-every') return 1 ;;
+        'finetune|--save-every') return 1 ;;
+        'finetune|--lora') return 1 ;;
+        'finetune|--lora-alpha') return 1 ;;
+        'finetune|--size') return 1 ;;
+        'finetune|--device') return 1 ;;
+        'bench|--model'|'bench|-m') return 1 ;;
+        'bench|--device') return 1 ;;
+        'bench|--dtype') return 1 ;;
+        'bench|--quantize') return 1 ;;
+        'bench|--prompt-tokens') return 1 ;;
+        'bench|--new-tokens') return 1 ;;
+        'bench|--batch-size') return 1 ;;
+        'bench|--repeats') return 1 ;;
+        'bench|--warmup') return 1 ;;
+        'bench|--threads') return 1 ;;
+        'bench|--format') return 1 ;;
+        'bench|--compare') return 1 ;;
+        'bench|--seed') return 1 ;;
+        'models list|--format') return 1 ;;
+        'models pull|--format') return 1 ;;
+        'models info|--format') return 1 ;;
+        'models verify|--format') return 1 ;;
+        'models rm|--format') return 1 ;;
     esac
     return 0
 }
@@ -24,7 +93,7 @@ _gpt2_nargs() {
 _gpt2_is_command() {
     # is $2 a subcommand of command path $1?
     case "$1|$2" in
-        '|generate') return 0 ;;
+        '|generate'|'|score'|'|repl'|'|serve'|'|finetune'|'|bench'|'|models'|'models|list'|'models|pull'|'models|info'|'models|verify'|'models|rm') return 0 ;;
     esac
     return 1
 }
@@ -34,6 +103,17 @@ _gpt2_complete_options() {
     case "$1" in
         '') _gpt2_add -W '--version -V --debug --help -h' ;;
         generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --num-samples --echo --ignore-eos --format --stats --device --dtype --offline --allow-pickle --help -h' ;;
+        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --device --dtype --offline --allow-pickle --help -h' ;;
+        repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --help -h' ;;
+        serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --device --dtype --quantize --offline --allow-pickle --help -h' ;;
+        finetune) _gpt2_add -W '--output -o --model -m --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
+        bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --new-tokens --batch-size --repeats --warmup --threads --format --compare --seed --offline --help -h' ;;
+        models) _gpt2_add -W '--help -h' ;;
+        'models list') _gpt2_add -W '--format --help -h' ;;
+        'models pull') _gpt2_add -W '--offline --allow-pickle --format --help -h' ;;
+        'models info') _gpt2_add -W '--format --help -h' ;;
+        'models verify') _gpt2_add -W '--repair --format --help -h' ;;
+        'models rm') _gpt2_add -W '--yes -y --format --help -h' ;;
     esac
 }
 
@@ -42,13 +122,32 @@ _gpt2_complete_value() {
     case "$1|$2" in
         'generate|--model'|'generate|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'generate|--format') _gpt2_add -W 'text json jsonl' ;;
+        'score|--model'|'score|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'score|--format') _gpt2_add -W 'text json jsonl csv' ;;
+        'score|--errors') _gpt2_add -W 'strict replace' ;;
+        'repl|--model'|'repl|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'repl|--mode') _gpt2_add -W 'chat complete' ;;
+        'repl|--template') _gpt2_add -W 'transcript dialogpt' ;;
+        'serve|--model'|'serve|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'finetune|--output'|'finetune|-o') _gpt2_add_files ;;
+        'finetune|--model'|'finetune|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'finetune|--size') _gpt2_add -W 'tiny mini small gpt2' ;;
+        'bench|--model'|'bench|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'bench|--format') _gpt2_add -W 'table json csv markdown' ;;
+        'models list|--format') _gpt2_add -W 'text json' ;;
+        'models pull|--format') _gpt2_add -W 'text json' ;;
+        'models info|--format') _gpt2_add -W 'text json' ;;
+        'models verify|--format') _gpt2_add -W 'text json' ;;
+        'models rm|--format') _gpt2_add -W 'text json' ;;
     esac
 }
 
 _gpt2_complete_argument() {
     # a subcommand or argument after command path $1
     case "$1" in
-        '') _gpt2_add -W generate ;;
+        '') _gpt2_add -W 'generate score repl serve finetune bench models' ;;
+        score) _gpt2_add_files ;;
+        models) _gpt2_add -W 'list pull info verify rm' ;;
     esac
 }
 

@@ -29,13 +29,151 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'generate|--dtype'
             echo 1; return
+        case 'score|--model' 'score|-m'
+            echo 1; return
+        case 'score|--context'
+            echo 1; return
+        case 'score|--stride'
+            echo 1; return
+        case 'score|--batch-size'
+            echo 1; return
+        case 'score|--format'
+            echo 1; return
+        case 'score|--top'
+            echo 1; return
+        case 'score|--errors'
+            echo 1; return
+        case 'score|--device'
+            echo 1; return
+        case 'score|--dtype'
+            echo 1; return
+        case 'repl|--model' 'repl|-m'
+            echo 1; return
+        case 'repl|--max-new-tokens' 'repl|-n'
+            echo 1; return
+        case 'repl|--temperature' 'repl|-t'
+            echo 1; return
+        case 'repl|--top-k'
+            echo 1; return
+        case 'repl|--top-p'
+            echo 1; return
+        case 'repl|--min-p'
+            echo 1; return
+        case 'repl|--repetition-penalty'
+            echo 1; return
+        case 'repl|--seed'
+            echo 1; return
+        case 'repl|--mode'
+            echo 1; return
+        case 'repl|--template'
+            echo 1; return
+        case 'repl|--user-name'
+            echo 1; return
+        case 'repl|--bot-name'
+            echo 1; return
+        case 'repl|--device'
+            echo 1; return
+        case 'repl|--dtype'
+            echo 1; return
+        case 'serve|--model' 'serve|-m'
+            echo 1; return
+        case 'serve|--host'
+            echo 1; return
+        case 'serve|--port'
+            echo 1; return
+        case 'serve|--api-key'
+            echo 1; return
+        case 'serve|--max-queue'
+            echo 1; return
+        case 'serve|--max-batch'
+            echo 1; return
+        case 'serve|--device'
+            echo 1; return
+        case 'serve|--dtype'
+            echo 1; return
+        case 'serve|--quantize'
+            echo 1; return
+        case 'finetune|--output' 'finetune|-o'
+            echo 1; return
+        case 'finetune|--model' 'finetune|-m'
+            echo 1; return
+        case 'finetune|--block-size'
+            echo 1; return
+        case 'finetune|--val-fraction'
+            echo 1; return
+        case 'finetune|--epochs'
+            echo 1; return
+        case 'finetune|--max-steps'
+            echo 1; return
+        case 'finetune|--batch-size'
+            echo 1; return
+        case 'finetune|--grad-accum'
+            echo 1; return
+        case 'finetune|--lr'
+            echo 1; return
+        case 'finetune|--warmup-steps'
+            echo 1; return
+        case 'finetune|--weight-decay'
+            echo 1; return
+        case 'finetune|--grad-clip'
+            echo 1; return
+        case 'finetune|--seed'
+            echo 1; return
+        case 'finetune|--eval-every'
+            echo 1; return
+        case 'finetune|--save-every'
+            echo 1; return
+        case 'finetune|--lora'
+            echo 1; return
+        case 'finetune|--lora-alpha'
+            echo 1; return
+        case 'finetune|--size'
+            echo 1; return
+        case 'finetune|--device'
+            echo 1; return
+        case 'bench|--model' 'bench|-m'
+            echo 1; return
+        case 'bench|--device'
+            echo 1; return
+        case 'bench|--dtype'
+            echo 1; return
+        case 'bench|--quantize'
+            echo 1; return
+        case 'bench|--prompt-tokens'
+            echo 1; return
+        case 'bench|--new-tokens'
+            echo 1; return
+        case 'bench|--batch-size'
+            echo 1; return
+        case 'bench|--repeats'
+            echo 1; return
+        case 'bench|--warmup'
+            echo 1; return
+        case 'bench|--threads'
+            echo 1; return
+        case 'bench|--format'
+            echo 1; return
+        case 'bench|--compare'
+            echo 1; return
+        case 'bench|--seed'
+            echo 1; return
+        case 'models list|--format'
+            echo 1; return
+        case 'models pull|--format'
+            echo 1; return
+        case 'models info|--format'
+            echo 1; return
+        case 'models verify|--format'
+            echo 1; return
+        case 'models rm|--format'
+            echo 1; return
     end
     echo 0
 end
 
 function __gpt2_is_command --description 'Is $argv[2] a subcommand of command path $argv[1]?'
     switch "$argv[1]|$argv[2]"
-        case '|generate'
+        case '|generate' '|score' '|repl' '|serve' '|finetune' '|bench' '|models' 'models|list' 'models|pull' 'models|info' 'models|verify' 'models|rm'
             return 0
     end
     return 1
@@ -71,6 +209,12 @@ complete -c gpt2 -f
 
 # gpt2
 complete -c gpt2 -n '__gpt2_at ""' -a generate -d 'Continue PROMPT with a GPT-2 model and stream the text to stdout.'
+complete -c gpt2 -n '__gpt2_at ""' -a score -d 'Score FILEs (or stdin) under a GPT-2 model: perplexity, bits per byte, word perplexity.'
+complete -c gpt2 -n '__gpt2_at ""' -a repl -d 'Talk with a GPT-2 model: slash commands (/help), history, Ctrl-C stops a reply, Ctrl-D leaves.'
+complete -c gpt2 -n '__gpt2_at ""' -a serve -d 'Serve a model over OpenAI\'s HTTP API (/v1/completions, /v1/chat/completions, /v1/models).'
+complete -c gpt2 -n '__gpt2_at ""' -a finetune -d 'Fine-tune a GPT-2 on DATA and write a Hugging Face-layout checkpoint to --output.'
+complete -c gpt2 -n '__gpt2_at ""' -a bench -d 'Benchmark generation: prefill and decode tokens/s, time to first token, latency, memory.'
+complete -c gpt2 -n '__gpt2_at ""' -a models -d 'Manage the models in the local Hugging Face cache: list, pull, info, verify, rm.'
 complete -c gpt2 -n '__gpt2_at ""' -l version -s V -d 'Show the version and exit.'
 complete -c gpt2 -n '__gpt2_at ""' -l debug -d 'Show full tracebacks on errors.'
 complete -c gpt2 -n '__gpt2_at ""' -l help -s h -d 'Show this message and exit.'
@@ -95,3 +239,129 @@ complete -c gpt2 -n '__gpt2_at generate' -l dtype -x -d 'auto, float32, float16 
 complete -c gpt2 -n '__gpt2_at generate' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at generate' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
 complete -c gpt2 -n '__gpt2_at generate' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 score
+complete -c gpt2 -n '__gpt2_at score' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at score' -l context -x -d 'Window size in tokens (default: the model\'s window).'
+complete -c gpt2 -n '__gpt2_at score' -l stride -x -d 'Tokens between window starts (default: half the context).'
+complete -c gpt2 -n '__gpt2_at score' -l batch-size -x -d 'Windows run through the model together.'
+complete -c gpt2 -n '__gpt2_at score' -l format -x -a 'text json jsonl csv' -d 'text (a table), json, jsonl or csv.'
+complete -c gpt2 -n '__gpt2_at score' -l per-token -d 'Each token\'s score: a heat map on a terminal; text, id, logprob and rank in json/jsonl.'
+complete -c gpt2 -n '__gpt2_at score' -l top -x -d 'List the N most surprising tokens with their context.'
+complete -c gpt2 -n '__gpt2_at score' -l errors -x -a 'strict replace' -d 'Invalid UTF-8: strict refuses the file, replace scores U+FFFD.'
+complete -c gpt2 -n '__gpt2_at score' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at score' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at score' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at score' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at score' -l help -s h -d 'Show this message and exit.'
+complete -c gpt2 -n '__gpt2_at score' -F -d 'files'
+
+# gpt2 repl
+complete -c gpt2 -n '__gpt2_at repl' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at repl' -l max-new-tokens -s n -x -d 'Tokens to generate.'
+complete -c gpt2 -n '__gpt2_at repl' -l temperature -s t -x -d 'Sampling temperature; 0 is greedy.'
+complete -c gpt2 -n '__gpt2_at repl' -l top-k -x -d 'Sample from the k most likely tokens (0 disables).'
+complete -c gpt2 -n '__gpt2_at repl' -l top-p -x -d 'Nucleus sampling threshold in (0, 1]; 1 disables.'
+complete -c gpt2 -n '__gpt2_at repl' -l min-p -x -d 'Drop tokens below min-p x the top probability (0 disables).'
+complete -c gpt2 -n '__gpt2_at repl' -l repetition-penalty -x -d 'Penalise repeated tokens (1.0 = none), as in transformers.'
+complete -c gpt2 -n '__gpt2_at repl' -l seed -x -d 'Random seed: the same seed gives the same text.'
+complete -c gpt2 -n '__gpt2_at repl' -l mode -x -a 'chat complete' -d 'chat (a User/Assistant transcript) or complete (continue text).'
+complete -c gpt2 -n '__gpt2_at repl' -l template -x -a 'transcript dialogpt' -d 'Chat template: transcript or dialogpt (default: dialogpt for DialoGPT ids).'
+complete -c gpt2 -n '__gpt2_at repl' -l user-name -x -d 'The user\'s name in the chat.'
+complete -c gpt2 -n '__gpt2_at repl' -l bot-name -x -d 'The model\'s name in the chat.'
+complete -c gpt2 -n '__gpt2_at repl' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at repl' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at repl' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at repl' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at repl' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 serve
+complete -c gpt2 -n '__gpt2_at serve' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at serve' -l host -x -d 'Address to listen on (127.0.0.1: this machine only).'
+complete -c gpt2 -n '__gpt2_at serve' -l port -x -d 'Port to listen on.'
+complete -c gpt2 -n '__gpt2_at serve' -l api-key -x -d 'Require \'Authorization: Bearer KEY\' on every request but /health.'
+complete -c gpt2 -n '__gpt2_at serve' -l max-queue -x -d 'Requests that may wait for the engine; more get 503 with Retry-After.'
+complete -c gpt2 -n '__gpt2_at serve' -l max-batch -x -d 'Most sequences generated together in one batch.'
+complete -c gpt2 -n '__gpt2_at serve' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at serve' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at serve' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at serve' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at serve' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at serve' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 finetune
+complete -c gpt2 -n '__gpt2_at finetune' -l output -s o -r -F -d 'Directory to write the trained model to.'
+complete -c gpt2 -n '__gpt2_at finetune' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at finetune' -l block-size -x -d 'Tokens per sequence (default: the model\'s window).'
+complete -c gpt2 -n '__gpt2_at finetune' -l val-fraction -x -d 'Share of the blocks held out for evaluation.'
+complete -c gpt2 -n '__gpt2_at finetune' -l epochs -x -d 'Passes over the data (default 1).'
+complete -c gpt2 -n '__gpt2_at finetune' -l max-steps -x -d 'Optimizer steps to take (caps --epochs if both).'
+complete -c gpt2 -n '__gpt2_at finetune' -l batch-size -x -d 'Sequences per process per micro-step.'
+complete -c gpt2 -n '__gpt2_at finetune' -l grad-accum -x -d 'Micro-steps accumulated per optimizer step.'
+complete -c gpt2 -n '__gpt2_at finetune' -l lr -x -d 'Peak learning rate (default 5e-5 full, 3e-4 LoRA, 1e-3 from scratch).'
+complete -c gpt2 -n '__gpt2_at finetune' -l warmup-steps -x -d 'Linear warmup steps (default 5% of the steps).'
+complete -c gpt2 -n '__gpt2_at finetune' -l weight-decay -x -d 'AdamW weight decay.'
+complete -c gpt2 -n '__gpt2_at finetune' -l grad-clip -x -d 'Clip the gradient norm (0 disables).'
+complete -c gpt2 -n '__gpt2_at finetune' -l seed -x -d 'Seed for initialisation, split and shuffling.'
+complete -c gpt2 -n '__gpt2_at finetune' -l eval-every -x -d 'Held-out evaluation every N steps (default: 10 per run).'
+complete -c gpt2 -n '__gpt2_at finetune' -l save-every -x -d 'Checkpoint every N steps (default: only at the end).'
+complete -c gpt2 -n '__gpt2_at finetune' -l lora -x -d 'Train rank-R LoRA adapters instead of all weights.'
+complete -c gpt2 -n '__gpt2_at finetune' -l lora-alpha -x -d 'LoRA scale numerator (default 2 x rank).'
+complete -c gpt2 -n '__gpt2_at finetune' -l from-scratch -d 'Train a new model (--model gives only the tokenizer).'
+complete -c gpt2 -n '__gpt2_at finetune' -l size -x -a 'tiny mini small gpt2' -d 'Size for --from-scratch.'
+complete -c gpt2 -n '__gpt2_at finetune' -l gradient-checkpointing -d 'Recompute activations: less memory, more time.'
+complete -c gpt2 -n '__gpt2_at finetune' -l resume -d 'Continue from the checkpoint in --output.'
+complete -c gpt2 -n '__gpt2_at finetune' -l overwrite -d 'Replace --output even if it is not a checkpoint of ours.'
+complete -c gpt2 -n '__gpt2_at finetune' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at finetune' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at finetune' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at finetune' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 bench
+complete -c gpt2 -n '__gpt2_at bench' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at bench' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at bench' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at bench' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at bench' -l prompt-tokens -x -d 'Prompt length in tokens; a comma list sweeps (128,512).'
+complete -c gpt2 -n '__gpt2_at bench' -l new-tokens -x -d 'Tokens generated per sequence.'
+complete -c gpt2 -n '__gpt2_at bench' -l batch-size -x -d 'Sequences decoded together; a comma list sweeps (1,8).'
+complete -c gpt2 -n '__gpt2_at bench' -l repeats -x -d 'Timed runs per configuration (median).'
+complete -c gpt2 -n '__gpt2_at bench' -l warmup -x -d 'Untimed warm-up runs per configuration.'
+complete -c gpt2 -n '__gpt2_at bench' -l threads -x -d 'CPU threads for torch (default: torch\'s choice).'
+complete -c gpt2 -n '__gpt2_at bench' -l format -x -a 'table json csv markdown' -d 'table, json, csv or markdown.'
+complete -c gpt2 -n '__gpt2_at bench' -l compare -x -d 'Also run the same workload through another engine: transformers.'
+complete -c gpt2 -n '__gpt2_at bench' -l seed -x -d 'Seed of the random prompt tokens.'
+complete -c gpt2 -n '__gpt2_at bench' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at bench' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 models
+complete -c gpt2 -n '__gpt2_at models' -a list -d 'List the GPT-2-family models in the Hugging Face cache.'
+complete -c gpt2 -n '__gpt2_at models' -a pull -d 'Download NAME into the cache (only the files gpt2 needs); a no-op when it is complete.'
+complete -c gpt2 -n '__gpt2_at models' -a info -d 'Show NAME\'s architecture, parameter count, files with sha256, and where it lives.'
+complete -c gpt2 -n '__gpt2_at models' -a verify -d 'Recompute each cached file\'s digest and compare it with the one the Hub gave.'
+complete -c gpt2 -n '__gpt2_at models' -a rm -d 'Delete NAME from the cache (every cached revision, or only NAME@revision).'
+complete -c gpt2 -n '__gpt2_at models' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 models list
+complete -c gpt2 -n '__gpt2_at "models list"' -l format -x -a 'text json' -d 'text (a table) or json (for scripts).'
+complete -c gpt2 -n '__gpt2_at "models list"' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 models pull
+complete -c gpt2 -n '__gpt2_at "models pull"' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at "models pull"' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at "models pull"' -l format -x -a 'text json' -d 'text (a table) or json (for scripts).'
+complete -c gpt2 -n '__gpt2_at "models pull"' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 models info
+complete -c gpt2 -n '__gpt2_at "models info"' -l format -x -a 'text json' -d 'text (a table) or json (for scripts).'
+complete -c gpt2 -n '__gpt2_at "models info"' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 models verify
+complete -c gpt2 -n '__gpt2_at "models verify"' -l repair -d 'Download corrupt or truncated files again.'
+complete -c gpt2 -n '__gpt2_at "models verify"' -l format -x -a 'text json' -d 'text (a table) or json (for scripts).'
+complete -c gpt2 -n '__gpt2_at "models verify"' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 models rm
+complete -c gpt2 -n '__gpt2_at "models rm"' -l yes -s y -d 'Delete without asking.'
+complete -c gpt2 -n '__gpt2_at "models rm"' -l format -x -a 'text json' -d 'text (a table) or json (for scripts).'
+complete -c gpt2 -n '__gpt2_at "models rm"' -l help -s h -d 'Show this message and exit.'
