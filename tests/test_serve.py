@@ -380,6 +380,19 @@ def test_full_queue_503_and_a_disconnect_frees_its_slot(ckpt_long: Path) -> None
         srv.stop()
 
 
+def test_a_waiting_client_that_leaves_cancels_its_job(ckpt_long: Path) -> None:
+    srv = ServerThread(load(str(ckpt_long), device="cpu")).start()
+    try:
+        body = {"model": str(ckpt_long), **LONG, "n": 8, "stream": False}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=1.0)
+        _wait_for(lambda: srv.health()["running"] == 0)
+        assert srv.health()["cancelled"] == 1, (srv.health(), srv.lines)
+        assert any('"POST /v1/completions" 499' in line for line in srv.lines)
+    finally:
+        srv.stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

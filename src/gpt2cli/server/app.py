@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,6 +37,8 @@ from gpt2cli.server.scheduler import QueueFull, Scheduler, ShuttingDown
 Log = Callable[[str], None]
 RequestT = TypeVar("RequestT", CompletionRequest, ChatRequest)
 MAX_BODY_BYTES = 4 * 1024 * 1024
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks its client
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer
 
 
 @dataclass
@@ -348,23 +350,31 @@ async def _respond(state: ServerState, request: Request, plan: Plan) -> Any:
             headers={"Cache-Control": "no-cache"},
         )
     try:
-        await _collect(request, jobs, events, answer)
+        finished = await _collect(request, jobs, events, answer)
     finally:
         state.scheduler.cancel([j for j in jobs if not j.done])
+    if not finished:
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the log line shows 499
     return answer.final()
 
 
 async def _collect(
     request: Request, jobs: list[Job], events: asyncio.Queue[tuple[int, Event]], answer: _Answer
-) -> None:
-    """Wait for every job; give up (and cancel) if the client disconnects meanwhile."""
+) -> bool:
+    """Wait for every job; False if the client disconnected first (the caller cancels)."""
+    clock = asyncio.get_running_loop().time
+    next_check = clock() + DISCONNECT_POLL_S
     pending = len(jobs)
     while pending:
         try:
-            i, ev = await asyncio.wait_for(events.get(), timeout=0.5)
+            i, ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
+            ev = None
+        if clock() >= next_check:  # by the clock: events may keep coming without a pause
             if await request.is_disconnected():
-                raise asyncio.CancelledError from None
+                return False
+            next_check = clock() + DISCONNECT_POLL_S
+        if ev is None:
             continue
         if isinstance(ev, Failed):
             raise ApiError(503 if "shutting down" in ev.message else 500, ev.message, type="server_error")
@@ -372,6 +382,7 @@ async def _collect(
         if isinstance(ev, Done):
             jobs[i].done = True
             pending -= 1
+    return True
 
 
 async def _sse(
