@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from bpe import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, _sha256, bpe_files, copy_bpe_files
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gpt2cli.errors import BadInputError, CorruptWeightsError
@@ -252,6 +252,7 @@ token_ids = st.one_of(st.integers(0, 255), st.integers(0, 50256))
 
 @SETTINGS
 @given(ids=st.lists(token_ids, max_size=40))
+@example(ids=[169, 94])  # b"\xed\xa1": a surrogate lead that CPython's incremental decoder holds
 def test_stream_decoder_matches_full_decode(tok: Tokenizer, ids: list[int]) -> None:
     full = tok.decode(ids)
     stream = StreamDecoder(tok)
@@ -259,10 +260,11 @@ def test_stream_decoder_matches_full_decode(tok: Tokenizer, ids: list[int]) -> N
     for k, token_id in enumerate(ids, start=1):
         emitted += stream.push(token_id)
         assert full.startswith(emitted)
-        # Everything decodable so far is out; at most one incomplete character is held back,
-        # which a one-shot decode of the same prefix shows as a single trailing U+FFFD.
+        # Everything decodable so far is out; only the bytes of one possibly incomplete
+        # character (at most 3) are held back, which a one-shot decode of the same prefix
+        # shows as trailing U+FFFD (CPython holds e.g. b"\xed\xa1", which it shows as two).
         prefix = tok.decode(ids[:k])
-        assert emitted in (prefix, prefix[:-1])
-        if emitted != prefix:
-            assert prefix.endswith("\ufffd")
+        assert prefix.startswith(emitted)
+        held = prefix[len(emitted) :]
+        assert set(held) <= {"\ufffd"} and len(held) <= 3
     assert emitted + stream.flush() == full
