@@ -1,0 +1,113 @@
+"""Decode and prefill speed of gpt2cli against transformers, side by side in one process.
+
+A gpt2-shaped (124M) random checkpoint is made with the project's own test factory (speed does
+not depend on the values). For each configuration, gpt2cli and transformers' generate run
+alternately ``--repeats`` times; decode tokens/s = 127 / (t(128 new) - t(1 new)) and prefill
+tokens/s = prompt / t(1 new). Prints a Markdown table of medians, ranges and ratios.
+
+    .venv/bin/python benchmarks/decode_vs_transformers.py --repeats 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def make_124m(dest: Path) -> Path:
+    from checkpoints import make_checkpoint
+
+    if not (dest / "model.safetensors").exists():
+        make_checkpoint(dest, n_layer=12, n_head=12, n_embd=768, n_positions=1024, seed=0, std=0.02)
+    return dest
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def ours_runner(path: Path, dtype: str, quantize: str | None, prompt: list[int]):
+    from gpt2cli import load
+
+    lm = load(str(path), device="cpu", dtype=dtype, quantize=quantize)
+
+    def run(n: int) -> None:
+        lm.engine.reset()  # no prefix reuse between runs
+        lm.complete(prompt, max_new_tokens=n, temperature=0.0, ignore_eos=True)
+
+    return run
+
+
+def hf_runner(path: Path, prompt: list[int]):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            model.generate(
+                ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=50256,
+                attention_mask=torch.ones_like(ids),
+            )
+
+    return run
+
+
+def measure(run, prompt_len: int, repeats: int) -> tuple[list[float], list[float]]:
+    run(2)  # warm-up
+    decode, prefill = [], []
+    for _ in range(repeats):
+        t1 = timed(lambda: run(1))
+        t128 = timed(lambda: run(128))
+        decode.append(127 / max(t128 - t1, 1e-9))
+        prefill.append(prompt_len / t1)
+    return decode, prefill
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompts", default="16,512")
+    ap.add_argument("--configs", default="float32,float16,bfloat16,int8")
+    ap.add_argument("--ckpt", default=str(Path(tempfile.gettempdir()) / "gpt2cli-124m"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = make_124m(Path(args.ckpt))
+    gen = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, repeats {args.repeats}\n")
+    print("| prompt | engine | decode tok/s | prefill tok/s | decode × HF | prefill × HF |")
+    print("|---|---|---|---|---|---|")
+    for plen in (int(p) for p in args.prompts.split(",")):
+        prompt = torch.randint(0, 50000, (plen,), generator=gen).tolist()
+        hf_dec, hf_pre = measure(hf_runner(path, prompt), plen, args.repeats)
+        print(f"| {plen} | transformers fp32 | {fmt(hf_dec)} | {fmt(hf_pre)} | 1.00 | 1.00 |", flush=True)
+        for cfg in args.configs.split(","):
+            dtype, quant = ("float32", "int8") if cfg == "int8" else (cfg, None)
+            dec, pre = measure(ours_runner(path, dtype, quant, prompt), plen, args.repeats)
+            rd = statistics.median(dec) / statistics.median(hf_dec)
+            rp = statistics.median(pre) / statistics.median(hf_pre)
+            print(f"| {plen} | gpt2cli {cfg} | {fmt(dec)} | {fmt(pre)} | {rd:.2f} | {rp:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
