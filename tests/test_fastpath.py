@@ -55,7 +55,11 @@ def test_int8_kernel_matches_dequantised_linear() -> None:
     from gpt2cli.quantize import quantize_rows
 
     gen = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(64, 48, generator=gen), torch.randn(64, generator=gen), torch.randn(1, 48, generator=gen)
+    w, b, x = (
+        torch.randn(64, 48, generator=gen),
+        torch.randn(64, generator=gen),
+        torch.randn(1, 48, generator=gen),
+    )
     q, scale = quantize_rows(w)
     expected = F.linear(x, q.float() * scale[:, None], b)
     torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=1e-5, rtol=1e-5)
@@ -118,10 +122,8 @@ def test_speculative_greedy_equals_target_alone(ckpt_h: Path, ckpt_draft: Path) 
     target = load(str(ckpt_h), device="cpu")
     plain = greedy(target, n=25)
     for draft, k in ((load(str(ckpt_draft), device="cpu"), 3), (load(str(ckpt_h), device="cpu"), 4)):
-        result = None
         cfg = GenerationConfig(max_new_tokens=25, temperature=0, ignore_eos=True)
-        for result in target.stream(PROMPT, cfg, draft=draft, draft_tokens=k):
-            pass
+        result = list(target.stream(PROMPT, cfg, draft=draft, draft_tokens=k))[-1]
         assert result.samples[0].token_ids == plain
         assert result.stats.draft_proposed > 0
     assert result.stats.acceptance_rate == 1.0  # the target as its own draft keeps every proposal
@@ -130,9 +132,7 @@ def test_speculative_greedy_equals_target_alone(ckpt_h: Path, ckpt_draft: Path) 
 def test_speculative_sampling_with_identical_draft_accepts_all(ckpt_h: Path) -> None:
     target, draft = load(str(ckpt_h), device="cpu"), load(str(ckpt_h), device="cpu")
     cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=3, ignore_eos=True)
-    result = None
-    for result in target.stream(PROMPT, cfg, draft=draft):
-        pass
+    result = list(target.stream(PROMPT, cfg, draft=draft))[-1]
     assert result.samples[0].tokens == 20
     assert result.stats.acceptance_rate == 1.0  # p == q: min(1, p/q) is always 1
 
