@@ -331,8 +331,10 @@ def load_resolved(
 
 def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor]) -> GPT2:
     """A GPT2 built on the meta device and given ``raw_state``'s tensors (no second copy)."""
-    state = normalize_state_dict(raw_state, config)
+    state = normalize_state_dict(raw_state, config, contiguous=False)
     raw_state.clear()
+    for name in list(state):  # one Conv1D transpose at a time: its original is freed right after
+        state[name] = state[name].contiguous()
     with torch.device("meta"):
         model = GPT2(config)
     model.load_state_dict(state, strict=True, assign=True)
