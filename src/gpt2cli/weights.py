@@ -13,8 +13,8 @@ import os
 import re
 import struct
 from collections.abc import Iterable
-from pathlib import Path
 from io import BufferedReader
+from pathlib import Path
 
 import torch
 
@@ -251,7 +251,9 @@ def _read_into(fh: BufferedReader, tensor: torch.Tensor) -> None:
         raise ValueError("tensor data is truncated")
 
 
-def _read_transposed(fh: BufferedReader, shape: list[int], dtype: torch.dtype, rows: int = 64) -> torch.Tensor:
+def _read_transposed(
+    fh: BufferedReader, shape: list[int], dtype: torch.dtype, rows: int = 64
+) -> torch.Tensor:
     """A Conv1D weight stored (in, out), read into an (out, in) buffer and returned as its
     (in, out) view: normalize_state_dict's transpose then yields the buffer, copy-free."""
     n_in, n_out = shape
