@@ -2,7 +2,7 @@
 
 A gpt2-shaped (124M) random checkpoint is made with the project's own test factory (speed does
 not depend on the values). For each configuration, gpt2cli and transformers' generate run
-alternately ``--repeats`` times; decode tokens/s = 127 / (t(128 new) - t(1 new)) and prefill
+alternately ``--repeats`` times; decode tokens/s = (N-1) / (t(N new) - t(1 new)) and prefill
 tokens/s = prompt / t(1 new). Prints a Markdown table of medians, ranges and ratios.
 
     .venv/bin/python benchmarks/decode_vs_transformers.py --repeats 3 --threads 2
@@ -36,12 +36,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def ours_runner(path: Path, dtype: str, quantize: str | None, prompt: list[int]):
-    from gpt2cli import load
+def ours_runner(path: Path, cfg: str, prompt: list[int]):
+    from gpt2cli import kernels, load
 
+    # "float32-torch": the same engine with the numba kernels off (plain F.linear).
+    dtype, quantize = ("float32", "int8") if cfg == "int8" else (cfg.removesuffix("-torch"), None)
+    kernels.set_enabled(not cfg.endswith("-torch"))
     lm = load(str(path), device="cpu", dtype=dtype, quantize=quantize)
 
     def run(n: int) -> None:
+        kernels.set_enabled(not cfg.endswith("-torch"))
         lm.engine.reset()  # no prefix reuse between runs
         lm.complete(prompt, max_new_tokens=n, temperature=0.0, ignore_eos=True)
 
@@ -68,13 +72,16 @@ def hf_runner(path: Path, prompt: list[int]):
     return run
 
 
+NEW = 128
+
+
 def measure(run, prompt_len: int, repeats: int) -> tuple[list[float], list[float]]:
     run(2)  # warm-up
     decode, prefill = [], []
     for _ in range(repeats):
         t1 = timed(lambda: run(1))
-        t128 = timed(lambda: run(128))
-        decode.append(127 / max(t128 - t1, 1e-9))
+        tn = timed(lambda: run(NEW))
+        decode.append((NEW - 1) / max(tn - t1, 1e-9))
         prefill.append(prompt_len / t1)
     return decode, prefill
 
@@ -88,13 +95,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", default="16,512")
-    ap.add_argument("--configs", default="float32,float16,bfloat16,int8")
+    ap.add_argument("--configs", default="float32,float32-torch,float16,bfloat16,int8")
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--ckpt", default=str(Path(tempfile.gettempdir()) / "gpt2cli-124m"))
     args = ap.parse_args()
+    global NEW
+    NEW = args.new_tokens
     torch.set_num_threads(args.threads)
     path = make_124m(Path(args.ckpt))
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, repeats {args.repeats}\n")
+    print(f"new tokens {NEW}; decode = (NEW-1) / (t(NEW) - t(1)), prefill = prompt / t(1)\n")
     print("| prompt | engine | decode tok/s | prefill tok/s | decode × HF | prefill × HF |")
     print("|---|---|---|---|---|---|")
     for plen in (int(p) for p in args.prompts.split(",")):
@@ -102,8 +113,7 @@ def main() -> None:
         hf_dec, hf_pre = measure(hf_runner(path, prompt), plen, args.repeats)
         print(f"| {plen} | transformers fp32 | {fmt(hf_dec)} | {fmt(hf_pre)} | 1.00 | 1.00 |", flush=True)
         for cfg in args.configs.split(","):
-            dtype, quant = ("float32", "int8") if cfg == "int8" else (cfg, None)
-            dec, pre = measure(ours_runner(path, dtype, quant, prompt), plen, args.repeats)
+            dec, pre = measure(ours_runner(path, cfg, prompt), plen, args.repeats)
             rd = statistics.median(dec) / statistics.median(hf_dec)
             rp = statistics.median(pre) / statistics.median(hf_pre)
             print(f"| {plen} | gpt2cli {cfg} | {fmt(dec)} | {fmt(pre)} | {rd:.2f} | {rp:.2f} |", flush=True)
