@@ -75,15 +75,18 @@ def hf_runner(path: Path, prompt: list[int]):
 NEW = 128
 
 
-def measure(run, prompt_len: int, repeats: int) -> tuple[list[float], list[float]]:
-    run(2)  # warm-up
-    decode, prefill = [], []
+def measure_all(runners: dict[str, object], prompt_len: int, repeats: int) -> dict[str, tuple[list, list]]:
+    """Every engine once per repeat, in turn, so that all see the same machine load."""
+    results: dict[str, tuple[list, list]] = {name: ([], []) for name in runners}
+    for run in runners.values():
+        run(2)  # warm-up
     for _ in range(repeats):
-        t1 = timed(lambda: run(1))
-        tn = timed(lambda: run(NEW))
-        decode.append((NEW - 1) / max(tn - t1, 1e-9))
-        prefill.append(prompt_len / t1)
-    return decode, prefill
+        for name, run in runners.items():
+            t1 = timed(lambda run=run: run(1))
+            tn = timed(lambda run=run: run(NEW))
+            results[name][0].append((NEW - 1) / max(tn - t1, 1e-9))
+            results[name][1].append(prompt_len / t1)
+    return results
 
 
 def fmt(values: list[float]) -> str:
@@ -110,13 +113,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for plen in (int(p) for p in args.prompts.split(",")):
         prompt = torch.randint(0, 50000, (plen,), generator=gen).tolist()
-        hf_dec, hf_pre = measure(hf_runner(path, prompt), plen, args.repeats)
-        print(f"| {plen} | transformers fp32 | {fmt(hf_dec)} | {fmt(hf_pre)} | 1.00 | 1.00 |", flush=True)
+        runners = {"transformers fp32": hf_runner(path, prompt)}
         for cfg in args.configs.split(","):
-            dec, pre = measure(ours_runner(path, cfg, prompt), plen, args.repeats)
+            runners[f"gpt2cli {cfg}"] = ours_runner(path, cfg, prompt)
+        results = measure_all(runners, plen, args.repeats)
+        hf_dec, hf_pre = results["transformers fp32"]
+        for name, (dec, pre) in results.items():
             rd = statistics.median(dec) / statistics.median(hf_dec)
             rp = statistics.median(pre) / statistics.median(hf_pre)
-            print(f"| {plen} | gpt2cli {cfg} | {fmt(dec)} | {fmt(pre)} | {rd:.2f} | {rp:.2f} |", flush=True)
+            print(f"| {plen} | {name} | {fmt(dec)} | {fmt(pre)} | {rd:.2f} | {rp:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
