@@ -86,6 +86,7 @@ def measure_all(runners: dict[str, object], prompt_len: int, repeats: int) -> di
             tn = timed(lambda run=run: run(NEW))
             results[name][0].append((NEW - 1) / max(tn - t1, 1e-9))
             results[name][1].append(prompt_len / t1)
+            print(f"  {name}: decode {results[name][0][-1]:.1f} tok/s", file=sys.stderr, flush=True)
     return results
 
 
