@@ -43,8 +43,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = load(str(make_124m(Path(args.ckpt))), device="cpu")
     model = lm.model
-    linears = [(m.weight, m.bias) for m in model.modules() if hasattr(m, "weight") and m.weight.ndim == 2]
-    linears = [wb for wb in linears if wb[0].shape[0] != model.config.n_positions][1:]  # not wte/wpe
+    from gpt2cli.model import Linear
+
+    linears = [(m.weight, m.bias) for m in model.modules() if isinstance(m, Linear)]  # the 48 block matmuls
     xs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w, _ in linears}
     wte = model.wte.weight
     h = torch.randn(1, model.config.n_embd)
