@@ -44,7 +44,7 @@ def _build() -> bool:
     if "NUMBA_THREADING_LAYER" not in os.environ:
         # numba's OpenMP layer spin-waits beside torch's own OpenMP pool: on a busy 2-core
         # machine a step ran 10x slower. The workqueue layer never spins (docs/performance.md).
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
 
     # fastmath lets LLVM vectorise the dot product (reassociated sums): the result differs
     # from BLAS by rounding only (~1e-6 relative), well inside the 1e-4 fidelity target.
