@@ -127,13 +127,35 @@ class LM:
         return ids, dropped
 
     def stream(
-        self, prompt: str | list[int], cfg: GenerationConfig | None = None, *, warn: Warn | None = None
+        self,
+        prompt: str | list[int],
+        cfg: GenerationConfig | None = None,
+        *,
+        warn: Warn | None = None,
+        draft: LM | None = None,
+        draft_tokens: int = 4,
     ) -> Iterator[TextPiece | GenerationResult]:
-        """Generate, yielding ``TextPiece``s as text completes, then one ``GenerationResult``."""
+        """Generate, yielding ``TextPiece``s as text completes, then one ``GenerationResult``.
+
+        ``draft``: a smaller model with the same vocabulary for speculative decoding
+        (``draft_tokens`` proposals per step); one sample only. Greedy output is identical to
+        this model's alone; sampled output follows this model's distribution.
+        """
         cfg = (cfg or GenerationConfig()).validate()
         ids, dropped = self.prepare_prompt(prompt, warn)
         eot = self.tokenizer.eot_id
-        tokens = self.engine.generate(ids, cfg, eos_id=eot, generator=make_generator(cfg.seed, self.device))
+        generator = make_generator(cfg.seed, self.device)
+        tokens: Any
+        if draft is not None and self._can_speculate(draft, ids, cfg, draft_tokens, warn):
+            from gpt2cli.speculative import SpeculativeStream
+
+            # The same LM as its own draft needs a second cache: a second engine.
+            draft_engine = draft.engine if draft.engine is not self.engine else Engine(draft.model)
+            tokens = SpeculativeStream(
+                self.engine, draft_engine, ids, cfg, eot, k=draft_tokens, generator=generator
+            )
+        else:
+            tokens = self.engine.generate(ids, cfg, eos_id=eot, generator=generator)
         run = _SampleTexts(self.tokenizer, cfg)
         t0 = time.perf_counter()
         ttft: float | None = None
@@ -152,6 +174,31 @@ class LM:
             yield TextPiece(sample, text)
         seconds = time.perf_counter() - t0
         yield self._result(ids, dropped, run, tokens.finish_reasons, tokens.stats, seconds, ttft)
+
+    def _can_speculate(
+        self, draft: LM, ids: list[int], cfg: GenerationConfig, k: int, warn: Warn | None
+    ) -> bool:
+        """Check a draft model fits; False (plain decoding) when the request cannot use it.
+
+        Raises:
+            BadInputError: a draft with another vocabulary or device, or several samples.
+        """
+        same_vocab = draft.tokenizer.n_vocab == self.tokenizer.n_vocab
+        if draft.config.vocab_size != self.config.vocab_size or not same_vocab:
+            raise BadInputError(
+                f"draft model {draft.name} has another vocabulary than {self.name}",
+                hint="use a GPT-2 family model as the draft (e.g. distilgpt2)",
+            )
+        if draft.device != self.device:
+            raise BadInputError("the draft model must be on the same device as the target")
+        if cfg.num_samples != 1:
+            raise BadInputError("speculative decoding generates one sample", hint="drop --num-samples")
+        needed = len(ids) + cfg.max_new_tokens + k + 1
+        if needed > min(self.window, draft.window) or k < 1:
+            if warn:
+                warn("prompt + new tokens exceed the window: decoding without the draft model")
+            return False
+        return True
 
     def _result(
         self,
@@ -285,16 +332,20 @@ def load(
     allow_pickle: bool = False,
     progress: bool = True,
     quantize: str | None = None,
+    compile: bool = False,
 ) -> LM:
     """Resolve ``spec`` (alias, ``org/name[@rev]`` or directory), download if needed, and load it.
 
-    ``quantize`` ("int8") stores the linear weights as int8 with per-row scales.
+    ``quantize`` ("int8") stores the linear weights and the lm_head as int8 with per-row
+    scales. ``compile`` runs decode steps through ``torch.compile`` (CUDA graphs on CUDA).
 
     Raises:
         Gpt2Error: any of its kinds (model not found, offline miss, unsafe or corrupt weights...).
     """
     resolved = resolve(spec, offline=offline, allow_pickle=allow_pickle, progress=progress)
-    return load_resolved(resolved, device=device, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize)
+    return load_resolved(
+        resolved, device=device, dtype=dtype, allow_pickle=allow_pickle, quantize=quantize, compile=compile
+    )
 
 
 def load_resolved(
@@ -304,10 +355,12 @@ def load_resolved(
     dtype: str = "auto",
     allow_pickle: bool = False,
     quantize: str | None = None,
+    compile: bool = False,
 ) -> LM:
     """Load a model already on disk."""
-    if quantize not in (None, "none"):
-        raise BadInputError(f"unknown quantization {quantize!r}", hint="quantization is not available yet")
+    from gpt2cli import fastpath
+
+    method = fastpath.check_quantize(quantize)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     path = resolved.path
@@ -320,14 +373,19 @@ def load_resolved(
             exc.hint = f"re-download it: `gpt2 models verify {resolved.name} --repair`"
         raise
     model = build_model(config, raw_state)
-    model.to(device=torch_device, dtype=torch_dtype)
-    return LM(model, tokenizer, resolved)
+    fastpath.place(model, torch_device, torch_dtype, method)
+    lm = LM(model, tokenizer, resolved)
+    if compile:
+        fastpath.compile_decode(lm.engine)
+    return lm
 
 
 def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor]) -> GPT2:
     """A GPT2 built on the meta device and given ``raw_state``'s tensors (no second copy)."""
-    state = normalize_state_dict(raw_state, config)
+    state = normalize_state_dict(raw_state, config, contiguous=False)
     raw_state.clear()
+    for name in list(state):  # one Conv1D transpose at a time: its original is freed right after
+        state[name] = state[name].contiguous()
     with torch.device("meta"):
         model = GPT2(config)
     model.load_state_dict(state, strict=True, assign=True)

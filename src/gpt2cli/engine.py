@@ -8,7 +8,7 @@ keeps the most recent half of the tokens and prefills them again from position 0
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,13 @@ class EngineStats:
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     window_slides: int = 0
+    draft_proposed: int = 0  # speculative decoding: draft tokens proposed / kept by the target
+    draft_accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Fraction of draft tokens the target kept (None without a draft model)."""
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else None
 
 
 @dataclass
@@ -116,6 +123,9 @@ class Engine:
         self.cache: KVCache | None = None
         self.cached_ids: list[int] = []
         self.last_prefill_tokens = 0
+        # One decode step: ids (B, 1) into the cache -> logits (B, vocab). fastpath may swap in
+        # a compiled static-shape version.
+        self.decode_one: Callable[[torch.Tensor, KVCache], torch.Tensor] = self._decode_eager
 
     @property
     def device(self) -> torch.device:
@@ -181,10 +191,13 @@ class Engine:
             if cache is self.cache:
                 self.cached_ids = history[0, -keep:].tolist()
             return logits
-        logits = self.model(next_ids.unsqueeze(1), cache, last_only=True)
+        logits = self.decode_one(next_ids.unsqueeze(1), cache)
         if cache is self.cache:
             self.cached_ids.append(int(next_ids[0]))
         return logits
+
+    def _decode_eager(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self.model(ids, cache, last_only=True)
 
     def finish(self, cache: KVCache, n: int) -> None:
         """After a run: a multi-sample cache is dropped; the single-row one stays reusable."""

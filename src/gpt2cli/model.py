@@ -14,8 +14,16 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from gpt2cli import kernels
 from gpt2cli.config import GPT2Config
 from gpt2cli.kvcache import KVCache
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward goes through ``kernels.linear`` (a fast batch-1 CPU path)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +43,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.head_dim = config.head_dim
         self.layer_idx = layer_idx
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
@@ -69,8 +77,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
-        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.inner_dim)
+        self.c_proj = Linear(config.inner_dim, config.n_embd)
         self.act = config.activation_function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,12 +113,19 @@ class GPT2(nn.Module):
         self.forward_tokens = 0  # tokens run through the network, for tests and stats
         # Training only: recompute each block's activations in backward instead of storing them.
         self.gradient_checkpointing = False
+        # int8 lm_head (quantize.py): (qweight (vocab, C) int8, scale (vocab,)); None = use wte.
+        self.lm_head_q: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Activations' dtype: LayerNorms stay float32 when CPU weights are stored in half."""
+        return self.ln_f.weight.dtype
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
         capacity = min(capacity, c.n_positions)
-        ref = self.wte.weight
-        return KVCache(c.n_layer, batch, c.n_head, c.head_dim, capacity, device=ref.device, dtype=ref.dtype)
+        device, dtype = self.wte.weight.device, self.compute_dtype
+        return KVCache(c.n_layer, batch, c.n_head, c.head_dim, capacity, device=device, dtype=dtype)
 
     def hidden(
         self, idx: torch.Tensor, cache: KVCache | None = None, start: int | None = None
@@ -128,7 +143,7 @@ class GPT2(nn.Module):
         if cache is not None and start + T > cache.capacity:
             cache.grow(min(self.config.n_positions, max(start + T, 2 * cache.capacity)))
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        x = self.wte(idx).to(self.compute_dtype) + self.wpe(pos).to(self.compute_dtype)  # (B, T, C)
         mask = None
         if cache is not None and start > 0 and T > 1:
             # Chunk after a cached prefix: query i (at start+i) sees keys 0..start+i.
@@ -147,7 +162,9 @@ class GPT2(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The tied lm_head: (..., C) -> (..., vocab)."""
-        return F.linear(hidden, self.wte.weight)
+        if self.lm_head_q is not None:
+            return kernels.linear_int8(hidden, *self.lm_head_q, None)
+        return kernels.linear(hidden, self.wte.weight)
 
     def forward(
         self, idx: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False

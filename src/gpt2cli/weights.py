@@ -8,10 +8,12 @@ then check every key and shape against the config.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
 from collections.abc import Iterable
+from io import BufferedReader
 from pathlib import Path
 
 import torch
@@ -55,8 +57,13 @@ def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def normalize_state_dict(raw: dict[str, torch.Tensor], config: GPT2Config) -> dict[str, torch.Tensor]:
+def normalize_state_dict(
+    raw: dict[str, torch.Tensor], config: GPT2Config, *, contiguous: bool = True
+) -> dict[str, torch.Tensor]:
     """Map a Hub GPT-2 state dict (either key layout) onto our parameter names and layout.
+
+    With ``contiguous=False`` the transposed Conv1D weights are returned as views, so the
+    caller can copy them one at a time after dropping ``raw`` (no second copy of the model).
 
     Raises:
         CorruptWeightsError: keys missing, unexpected, or of the wrong shape.
@@ -81,7 +88,7 @@ def normalize_state_dict(raw: dict[str, torch.Tensor], config: GPT2Config) -> di
     if "wte.weight" not in out and lm_head is not None:
         out["wte.weight"] = lm_head  # a checkpoint saved with only the tied copy
     _check_keys_and_shapes(out, shapes, unexpected)
-    return {k: v.contiguous() for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()} if contiguous else out
 
 
 def _check_keys_and_shapes(
@@ -183,20 +190,80 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     Raises:
         CorruptWeightsError: a file cannot be parsed.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for path in files:
         if path.suffix == ".safetensors":
             check_safetensors_file(path)
             try:
-                state.update(load_file(str(path)))
-            except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                state.update(_read_safetensors(path))
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
                 raise CorruptWeightsError(f"cannot read {path}: {exc}") from exc
         else:
             state.update(_load_pickle(path))
     return state
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read each tensor straight into its own buffer with plain reads.
+
+    Unlike safetensors' mmap-based ``load_file``, no mapped file pages stay resident beside
+    the copies, so peak RSS is one copy of the weights (header already checked).
+    """
+    state: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+        base = 8 + header_len
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            shape, dtype = info["shape"], _SAFETENSORS_DTYPES[info["dtype"]]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - start != nbytes:
+                raise ValueError(f"{name}: {end - start} bytes stored for {nbytes} expected")
+            fh.seek(base + start)
+            if name.endswith(CONV1D_SUFFIXES) and len(shape) == 2:
+                state[name] = _read_transposed(fh, shape, dtype)
+            else:
+                state[name] = torch.empty(shape, dtype=dtype)
+                _read_into(fh, state[name])
+    return state
+
+
+def _read_into(fh: BufferedReader, tensor: torch.Tensor) -> None:
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes and fh.readinto(tensor.view(-1).view(torch.uint8).numpy().data) != nbytes:
+        raise ValueError("tensor data is truncated")
+
+
+def _read_transposed(
+    fh: BufferedReader, shape: list[int], dtype: torch.dtype, rows: int = 64
+) -> torch.Tensor:
+    """A Conv1D weight stored (in, out), read into an (out, in) buffer and returned as its
+    (in, out) view: normalize_state_dict's transpose then yields the buffer, copy-free."""
+    n_in, n_out = shape
+    buf = torch.empty(n_out, n_in, dtype=dtype)  # (out, in): nn.Linear's layout
+    chunk = torch.empty(rows, n_out, dtype=dtype)
+    for r in range(0, n_in, rows):
+        part = chunk[: min(rows, n_in - r)]
+        _read_into(fh, part)
+        buf[:, r : r + part.shape[0]] = part.t()
+    return buf.t()
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:

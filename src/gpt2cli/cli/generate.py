@@ -47,6 +47,17 @@ def generate(
     dtype: opt.Dtype = "auto",
     offline: opt.Offline = False,
     allow_pickle: opt.AllowPickle = False,
+    quantize: opt.Quantize = None,
+    compile_decode: Annotated[
+        bool, typer.Option("--compile", help="Compile the decode step (torch.compile; CUDA graphs on CUDA).")
+    ] = False,
+    draft_model: Annotated[
+        str | None,
+        typer.Option("--draft-model", help="Speculative decoding: a smaller GPT-2 with the same vocabulary."),
+    ] = None,
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", min=1, max=16, help="Tokens the draft model proposes per step.")
+    ] = 4,
 ) -> None:
     """Continue PROMPT with a GPT-2 model and stream the text to stdout.
 
@@ -68,10 +79,21 @@ def generate(
 
     from gpt2cli.api import load
 
-    lm = load(model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle)
+    lm = load(
+        model,
+        device=device,
+        dtype=dtype,
+        offline=offline,
+        allow_pickle=allow_pickle,
+        quantize=quantize,
+        compile=compile_decode,
+    )
+    draft = None
+    if draft_model is not None:
+        draft = load(draft_model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle)
     renderer = _RENDERERS[output_format](text if echo else None, cfg.num_samples)
     try:
-        for event in lm.stream(text, cfg, warn=warn):
+        for event in lm.stream(text, cfg, warn=warn, draft=draft, draft_tokens=draft_tokens):
             renderer.event(event)
     except KeyboardInterrupt:
         renderer.interrupted()
