@@ -267,30 +267,36 @@ def test_ctrl_c_keeps_output_and_exits_130(ckpt_h: Path) -> None:
     assert (first + rest).endswith(b"\n")  # the line is finished, nothing cut off
 
 
-def test_ctrl_c_json_keeps_partial_text(ckpt_h: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            str(GPT2_BIN),
-            "generate",
-            "-m",
-            str(ckpt_h),
-            "Hi",
-            "-n",
-            "100000",
-            "--ignore-eos",
-            "--format",
-            "json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
-    time.sleep(6)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    obj = json.loads(out)
-    assert obj["interrupted"] is True and obj["samples"][0]["text"]
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "text"])
+def test_ctrl_c_mid_stream_keeps_partial_output(ckpt_h: Path, gen, monkeypatch, fmt: str) -> None:
+    """Ctrl-C arrives after a few pieces (injected at a fixed point into the real stream)."""
+    from gpt2cli.api import LM, TextPiece
+
+    full = load(str(ckpt_h), device="cpu").complete("Hi", max_new_tokens=50, temperature=0, ignore_eos=True)
+    real_stream = LM.stream
+
+    def interrupted_stream(self, *args, **kwargs):
+        pieces = 0
+        for event in real_stream(self, *args, **kwargs):
+            yield event
+            pieces += isinstance(event, TextPiece)
+            if pieces == 5:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(LM, "stream", interrupted_stream)
+    result = gen(["-m", str(ckpt_h), "Hi", "-n", "50", "--ignore-eos", "-t", "0", "--format", fmt])
+    assert result.code == 130 and "Traceback" not in result.err
+    if fmt == "json":
+        obj = json.loads(result.out)
+        partial = obj["samples"][0]["text"]
+        assert obj["interrupted"] is True
+    elif fmt == "jsonl":
+        lines = [json.loads(line) for line in result.out.splitlines()]
+        assert lines[-1] == {"type": "summary", "interrupted": True}
+        partial = "".join(line["text"] for line in lines[:-1])
+    else:
+        partial = result.out.removesuffix("\n")
+    assert partial and full.samples[0].text.startswith(partial)
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])

@@ -6,11 +6,13 @@ Layers, as in mlx-lm: ``LM.stream`` yields text pieces then one ``GenerationResu
 
 from __future__ import annotations
 
+import io
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +25,9 @@ from gpt2cli.model import GPT2
 from gpt2cli.stopping import StopMatcher
 from gpt2cli.tokenizer import StreamDecoder, Tokenizer
 from gpt2cli.weights import normalize_state_dict, read_state_dict, weight_files
+
+if TYPE_CHECKING:
+    from gpt2cli.scoring import ScoreResult, TokenScore
 
 Warn = Callable[[str], None]
 
@@ -192,6 +197,46 @@ class LM:
         assert result is not None
         return result
 
+    def score(
+        self,
+        source: str | bytes | os.PathLike[str] | IO[bytes],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        errors: str = "strict",
+        per_token: bool = False,
+        top: int = 0,
+        name: str | None = None,
+        on_token: Callable[[TokenScore], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ScoreResult:
+        """Score text (``str``), UTF-8 ``bytes``, a file path or a binary stream (see ``scoring``).
+
+        ``context`` defaults to the model's window and ``stride`` to half the context.
+
+        Raises:
+            BadInputError: bad window settings; ScoreInputError for unreadable or empty input.
+        """
+        from gpt2cli.scoring import Scorer
+
+        context = self.window if context is None else context
+        stride = max(1, context // 2) if stride is None else stride
+        scorer = Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
+        if isinstance(source, str):
+            source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
+        elif isinstance(source, bytes):
+            source, name = io.BytesIO(source), name or "<bytes>"
+        return scorer.score(
+            source,
+            name=name,
+            errors=errors,
+            per_token=per_token,
+            top=top,
+            on_token=on_token,
+            progress=progress,
+        )
+
 
 class _SampleTexts:
     """Per-sample streaming decoders and stop matchers."""
@@ -268,7 +313,13 @@ def load_resolved(
     path = resolved.path
     config = GPT2Config.from_json(path / "config.json")
     tokenizer = _load_tokenizer(path, config)
-    model = build_model(config, read_state_dict(weight_files(path, allow_pickle)))
+    try:
+        raw_state = read_state_dict(weight_files(path, allow_pickle))
+    except CorruptWeightsError as exc:
+        if resolved.spec.repo_id is not None:  # a Hub model in the cache: the cache can repair it
+            exc.hint = f"re-download it: `gpt2 models verify {resolved.name} --repair`"
+        raise
+    model = build_model(config, raw_state)
     model.to(device=torch_device, dtype=torch_dtype)
     return LM(model, tokenizer, resolved)
 

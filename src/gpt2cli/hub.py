@@ -155,8 +155,31 @@ def resolve(
         except OfflineMissError:
             raise NetworkError(f"cannot reach the Hub to download {spec.text}") from None
     files = choose_files(names, allow_pickle)
-    path = _download(spec, files, progress)
+    path = _download(spec, files, progress, commit)
     return ResolvedModel(spec, path, commit)
+
+
+def list_remote(spec: ModelSpec) -> tuple[list[str], str | None]:
+    """The file names of ``spec`` on the Hub and the commit its revision points to (one request).
+
+    Raises:
+        ModelNotFoundError, NetworkError.
+    """
+    return _list_repo(spec)
+
+
+def download(
+    spec: ModelSpec, files: list[str], *, commit: str | None, progress: bool = True, force: bool = False
+) -> Path:
+    """Download ``files`` of ``spec`` at ``commit`` into the HF cache; return the snapshot directory.
+
+    Files already in the commit's snapshot are not fetched again (no request at all), unless
+    ``force``: then they are re-downloaded and replace their cached blobs.
+
+    Raises:
+        NetworkError: the transfer failed (nothing partial is left where a later run would look).
+    """
+    return _download(spec, files, progress, commit, force)
 
 
 def _list_repo(spec: ModelSpec) -> tuple[list[str], str | None]:
@@ -183,24 +206,44 @@ def _list_repo(spec: ModelSpec) -> tuple[list[str], str | None]:
     return [s.rfilename for s in info.siblings or []], info.sha
 
 
-def _download(spec: ModelSpec, files: list[str], progress: bool) -> Path:
+def _download(
+    spec: ModelSpec, files: list[str], progress: bool, commit: str | None = None, force: bool = False
+) -> Path:
     from huggingface_hub import hf_hub_download
 
     bar_class, live = _progress_class(progress)
     path: Path | None = None
+    # Pinning the commit the listing gave keeps the files of one snapshot consistent, and lets
+    # huggingface_hub answer files already in that snapshot without a HEAD request each.
+    revision = commit or spec.revision
     try:
         with live:
             for name in files:
                 local = hf_hub_download(
-                    spec.repo_id or "", name, revision=spec.revision, tqdm_class=bar_class
+                    spec.repo_id or "", name, revision=revision, tqdm_class=bar_class, force_download=force
                 )
                 path = Path(local).parent
+        if commit is not None and path is not None:
+            _record_ref(path, spec.revision or "main", commit)
     except Gpt2Error:
         raise
     except Exception as exc:  # noqa: BLE001 - network and disk failures mid-download
         raise NetworkError(f"download of {spec.text} failed: {_first_line(exc)}") from exc
     assert path is not None
     return path
+
+
+def _record_ref(snapshot: Path, revision: str, commit: str) -> None:
+    """Point ``refs/<revision>`` at ``commit``, as huggingface_hub does when given a branch name."""
+    if revision == commit:
+        return
+    ref = snapshot.parent.parent / "refs" / revision
+    try:
+        if not ref.is_file() or ref.read_text(encoding="utf-8").strip() != commit:
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            ref.write_text(commit, encoding="utf-8")
+    except OSError:
+        pass  # best effort: a read-only cache still serves the snapshot by its commit
 
 
 def _from_cache(spec: ModelSpec, allow_pickle: bool) -> ResolvedModel:
@@ -261,7 +304,8 @@ def _progress_class(enabled: bool) -> tuple[Any, Any]:
 
     class RichBar(hf_tqdm):  # type: ignore[misc,valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            desc = str(kwargs.get("desc") or "download")
+            # the client names bars by URL tail (…/resolve/<commit>/name): show just the file name
+            desc = str(kwargs.get("desc") or "download").rsplit("/", 1)[-1]
             total, initial = kwargs.get("total"), kwargs.get("initial") or 0
             kwargs["disable"] = True
             super().__init__(*args, **kwargs)

@@ -17,8 +17,11 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.exceptions import Abort, Exit
 
 from gpt2cli import __version__
-from gpt2cli.cli import finetune, generate
+from gpt2cli.cli import bench, finetune, generate, score
+from gpt2cli.cli import models as models_cmd
+from gpt2cli.cli import repl as repl_cmd
 from gpt2cli.cli.output import StdoutClosed, error_line
+from gpt2cli.cli.serve import serve as serve_command
 from gpt2cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, Gpt2Error
 
 app = typer.Typer(
@@ -49,7 +52,12 @@ def root(
 
 
 app.command("generate", no_args_is_help=False)(generate.generate)
+app.add_typer(models_cmd.app, name="models")
+app.command("score", no_args_is_help=False)(score.score)
+app.command("repl")(repl_cmd.repl)
+app.command("serve")(serve_command)
 app.command("finetune")(finetune.finetune)
+app.command("bench")(bench.bench)
 
 
 def _wants_debug(args: Sequence[str]) -> bool:

@@ -1,0 +1,375 @@
+"""`gpt2 score`: perplexity, bits per byte and per-token surprisal of files or stdin."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+
+from gpt2cli.cli import options as opt
+from gpt2cli.cli.output import color_allowed, error_line, is_terminal, stderr_console, write, write_json
+from gpt2cli.errors import EXIT_RUNTIME, BadInputError, Gpt2Error
+
+COLUMNS = ["file", "tokens", "bytes", "words", "nll", "perplexity", "bits_per_byte", "word_perplexity"]
+STDIN = "-"
+
+
+class ScoreFormat(str, Enum):
+    text = "text"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class Errors(str, Enum):
+    strict = "strict"
+    replace = "replace"  # type: ignore[assignment]  # shadows str.replace, harmlessly
+
+
+def score(
+    files: Annotated[
+        list[str] | None,
+        typer.Argument(help="Text files to score; none or '-' reads stdin.", show_default=False),
+    ] = None,
+    model: opt.Model = "gpt2",
+    context: Annotated[
+        int | None, typer.Option("--context", help="Window size in tokens (default: the model's window).")
+    ] = None,
+    stride: Annotated[
+        int | None, typer.Option("--stride", help="Tokens between window starts (default: half the context).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Windows run through the model together.")
+    ] = 8,
+    output_format: Annotated[
+        ScoreFormat, typer.Option("--format", help="text (a table), json, jsonl or csv.")
+    ] = ScoreFormat.text,
+    per_token: Annotated[
+        bool,
+        typer.Option(
+            "--per-token",
+            help="Each token's score: a heat map on a terminal; text, id, logprob and rank in json/jsonl.",
+        ),
+    ] = False,
+    top: Annotated[
+        int, typer.Option("--top", help="List the N most surprising tokens with their context.")
+    ] = 0,
+    errors: Annotated[
+        Errors,
+        typer.Option("--errors", help="Invalid UTF-8: strict refuses the file, replace scores U+FFFD."),
+    ] = Errors.strict,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "auto",
+    offline: opt.Offline = False,
+    allow_pickle: opt.AllowPickle = False,
+) -> None:
+    """Score FILEs (or stdin) under a GPT-2 model: perplexity, bits per byte, word perplexity.
+
+    Method: the text is prefixed with <|endoftext|> so every text token is scored; windows of
+    --context tokens (default: the model's window) advance by --stride tokens (default: half the
+    context); every token is scored exactly once, with the left context its window gives;
+    perplexity = exp(total NLL / scored tokens). --stride equal to --context gives disjoint
+    windows. bits_per_byte and word_perplexity are lm-evaluation-harness's.
+    """
+    _check_options(context, stride, batch_size, top)
+    sources = _sources(files or [])
+
+    from gpt2cli.api import load
+
+    lm = load(model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle)
+    context = lm.window if context is None else context
+    stride = max(1, context // 2) if stride is None else stride
+    from gpt2cli.scoring import check_windows
+
+    check_windows(context, stride, lm.window)
+    renderer = _RENDERERS[output_format](per_token, top)
+    results, failed = [], 0
+    for source in sources:
+        try:
+            result = _score_one(lm, source, context, stride, batch_size, errors.value, renderer)
+        except Gpt2Error as exc:
+            if len(sources) == 1:
+                raise
+            failed += 1
+            sys.stderr.write(error_line(exc.message, exc.hint))
+            continue
+        results.append(result)
+        renderer.file_done(result)
+    renderer.finish(results, several=len(sources) > 1)
+    if failed:
+        raise typer.Exit(EXIT_RUNTIME)
+
+
+def _check_options(context: int | None, stride: int | None, batch_size: int, top: int) -> None:
+    """The checks that need no model (the window limit is checked once it is loaded)."""
+    if context is not None and context < 1:
+        raise BadInputError(f"--context {context} is below 1", hint="use 1 up to the model's window")
+    if stride is not None and stride < 1:
+        raise BadInputError(f"--stride {stride} is below 1", hint="use a stride between 1 and --context")
+    if stride is not None and context is not None and stride > context:
+        raise BadInputError(
+            f"--stride {stride} is larger than --context {context}: tokens between windows would go unscored",
+            hint=f"use --stride {context} (disjoint windows) or less",
+        )
+    if batch_size < 1:
+        raise BadInputError(f"--batch-size {batch_size} is below 1", hint="use 1 or more")
+    if top < 0:
+        raise BadInputError(f"--top {top} is below 0", hint="use --top N with N >= 1")
+
+
+def _sources(files: list[str]) -> list[str]:
+    if not files:
+        if is_terminal(sys.stdin) or sys.stdin is None:
+            raise BadInputError(
+                "no input given", hint="pass FILE..., or pipe text on stdin: cat notes.txt | gpt2 score"
+            )
+        return [STDIN]
+    if files.count(STDIN) > 1:
+        raise BadInputError("stdin ('-') can be read only once")
+    return files
+
+
+def _score_one(
+    lm: Any, source: str, context: int, stride: int, batch_size: int, errors: str, renderer: _Renderer
+) -> Any:
+    stream: IO[bytes] | Path
+    size: int | None = None
+    if source == STDIN:
+        stream, name = sys.stdin.buffer, "<stdin>"
+    else:
+        stream, name = Path(source), source
+        size = stream.stat().st_size if stream.is_file() else None
+    with _progress(name, size) as progress:
+        return lm.score(
+            stream,
+            name=name,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            errors=errors,
+            per_token=renderer.keep_tokens,
+            top=renderer.top,
+            on_token=renderer.token_sink(name),
+            progress=progress,
+        )
+
+
+class _progress:
+    """A Rich progress bar with tokens/s on stderr, only when stderr is a terminal."""
+
+    def __init__(self, name: str, size: int | None) -> None:
+        self.name, self.size = name, size
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not is_terminal(sys.stderr):
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[tokens]} tokens, {task.fields[rate]} tok/s"),
+            TimeElapsedColumn(),
+            console=stderr_console(),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task(self.name, total=self.size, tokens=0, rate="-")
+
+        def update(read: int, tokens: int) -> None:
+            elapsed = self.bar.tasks[0].elapsed or 0.0
+            rate = f"{tokens / elapsed:,.0f}" if elapsed > 0 else "-"
+            self.bar.update(task, completed=read, tokens=f"{tokens:,}", rate=rate)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- renderers ----------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else "inf" if math.isinf(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _row(result: Any) -> dict[str, Any]:
+    obj = result.to_json()
+    return {key: obj[key] for key in COLUMNS}
+
+
+class _Renderer:
+    """Turns results into output; per-file results are written as soon as each file is done."""
+
+    keep_tokens = False
+
+    def __init__(self, per_token: bool, top: int) -> None:
+        self.per_token, self.top = per_token, top
+
+    def token_sink(self, name: str) -> Any:
+        return None
+
+    def file_done(self, result: Any) -> None: ...
+
+    def finish(self, results: list[Any], several: bool) -> None: ...
+
+    @staticmethod
+    def total(results: list[Any]) -> Any:
+        from gpt2cli.scoring import total
+
+        return total(results)
+
+
+class _TextRenderer(_Renderer):
+    """A plain table (no escape codes in pipes); --per-token is a heat map on a terminal."""
+
+    def __init__(self, per_token: bool, top: int) -> None:
+        super().__init__(per_token, top)
+        self.keep_tokens = per_token
+        self.header = False
+
+    def _line(self, cells: list[str]) -> None:
+        widths = [0, 9, 10, 9, 9, 11, 13, 15]
+        parts = [cells[0].ljust(max(20, len(cells[0])))] + [
+            c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)
+        ]
+        write("  ".join(parts).rstrip() + "\n")
+
+    def file_done(self, result: Any) -> None:
+        if self.per_token:
+            _per_token_text(result)
+        if not self.header:
+            self._line(COLUMNS)
+            self.header = True
+        self._line([_fmt(v) for v in _row(result).values()])
+        if self.top:
+            _top_text(result)
+
+    def finish(self, results: list[Any], several: bool) -> None:
+        if several and results:
+            self._line([_fmt(v) for v in _row(self.total(results)).values()])
+
+
+class _JsonRenderer(_Renderer):
+    def __init__(self, per_token: bool, top: int) -> None:
+        super().__init__(per_token, top)
+        self.keep_tokens = per_token
+
+    def finish(self, results: list[Any], several: bool) -> None:
+        pretty = is_terminal(sys.stdout)
+        if not results:
+            return  # every file failed: the errors are on stderr
+        if not several:
+            write_json(results[0].to_json(), pretty=pretty)
+            return
+        write_json(
+            {"files": [r.to_json() for r in results], "total": self.total(results).to_json()}, pretty=pretty
+        )
+
+
+class _JsonlRenderer(_Renderer):
+    """One object per token (with --per-token, streamed), per file, and the total."""
+
+    def token_sink(self, name: str) -> Any:
+        if not self.per_token:
+            return None
+
+        def sink(token: Any) -> None:
+            write_json({"type": "token", "file": name, **token.to_json()})
+
+        return sink
+
+    def file_done(self, result: Any) -> None:
+        write_json({"type": "file", **result.to_json()})
+
+    def finish(self, results: list[Any], several: bool) -> None:
+        if several and results:
+            write_json({"type": "total", **self.total(results).to_json()})
+
+
+class _CsvRenderer(_Renderer):
+    def __init__(self, per_token: bool, top: int) -> None:
+        super().__init__(per_token, 0)
+        self.header = False
+
+    def _write(self, row: list[Any]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(row)
+        write(buf.getvalue())
+
+    def file_done(self, result: Any) -> None:
+        if not self.header:
+            self._write(COLUMNS)
+            self.header = True
+        self._write([repr(v) if isinstance(v, float) else v for v in _row(result).values()])
+
+    def finish(self, results: list[Any], several: bool) -> None:
+        if several and results:
+            self._write([repr(v) if isinstance(v, float) else v for v in _row(self.total(results)).values()])
+
+
+_RENDERERS: dict[ScoreFormat, type[_Renderer]] = {
+    ScoreFormat.text: _TextRenderer,
+    ScoreFormat.json: _JsonRenderer,
+    ScoreFormat.jsonl: _JsonlRenderer,
+    ScoreFormat.csv: _CsvRenderer,
+}
+
+# Surprisal (nats) buckets of the heat map, and their colours: cool = expected, hot = surprising.
+HEAT = [(1.0, "green"), (2.5, "bright_green"), (4.0, "yellow"), (6.0, "dark_orange"), (9.0, "red")]
+HEAT_TOP = "bold white on red"
+
+
+def _heat_style(nll: float) -> str:
+    return next((style for limit, style in HEAT if nll < limit), HEAT_TOP)
+
+
+def _per_token_text(result: Any) -> None:
+    """The text coloured by surprisal on a colour terminal; otherwise one TSV line per token."""
+    if not color_allowed(sys.stdout):
+        write("position\tid\tlogprob\trank\ttext\n")
+        for t in result.token_scores:
+            write(f"{t.position}\t{t.id}\t{t.logprob:.6g}\t{t.rank}\t{_visible(t.text)}\n")
+        return
+    from rich.console import Console
+    from rich.text import Text
+
+    text = Text()
+    for t in result.token_scores:
+        text.append(t.text, style=_heat_style(-t.logprob))
+    legend = Text("\nsurprisal (nats): ")
+    lower = 0.0
+    for limit, style in HEAT:
+        legend.append(f" {lower:g}-{limit:g} ", style=style)
+        lower = limit
+    legend.append(f" >={lower:g} ", style=HEAT_TOP)
+    console = Console(force_terminal=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
+    console.print(text)
+    console.print(legend)
+
+
+def _visible(text: str) -> str:
+    """Token text on one line: escapes for newlines, tabs and other control characters."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _top_text(result: Any) -> None:
+    write(f"most surprising tokens in {result.file}:\n")
+    for s in result.top:
+        t = s.token
+        write(
+            f"  {-t.logprob:8.3f} nats  rank {t.rank:<6} position {t.position:<8} "
+            f"{_visible(s.before)}[{_visible(t.text)}]{_visible(s.after)}\n"
+        )

@@ -1,0 +1,557 @@
+"""Scoring text under a GPT-2: per-token log-probabilities, perplexity, bits per byte.
+
+One responsibility: the scoring method, streamed. The text is prefixed with ``<|endoftext|>``
+so its first token is scored too. Windows of ``context`` input tokens start every ``stride``
+tokens; a window's input position j predicts the token at j+1, and each window scores only the
+targets no earlier window scored, so every text token is scored exactly once, with the left
+context its window gives (stride == context: disjoint windows). Perplexity is
+exp(total NLL / scored tokens); bits per byte and word perplexity are lm-evaluation-harness's.
+
+Input is read in chunks, decoded incrementally and tokenized at boundaries where tokenizing
+the pieces equals tokenizing the whole, and windows are scored as they fill: memory stays
+bounded however long the input is.
+"""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from gpt2cli.errors import BadInputError
+from gpt2cli.model import GPT2
+from gpt2cli.tokenizer import Tokenizer
+
+READ_BYTES = 1 << 20  # bytes read from the input at a time
+FORCE_CUT_CHARS = 16 << 20  # text without any safe boundary is cut here anyway (pathological input)
+LOGIT_ELEMENTS = 1 << 25  # logits computed at once: rows x vocab (128 MiB in float32)
+CONTEXT_TOKENS = 12  # tokens of context shown either side of a --top token
+_WORD_BREAK = re.compile(r"\s+")
+
+Progress = Callable[[int, int], None]  # (bytes read so far, tokens scored so far)
+
+
+class ScoreInputError(BadInputError):
+    """An input to score cannot be read: missing, a directory, empty, or not UTF-8."""
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """One scored token: its position in the text (0-based), id, text, log-probability and rank.
+
+    ``text`` holds the characters completed by this token (a character split over several
+    tokens appears with the last of them), so the texts concatenate to the input.
+    """
+
+    position: int
+    id: int
+    text: str
+    logprob: float
+    rank: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "id": self.id,
+            "text": self.text,
+            "logprob": self.logprob,
+            "rank": self.rank,
+        }
+
+
+@dataclass
+class Surprise:
+    """A highly surprising token with the text around it (for ``--top``)."""
+
+    token: TokenScore
+    before: str
+    after: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.token.to_json(),
+            "nll": -self.token.logprob,
+            "before": self.before,
+            "after": self.after,
+        }
+
+
+@dataclass
+class ScoreResult:
+    """Scores of one input (or the total of several): sums, and the metrics derived from them."""
+
+    file: str
+    tokens: int
+    bytes: int
+    words: int
+    total_nll: float
+    context: int
+    stride: int
+    seconds: float = 0.0
+    token_scores: list[TokenScore] = field(default_factory=list, repr=False)
+    top: list[Surprise] = field(default_factory=list, repr=False)
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood per token, in nats."""
+        return self.total_nll / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return _safe_exp(self.nll)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """lm-evaluation-harness: total NLL / bytes / ln 2."""
+        return self.total_nll / self.bytes / math.log(2) if self.bytes else math.nan
+
+    @property
+    def word_perplexity(self) -> float:
+        """lm-evaluation-harness: exp(total NLL / words), words = len(re.split(r"\\s+", text))."""
+        return _safe_exp(self.total_nll / self.words) if self.words else math.nan
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--format json`` object (per-token and top lists only when they were asked for)."""
+        obj: dict[str, Any] = {
+            "file": self.file,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "words": self.words,
+            "nll": self.nll,
+            "total_nll": self.total_nll,
+            "perplexity": self.perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "word_perplexity": self.word_perplexity,
+            "context": self.context,
+            "stride": self.stride,
+            "seconds": round(self.seconds, 6),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+        }
+        if self.top:
+            obj["top"] = [s.to_json() for s in self.top]
+        if self.token_scores:
+            obj["per_token"] = [t.to_json() for t in self.token_scores]
+        return obj
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def total(results: list[ScoreResult], name: str = "total") -> ScoreResult:
+    """The pooled result of several inputs: sums of tokens, bytes, words and NLL."""
+    first = results[0] if results else None
+    return ScoreResult(
+        file=name,
+        tokens=sum(r.tokens for r in results),
+        bytes=sum(r.bytes for r in results),
+        words=sum(r.words for r in results),
+        total_nll=sum(r.total_nll for r in results),
+        context=first.context if first else 0,
+        stride=first.stride if first else 0,
+        seconds=sum(r.seconds for r in results),
+    )
+
+
+def check_windows(context: int, stride: int, window: int) -> None:
+    """Validate the window settings against the model's window.
+
+    Raises:
+        BadInputError: context outside 1..window, or stride outside 1..context.
+    """
+    if context < 1 or context > window:
+        raise BadInputError(
+            f"--context {context} is outside 1..{window} (the model's window)",
+            hint=f"use --context {window} or less",
+        )
+    if stride < 1:
+        raise BadInputError(f"--stride {stride} is below 1", hint="use a stride between 1 and --context")
+    if stride > context:
+        raise BadInputError(
+            f"--stride {stride} is larger than --context {context}: tokens between windows would go unscored",
+            hint=f"use --stride {context} (disjoint windows) or less",
+        )
+
+
+# --- reading and tokenizing in a stream ---------------------------------------------------------
+
+
+def open_source(source: os.PathLike[str] | IO[bytes]) -> tuple[IO[bytes], str, bool]:
+    """``(binary stream, display name, whether we opened it)`` for a path or a binary stream.
+
+    Raises:
+        ScoreInputError: the file is missing, a directory, or unreadable.
+    """
+    if not isinstance(source, os.PathLike):
+        shown = getattr(source, "name", None)
+        return source, shown if isinstance(shown, str) else "<stream>", False
+    path = Path(source)
+    name = str(source)
+    if path.is_dir():
+        raise ScoreInputError(f"{name} is a directory", hint="give a text file, or '-' for stdin")
+    try:
+        return open(path, "rb"), name, True  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError as exc:
+        raise ScoreInputError(f"{name}: no such file", hint="check the path") from exc
+    except OSError as exc:
+        raise ScoreInputError(f"{name}: cannot read it ({exc.strerror or exc})") from exc
+
+
+def decoded_chunks(
+    stream: IO[bytes], name: str, errors: str = "strict", read_bytes: int | None = None
+) -> Iterator[tuple[str, int]]:
+    """UTF-8 text of ``stream`` in pieces (``read_bytes`` at a time), with the bytes each consumed.
+
+    Raises:
+        ScoreInputError: invalid UTF-8 with ``errors="strict"`` (naming the byte offset), or a
+            read failure.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    offset = 0  # bytes handed to the decoder so far
+    while True:
+        try:
+            data = stream.read(read_bytes or READ_BYTES)
+        except OSError as exc:
+            raise ScoreInputError(f"{name}: cannot read it ({exc.strerror or exc})") from exc
+        held = len(decoder.getstate()[0])  # bytes of an incomplete character carried over
+        try:
+            text = decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise ScoreInputError(
+                f"{name} is not valid UTF-8 text (invalid byte at offset {offset - held + exc.start})",
+                hint="pass --errors replace to score it with invalid bytes replaced by U+FFFD",
+            ) from exc
+        offset += len(data)
+        if text or data:
+            yield text, len(data)
+        if not data:
+            return
+
+
+def safe_cut(text: str) -> int:
+    """The last index where ``text`` can be cut so that the pieces tokenize as the whole does.
+
+    GPT-2's pre-tokenizer never joins ``"X\\n"`` to a following ``"Y"`` (X, Y not whitespace),
+    nor ``"X"`` to a following ``" Y"``: cutting after such a newline, or before such a space,
+    is exact. Returns 0 when there is no such place.
+    """
+    for pattern in ("\n", " "):
+        i = text.rfind(pattern, 0, len(text) - 1)
+        while i > 0:
+            if not text[i - 1].isspace() and not text[i + 1].isspace():
+                return i + 1 if pattern == "\n" else i
+            i = text.rfind(pattern, 0, i)
+    return 0
+
+
+@dataclass
+class TextStats:
+    """Bytes and lm-eval words of the text read so far."""
+
+    bytes: int = 0
+    breaks: int = 0  # runs of whitespace; lm-eval's words = len(re.split(r"\s+", text)) = breaks + 1
+
+    @property
+    def words(self) -> int:
+        return self.breaks + 1 if self.bytes else 0
+
+    def add(self, piece: str) -> None:
+        # Pieces are cut between a non-space and a space or after a lone newline, so a
+        # whitespace run is never split between two pieces.
+        self.bytes += len(piece.encode("utf-8", "surrogatepass"))
+        self.breaks += len(_WORD_BREAK.findall(piece))
+
+
+def token_chunks(
+    tokenizer: Tokenizer, pieces: Iterable[tuple[str, int]], stats: TextStats, progress_bytes: list[int]
+) -> Iterator[list[int]]:
+    """Token ids of the decoded pieces, tokenized a safe chunk at a time (``<|endoftext|>`` special)."""
+    pending = ""
+    for text, raw in pieces:
+        progress_bytes[0] += raw
+        pending += text
+        cut = safe_cut(pending) if len(pending) < FORCE_CUT_CHARS else len(pending)
+        if cut:
+            head, pending = pending[:cut], pending[cut:]
+            stats.add(head)
+            yield tokenizer.encode(head, allow_special=True)
+    if pending:
+        stats.add(pending)
+        yield tokenizer.encode(pending, allow_special=True)
+
+
+# --- windows ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """Model input ``ids`` (starting at absolute position ``begin``) scoring targets from ``first``.
+
+    Input row j predicts absolute token ``begin + j + 1``; rows ``first..len(ids)-1`` are scored.
+    """
+
+    begin: int
+    ids: list[int]
+    targets: list[int]
+    first: int
+
+
+class WindowCutter:
+    """Cuts the growing sequence ``<|endoftext|> + text ids`` into the method's windows.
+
+    Keeps only the ids from the next window's start on, so memory is bounded by one window
+    plus one chunk of tokens.
+    """
+
+    def __init__(self, prefix: int, context: int, stride: int) -> None:
+        self.context, self.stride = context, stride
+        self.buf: list[int] = [prefix]  # ids from absolute position self.begin on
+        self.begin = 0  # absolute start of the next window's input
+        self.scored = 0  # last absolute position scored (0: the prefix, never a target)
+
+    def push(self, ids: list[int]) -> Iterator[Window]:
+        """Add ids; yield every full window that is now known (it needs its last target)."""
+        self.buf.extend(ids)
+        while len(self.buf) > self.context:
+            yield self._take(self.context)
+
+    def finish(self) -> Iterator[Window]:
+        """End of input: the last, shorter window, if any target is left."""
+        last = self.begin + len(self.buf) - 1
+        if last > self.scored:
+            yield self._take(len(self.buf) - 1)
+
+    def _take(self, length: int) -> Window:
+        ids, targets = self.buf[:length], self.buf[1 : length + 1]
+        window = Window(self.begin, ids, targets, first=self.scored - self.begin)
+        self.scored = self.begin + length
+        drop = min(self.stride, len(self.buf))
+        self.begin += drop
+        del self.buf[:drop]
+        return window
+
+
+def windows(
+    tokenizer: Tokenizer,
+    stream: IO[bytes],
+    name: str,
+    errors: str,
+    context: int,
+    stride: int,
+    stats: TextStats,
+    read: list[int],
+) -> Iterator[Window]:
+    """The method's windows over ``stream``, produced as the text is read (bounded memory).
+
+    ``stats`` and ``read[0]`` (bytes read) are updated as it goes.
+    """
+    cutter = WindowCutter(tokenizer.eot_id, context, stride)
+    for ids in token_chunks(tokenizer, decoded_chunks(stream, name, errors), stats, read):
+        yield from cutter.push(ids)
+    yield from cutter.finish()
+
+
+# --- the scorer ---------------------------------------------------------------------------------
+
+
+class _Tracker:
+    """Collects per-token scores, the most surprising tokens and their context."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, keep_tokens: bool, top: int, on_token: Callable[[TokenScore], None] | None
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.keep_tokens, self.top_n, self.on_token = keep_tokens, top, on_token
+        self.active = keep_tokens or top > 0 or on_token is not None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.tokens: list[TokenScore] = []
+        self.heap: list[tuple[float, int, Surprise]] = []  # min-heap on NLL: the top N so far
+        self.recent: deque[str] = deque(maxlen=CONTEXT_TOKENS)
+        self.waiting: list[tuple[Surprise, int]] = []  # (entry, tokens of right context still wanted)
+
+    def add(self, position: int, token: int, logprob: float, rank: int) -> None:
+        text = self.decoder.decode(self.tokenizer.token_bytes(token))
+        score = TokenScore(position, token, text, logprob, rank)
+        if self.keep_tokens:
+            self.tokens.append(score)
+        if self.on_token is not None:
+            self.on_token(score)
+        if self.top_n:
+            self._right_context(text)
+            self._maybe_top(score)
+        self.recent.append(text)
+
+    def _right_context(self, text: str) -> None:
+        still = []
+        for entry, wanted in self.waiting:
+            entry.after += text
+            if wanted > 1:
+                still.append((entry, wanted - 1))
+        self.waiting = still
+
+    def _maybe_top(self, score: TokenScore) -> None:
+        nll = -score.logprob
+        if len(self.heap) >= self.top_n and nll <= self.heap[0][0]:
+            return
+        entry = Surprise(score, before="".join(self.recent))
+        item = (nll, -score.position, entry)  # ties: the earlier token ranks higher
+        if len(self.heap) < self.top_n:
+            heapq.heappush(self.heap, item)
+        else:
+            heapq.heapreplace(self.heap, item)
+        self.waiting.append((entry, CONTEXT_TOKENS))
+
+    def top(self) -> list[Surprise]:
+        return [entry for _, _, entry in sorted(self.heap, key=lambda item: (-item[0], -item[1]))]
+
+
+class Scorer:
+    """Scores token streams with one model: batches full windows, lm_head on scored rows only."""
+
+    def __init__(
+        self, model: GPT2, tokenizer: Tokenizer, *, context: int, stride: int, batch_size: int = 8
+    ) -> None:
+        check_windows(context, stride, model.config.n_positions)
+        if batch_size < 1:
+            raise BadInputError(f"--batch-size {batch_size} is below 1", hint="use 1 or more")
+        self.model, self.tokenizer = model, tokenizer
+        self.context, self.stride, self.batch_size = context, stride, batch_size
+        self.device = model.wte.weight.device
+
+    def score(
+        self,
+        source: os.PathLike[str] | IO[bytes],
+        *,
+        name: str | None = None,
+        errors: str = "strict",
+        per_token: bool = False,
+        top: int = 0,
+        on_token: Callable[[TokenScore], None] | None = None,
+        progress: Progress | None = None,
+    ) -> ScoreResult:
+        """Score a file or a binary stream by the module's method.
+
+        Args:
+            source: a path or a binary stream (text is passed as ``io.BytesIO``).
+            name: the name reported (default: the path or the stream's name).
+            errors: ``strict`` refuses invalid UTF-8; ``replace`` scores it as U+FFFD.
+            per_token: keep every token's score in ``result.token_scores``.
+            top: keep the ``top`` most surprising tokens with context in ``result.top``.
+            on_token: called with each token's score, in order, as it is scored.
+            progress: called with (bytes read, tokens scored) after each batch.
+
+        Returns:
+            The file's ``ScoreResult``.
+
+        Raises:
+            ScoreInputError: unreadable, empty or invalid-UTF-8 input.
+        """
+        if errors not in ("strict", "replace"):
+            raise BadInputError(f"unknown --errors {errors!r}", hint="use strict or replace")
+        stream, shown, opened = open_source(source)
+        shown = name or shown
+        try:
+            return self._score_stream(stream, shown, errors, per_token, top, on_token, progress)
+        finally:
+            if opened:
+                stream.close()
+
+    def _score_stream(
+        self,
+        stream: IO[bytes],
+        name: str,
+        errors: str,
+        per_token: bool,
+        top: int,
+        on_token: Callable[[TokenScore], None] | None,
+        progress: Progress | None,
+    ) -> ScoreResult:
+        t0 = time.perf_counter()
+        stats, read = TextStats(), [0]
+        tracker = _Tracker(self.tokenizer, per_token, top, on_token)
+        sums = [0.0, 0]  # total NLL, scored tokens
+        batch: list[Window] = []
+        for window in windows(self.tokenizer, stream, name, errors, self.context, self.stride, stats, read):
+            # Full windows share a length and batch together; only the last may be shorter.
+            if batch and len(window.ids) != len(batch[0].ids):
+                self._run(batch, tracker, sums)
+                batch = []
+            batch.append(window)
+            if len(batch) == self.batch_size:
+                self._run(batch, tracker, sums)
+                batch = []
+                if progress:
+                    progress(read[0], int(sums[1]))
+        if batch:
+            self._run(batch, tracker, sums)
+        if stats.bytes == 0:
+            raise ScoreInputError(f"{name} is empty", hint="give some text to score")
+        if progress:
+            progress(read[0], int(sums[1]))
+        return ScoreResult(
+            file=name,
+            tokens=int(sums[1]),
+            bytes=stats.bytes,
+            words=stats.words,
+            total_nll=sums[0],
+            context=self.context,
+            stride=self.stride,
+            seconds=time.perf_counter() - t0,
+            token_scores=tracker.tokens,
+            top=tracker.top(),
+        )
+
+    @torch.inference_mode()
+    def _run(self, windows: list[Window], tracker: _Tracker, sums: list[float]) -> None:
+        """Score a batch of same-length windows; add to ``sums`` and the tracker."""
+        T = len(windows[0].ids)
+        ids = torch.tensor([w.ids for w in windows], dtype=torch.long, device=self.device)  # (B, T)
+        hidden = self.model.hidden(ids).reshape(-1, self.model.config.n_embd)  # (B*T, C)
+        rows = [b * T + j for b, w in enumerate(windows) for j in range(w.first, T)]
+        targets = [t for w in windows for t in w.targets[w.first :]]
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        targets_t = torch.tensor(targets, dtype=torch.long, device=self.device)
+        logprobs, ranks = self._logprobs(hidden.index_select(0, rows_t), targets_t, tracker.active)
+        sums[0] += -float(logprobs.double().sum())
+        sums[1] += len(targets)
+        if tracker.active:
+            positions = [w.begin + j for w in windows for j in range(w.first, T)]  # target j+1, text pos j
+            assert ranks is not None
+            for pos, tok, lp, rank in zip(positions, targets, logprobs.tolist(), ranks.tolist(), strict=True):
+                tracker.add(pos, tok, lp, rank)
+
+    def _logprobs(
+        self, hidden: torch.Tensor, targets: torch.Tensor, want_ranks: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probability (and rank) of each target under the lm_head, a few rows at a time.
+
+        hidden: (N, C), targets: (N,). The logits (rows x vocab) are never all materialised.
+        """
+        step = max(1, LOGIT_ELEMENTS // self.model.config.vocab_size)
+        logprobs, ranks = [], []
+        for i in range(0, hidden.shape[0], step):
+            logits = self.model.logits(hidden[i : i + step]).float()  # (n, V), log-softmax in fp32
+            tgt = targets[i : i + step, None]
+            picked = logits.gather(1, tgt)  # (n, 1)
+            logprobs.append((picked - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(1))
+            if want_ranks:
+                ranks.append((logits > picked).sum(dim=1) + 1)
+        lp = torch.cat(logprobs).cpu()
+        return lp, torch.cat(ranks).cpu() if want_ranks else None

@@ -1,0 +1,252 @@
+"""`gpt2 repl` as users drive it: the real prompt-toolkit app fed through a pipe input in-process,
+piped stdin, bad options, and the installed command in a pseudo-terminal for Ctrl-C and Ctrl-D."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess
+from prompt_toolkit.application import create_app_session
+from prompt_toolkit.document import Document
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from rich.console import Console
+
+from gpt2cli.config import GenerationConfig
+from gpt2cli.repl.session import Session, make_session
+from gpt2cli.repl.ui import LEAVE_HINT, SlashCompleter, TerminalUI, history_path
+
+GREEDY = GenerationConfig(max_new_tokens=6, temperature=0)
+
+
+def drive(session: Session, keys: str, steps: list[tuple[Callable[[TerminalUI], bool], str]] = ()) -> str:
+    """Run the real TerminalUI on ``keys``; each step sends its keys once its condition holds."""
+    out = io.StringIO()
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        ui = TerminalUI(session, console=Console(file=out, width=300, no_color=True))
+        if steps:
+
+            def feed() -> None:
+                for ready, text in steps:
+                    for _ in range(2000):
+                        if ready(ui):
+                            break
+                        threading.Event().wait(0.01)
+                    pipe.send_text(text)
+
+            threading.Thread(target=feed, daemon=True).start()
+        pipe.send_text(keys)
+        ui.run()
+    return out.getvalue()
+
+
+def test_ui_turns_blocks_alt_enter_commands_and_history(lm_h) -> None:
+    session = make_session(lm_h, GREEDY)
+    keys = 'Hello\r"""\rline one\rline two\r"""\rfirst\x1b\rsecond\r/show\r/mode\rcontinue this\r/exit\rnever read\r'
+    out = drive(session, keys)
+    users = [t.content for t in session.turns if t.role == "user"]
+    assert users == ["Hello", "line one\nline two", "first\nsecond", " continue this"]
+    assert [t.mode for t in session.turns][-2:] == ["complete", "complete"]
+    assert "context:  " in out and "mode: complete" in out
+    for turn in session.turns[1:6:2]:
+        assert turn.content in out  # each reply was shown as it was kept
+    assert "Hello" in history_path().read_text()  # $XDG_DATA_HOME/gpt2cli/repl_history
+
+
+def test_ui_ctrl_c_at_empty_prompt_says_how_to_leave_and_ctrl_d_leaves(lm_h) -> None:
+    session = make_session(lm_h, GREEDY)
+    out = drive(session, "\x03typed\x03\x04")
+    assert out.count(LEAVE_HINT) == 1  # not when the line had text
+    assert session.turns == []
+
+
+def test_ui_unknown_command_and_bad_value_one_line(lm_h) -> None:
+    session = make_session(lm_h, GREEDY)
+    out = drive(session, "/nope\r/set top_p 3\r\x04")
+    lines = out.splitlines()
+    assert "unknown command /nope: type /help for the commands" in lines
+    assert any(line.startswith("top-p must be in (0, 1]") for line in lines)
+    assert "Traceback" not in out
+
+
+def test_ui_tab_completes_slash_commands(lm_h) -> None:
+    session = make_session(lm_h, GREEDY)
+
+    def text_is(expected: str) -> Callable[[TerminalUI], bool]:
+        return lambda ui: ui.prompt.default_buffer.text == expected
+
+    steps = [
+        (text_is(""), "/sh\t"),
+        (text_is("/show"), "\r"),
+        (text_is(""), "/set temp\t"),
+        (text_is("/set temperature"), " 0.25\r"),
+        (text_is(""), "\x04"),
+    ]
+    out = drive(session, "", steps)
+    assert "model:    " in out
+    assert session.cfg.temperature == 0.25
+
+
+def test_completer_choices() -> None:
+    def complete(text: str) -> list[str]:
+        return [c.text for c in SlashCompleter().get_completions(Document(text), None)]
+
+    assert complete("/s") == ["/save", "/set", "/show"]
+    assert complete("/b") == ["/bye"]
+    assert complete("/set top") == ["top_k", "top_p"]
+    assert complete("/mode c") == ["chat", "complete"]
+    assert complete("hello") == [] and complete("/show x") == []
+
+
+def test_toolbar_shows_model_device_context_speed(lm_h) -> None:
+    session = make_session(lm_h, GREEDY)
+    drive(session, "Hi\r\x04")
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        bar = TerminalUI(session).toolbar()
+    assert lm_h.name in bar and "cpu" in bar
+    assert f"context {session.context_tokens}/{lm_h.window}" in bar
+    assert f"{session.tokens_per_second:.1f} tok/s" in bar
+
+
+@pytest.fixture
+def repl(capsys, monkeypatch):
+    def call(args, stdin=None):
+        return run_inprocess(["repl", *args], capsys, monkeypatch, stdin=stdin)
+
+    return call
+
+
+def test_piped_stdin_each_line_a_turn(ckpt_h: Path, lm_h, repl) -> None:
+    result = repl(
+        ["-m", str(ckpt_h), "-t", "0", "-n", "6"], stdin=b"hi\n\nhow are you\n/show\n/bye\nignored\n"
+    )
+    assert result.code == 0, result.err
+    session = make_session(lm_h, GREEDY)
+    expected = ["".join(session.respond(text)).lstrip() for text in ("hi", "how are you")]
+    assert result.out == "".join(e + "\n" for e in expected)
+    assert "context:  " in result.err  # notes go to stderr, stdout carries only replies
+    assert "\x1b" not in result.out
+
+
+def test_piped_complete_mode_and_dialogpt_template(ckpt_h: Path, repl) -> None:
+    result = repl(
+        ["-m", str(ckpt_h), "-t", "0", "-n", "4", "--mode", "complete"], stdin=b"Once upon\n/show\n"
+    )
+    assert result.code == 0 and "mode:     complete" in result.err
+    result = repl(["-m", str(ckpt_h), "-n", "4", "--template", "dialogpt"], stdin=b"/show\n")
+    assert result.code == 0 and "template dialogpt" in result.err
+
+
+def test_piped_subprocess_plain_text_and_ctrl_c_exits_130(ckpt_h: Path, tmp_path: Path) -> None:
+    """A real pipe, colour allowed by the environment: plain text; SIGINT ends the line, exit 130."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["TERM"] = "xterm-256color"
+    lines = tmp_path / "in.txt"
+    lines.write_bytes(b"Tell me a long story\n")
+    with lines.open("rb") as stdin:
+        proc = subprocess.Popen(
+            [str(GPT2_BIN), "repl", "-m", str(ckpt_h), "--seed", "1", "-n", "100000"],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    assert ready, "no reply within 120 s"
+    first = proc.stdout.read1(64)  # the reply has begun
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    text = (first + out).decode()
+    assert proc.returncode == 130, err
+    assert text.strip() and text.endswith("\n") and "\x1b" not in text
+    assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--mode", "poem"], "--mode"),
+        (["--template", "alpaca"], "--template"),
+        (["--user-name", ""], "speaker name"),
+        (["--bot-name", "A: B"], "speaker name"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top-p must be in (0, 1]"),
+    ],
+)
+def test_bad_options_one_line_exit_2(ckpt_h: Path, repl, args: list[str], needle: str) -> None:
+    assert_one_line_error(repl(["-m", str(ckpt_h), *args], stdin=b"hi\n"), 2, needle)
+
+
+def test_missing_model_one_line(tmp_path: Path, repl) -> None:
+    assert_one_line_error(repl(["-m", str(tmp_path / "nothing-here"), "--offline"], stdin=b"hi\n"), 1)
+
+
+def test_pty_ctrl_c_while_streaming_and_at_prompt_ctrl_d_leaves(ckpt_h: Path, tmp_path: Path) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
+    child = pexpect.spawn(
+        str(GPT2_BIN),
+        ["repl", "-m", str(ckpt_h), "--seed", "1", "-n", "100000"],
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(24, 120),
+    )
+    log = io.StringIO()
+    child.logfile_read = log
+    try:
+        child.expect(">>>")
+        child.sendcontrol("c")
+        child.expect_exact(LEAVE_HINT)
+        child.expect(">>>")
+        child.sendline("Tell me a long story")
+        child.expect_exact("\x1b[?2004l")  # the prompt has returned the line
+        child.expect(r"\S")  # the reply has begun
+        child.sendcontrol("c")
+        child.expect_exact("[stopped]")
+        child.expect(">>>")
+        saved = tmp_path / "s.json"
+        child.sendline(f"/save {saved}")
+        child.expect_exact("saved 2 turns")
+        child.expect(">>>")
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, log.getvalue()[-2000:]
+    assert "Traceback" not in log.getvalue()
+    reply = json.loads(saved.read_text())["turns"][1]
+    assert reply["content"] and reply["content"] in log.getvalue()  # kept what was shown
+
+
+def test_pty_stdout_redirected_gets_only_replies(ckpt_h: Path, tmp_path: Path) -> None:
+    """Terminal on stdin, stdout to a file: the prompt and notes stay on the terminal (stderr)."""
+    pexpect = pytest.importorskip("pexpect")
+    out = tmp_path / "replies.txt"
+    env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
+    command = f"'{GPT2_BIN}' repl -m '{ckpt_h}' -t 0 -n 5 > '{out}'"
+    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect(">>>")
+        child.sendline("hi")
+        child.expect_exact("\x1b[?2004l")  # the line was read
+        child.sendline("/show")
+        child.expect_exact("context:  ")  # command output on the terminal
+        child.expect(">>>")
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    text = out.read_text()
+    assert text.strip() and ">>>" not in text and "context" not in text and "/help" not in text
