@@ -137,6 +137,16 @@ def test_generate_loads_output(trained, capsys, monkeypatch) -> None:
     assert words and set(words) & set(NOUNS + ADJS + VERBS + ["the"])
 
 
+def test_score_loads_output(trained, tmp_path: Path, capsys, monkeypatch) -> None:
+    out, result = trained
+    text = tmp_path / "unseen.txt"
+    text.write_text(grammar_text(2000, seed=5))
+    scored = run_inprocess(["score", "-m", str(out), str(text), "--format", "json"], capsys, monkeypatch)
+    assert scored.code == 0, scored.err
+    # New sentences of the same grammar: about as predictable as the held-out blocks.
+    assert json.loads(scored.out)["perplexity"] < 3 * result.final_eval.perplexity
+
+
 def test_cli_runs_and_prints_output_dir(
     small: Path, ckpt_h: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
