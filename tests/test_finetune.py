@@ -252,6 +252,39 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted(small: Path, ckpt_h: Path
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
 
 
+def test_lora_resume_matches_uninterrupted(small: Path, ckpt_h: Path, tmp_path: Path) -> None:
+    """LoRA resumes from --model's weights plus the stored adapters (the saved weights are merged)."""
+
+    def settings(out: Path, **kw) -> FinetuneSettings:
+        return FinetuneSettings(
+            data=[small],
+            output=out,
+            model=str(ckpt_h),
+            lora=4,
+            block_size=16,
+            batch_size=2,
+            max_steps=5,
+            lr=1e-2,
+            eval_every=5,
+            device="cpu",
+            **kw,
+        )
+
+    finetune(settings(tmp_path / "straight"))
+
+    def interrupt(event) -> None:
+        if isinstance(event, StepEvent) and event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(settings(tmp_path / "cut"), interrupt)
+    finetune(settings(tmp_path / "cut", resume=True))
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
+
+
 def test_ddp_two_cpu_processes_match_single_process(small: Path, ckpt_h: Path, tmp_path: Path) -> None:
     """torchrun with 2 gloo ranks x batch 2 equals one process with batch 4 (same global batch)."""
     base = ["finetune", str(small), "-m", str(ckpt_h), "--from-scratch", "--max-steps", "4"]
