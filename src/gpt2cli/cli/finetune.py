@@ -127,7 +127,10 @@ def finetune(
         allow_pickle=allow_pickle,
     ).validate()
 
+    from gpt2cli.device import configure_threads
     from gpt2cli.train.loop import finetune as run_finetune
+
+    configure_threads(None)  # GPT2_THREADS, if set
 
     reporter = _Reporter()
     try:
