@@ -17,6 +17,9 @@ _gpt2_nargs() {
         'generate|--format') return 1 ;;
         'generate|--device') return 1 ;;
         'generate|--dtype') return 1 ;;
+        'generate|--quantize') return 1 ;;
+        'generate|--draft-model') return 1 ;;
+        'generate|--draft-tokens') return 1 ;;
         'score|--model'|'score|-m') return 1 ;;
         'score|--context') return 1 ;;
         'score|--stride') return 1 ;;
@@ -26,6 +29,7 @@ _gpt2_nargs() {
         'score|--errors') return 1 ;;
         'score|--device') return 1 ;;
         'score|--dtype') return 1 ;;
+        'score|--quantize') return 1 ;;
         'repl|--model'|'repl|-m') return 1 ;;
         'repl|--max-new-tokens'|'repl|-n') return 1 ;;
         'repl|--temperature'|'repl|-t') return 1 ;;
@@ -40,6 +44,7 @@ _gpt2_nargs() {
         'repl|--bot-name') return 1 ;;
         'repl|--device') return 1 ;;
         'repl|--dtype') return 1 ;;
+        'repl|--quantize') return 1 ;;
         'serve|--model'|'serve|-m') return 1 ;;
         'serve|--host') return 1 ;;
         'serve|--port') return 1 ;;
@@ -102,9 +107,9 @@ _gpt2_complete_options() {
     # the options of command path $1
     case "$1" in
         '') _gpt2_add -W '--version -V --debug --help -h' ;;
-        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --num-samples --echo --ignore-eos --format --stats --device --dtype --offline --allow-pickle --help -h' ;;
-        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --device --dtype --offline --allow-pickle --help -h' ;;
-        repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --help -h' ;;
+        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --num-samples --echo --ignore-eos --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --help -h' ;;
+        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --device --dtype --offline --allow-pickle --quantize --help -h' ;;
+        repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --quantize --help -h' ;;
         serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --device --dtype --quantize --offline --allow-pickle --help -h' ;;
         finetune) _gpt2_add -W '--output -o --model -m --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
         bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --new-tokens --batch-size --repeats --warmup --threads --format --compare --seed --offline --help -h' ;;

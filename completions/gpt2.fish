@@ -29,6 +29,12 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'generate|--dtype'
             echo 1; return
+        case 'generate|--quantize'
+            echo 1; return
+        case 'generate|--draft-model'
+            echo 1; return
+        case 'generate|--draft-tokens'
+            echo 1; return
         case 'score|--model' 'score|-m'
             echo 1; return
         case 'score|--context'
@@ -46,6 +52,8 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
         case 'score|--device'
             echo 1; return
         case 'score|--dtype'
+            echo 1; return
+        case 'score|--quantize'
             echo 1; return
         case 'repl|--model' 'repl|-m'
             echo 1; return
@@ -74,6 +82,8 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
         case 'repl|--device'
             echo 1; return
         case 'repl|--dtype'
+            echo 1; return
+        case 'repl|--quantize'
             echo 1; return
         case 'serve|--model' 'serve|-m'
             echo 1; return
@@ -238,6 +248,10 @@ complete -c gpt2 -n '__gpt2_at generate' -l device -x -d 'auto, cpu, cuda, cuda:
 complete -c gpt2 -n '__gpt2_at generate' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
 complete -c gpt2 -n '__gpt2_at generate' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at generate' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at generate' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at generate' -l compile -d 'Compile the decode step (torch.compile; CUDA graphs on CUDA).'
+complete -c gpt2 -n '__gpt2_at generate' -l draft-model -x -d 'Speculative decoding: a smaller GPT-2 with the same vocabulary.'
+complete -c gpt2 -n '__gpt2_at generate' -l draft-tokens -x -d 'Tokens the draft model proposes per step.'
 complete -c gpt2 -n '__gpt2_at generate' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 score
@@ -253,6 +267,7 @@ complete -c gpt2 -n '__gpt2_at score' -l device -x -d 'auto, cpu, cuda, cuda:N o
 complete -c gpt2 -n '__gpt2_at score' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
 complete -c gpt2 -n '__gpt2_at score' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at score' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at score' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
 complete -c gpt2 -n '__gpt2_at score' -l help -s h -d 'Show this message and exit.'
 complete -c gpt2 -n '__gpt2_at score' -F -d 'files'
 
@@ -273,6 +288,7 @@ complete -c gpt2 -n '__gpt2_at repl' -l device -x -d 'auto, cpu, cuda, cuda:N or
 complete -c gpt2 -n '__gpt2_at repl' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
 complete -c gpt2 -n '__gpt2_at repl' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at repl' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at repl' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
 complete -c gpt2 -n '__gpt2_at repl' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 serve

@@ -48,6 +48,7 @@ def repl(
     dtype: opt.Dtype = "auto",
     offline: opt.Offline = False,
     allow_pickle: opt.AllowPickle = False,
+    quantize: opt.Quantize = None,
 ) -> None:
     """Talk with a GPT-2 model: slash commands (/help), history, Ctrl-C stops a reply, Ctrl-D leaves.
 
@@ -70,7 +71,9 @@ def repl(
     from gpt2cli.api import load
     from gpt2cli.repl.session import make_session
 
-    lm = load(model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle)
+    lm = load(
+        model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, quantize=quantize
+    )
     session = make_session(lm, cfg, template=kind, user_name=user_name, bot_name=bot_name, mode=mode.value)
     session.warn = warn
 

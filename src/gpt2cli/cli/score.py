@@ -68,6 +68,7 @@ def score(
     dtype: opt.Dtype = "auto",
     offline: opt.Offline = False,
     allow_pickle: opt.AllowPickle = False,
+    quantize: opt.Quantize = None,
 ) -> None:
     """Score FILEs (or stdin) under a GPT-2 model: perplexity, bits per byte, word perplexity.
 
@@ -82,7 +83,9 @@ def score(
 
     from gpt2cli.api import load
 
-    lm = load(model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle)
+    lm = load(
+        model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, quantize=quantize
+    )
     context = lm.window if context is None else context
     stride = max(1, context // 2) if stride is None else stride
     from gpt2cli.scoring import check_windows
