@@ -5,8 +5,8 @@ matrix-vector product bound by memory bandwidth. PyTorch's BLAS GEMV reaches abo
 of this CPU's bandwidth; a numba kernel with one dot product per output row over the
 (out, in) weight reaches about 80% (figures in docs/performance.md). Paths:
 
-- CPU, float32, one row:          numba ``_gemv_f32``   (fallback: ``F.linear``)
-- CPU, int8 weight, one row:      numba ``_gemv_i8``    (fallback: dequantise + ``F.linear``)
+- CPU, float32, up to 16 rows:    numba ``_gemv_f32``   (fallback: ``F.linear``)
+- CPU, int8 weight, up to 16 rows: numba ``_gemv_i8``   (fallback: dequantise + ``F.linear``)
 - CPU, float16/bfloat16 weight:   one row: ``F.linear`` in the weight's dtype (its GEMV is
   fast); several rows: the weight converted to float32 for that call (half GEMM is slow here)
 - anything else (several rows, CUDA, MPS): ``F.linear``
@@ -41,39 +41,47 @@ def _build() -> bool:
     except ImportError:
         _numba_state = "missing"
         return False
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        # numba's OpenMP layer spin-waits beside torch's own OpenMP pool: on a busy 2-core
-        # machine a step ran 10x slower. The workqueue layer never spins (docs/performance.md).
-        numba.config.THREADING_LAYER = "workqueue"  # type: ignore[attr-defined]
+    # numba picks its threading layer (tbb, then OpenMP, then workqueue). On an idle 2-core
+    # machine OpenMP decodes 2x faster than workqueue (43 vs 21 tok/s); on a heavily shared one
+    # OpenMP's spin-waiting beside torch's pool hurts, and NUMBA_THREADING_LAYER=workqueue
+    # is the remedy (docs/performance.md).
 
     # fastmath lets LLVM vectorise the dot product (reassociated sums): the result differs
     # from BLAS by rounding only (~1e-6 relative), well inside the 1e-4 fidelity target.
+    # x is (B, in) with B small (decode rows): each weight row is read from memory once and
+    # reused, from L1, for every row of x, so B rows cost little more than one.
     @numba.njit(parallel=True, fastmath=True, cache=True)
-    def gemv_f32(x, w, b, out):  # x (in,), w (out, in), b (out,), out (out,)
+    def gemv_f32(x, w, b, out):  # x (B, in), w (out, in), b (out,), out (B, out)
         for o in numba.prange(w.shape[0]):
-            acc = np.float32(0.0)
             row = w[o]
-            for i in range(x.shape[0]):
-                acc += x[i] * row[i]
-            out[o] = acc + b[o]
+            for r in range(x.shape[0]):
+                xr = x[r]
+                acc = np.float32(0.0)
+                for i in range(x.shape[1]):
+                    acc += xr[i] * row[i]
+                out[r, o] = acc + b[o]
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def gemv_f32_nobias(x, w, out):
         for o in numba.prange(w.shape[0]):
-            acc = np.float32(0.0)
             row = w[o]
-            for i in range(x.shape[0]):
-                acc += x[i] * row[i]
-            out[o] = acc
+            for r in range(x.shape[0]):
+                xr = x[r]
+                acc = np.float32(0.0)
+                for i in range(x.shape[1]):
+                    acc += xr[i] * row[i]
+                out[r, o] = acc
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def gemv_i8(x, w, scale, b, out):  # w int8 (out, in), scale (out,): y = scale * (w @ x) + b
         for o in numba.prange(w.shape[0]):
-            acc = np.float32(0.0)
             row = w[o]
-            for i in range(x.shape[0]):
-                acc += x[i] * np.float32(row[i])
-            out[o] = acc * scale[o] + b[o]
+            for r in range(x.shape[0]):
+                xr = x[r]
+                acc = np.float32(0.0)
+                for i in range(x.shape[1]):
+                    acc += xr[i] * np.float32(row[i])
+                out[r, o] = acc * scale[o] + b[o]
 
     from types import SimpleNamespace
 
@@ -114,17 +122,26 @@ def warm_up() -> None:
     """Compile the kernels now (at load time) rather than in the first decode step."""
     if not _build():
         return
-    x = torch.zeros(8)
+    x = torch.zeros(1, 8)
     w = torch.zeros(4, 8)
     b = torch.zeros(4)
-    out = torch.empty(4)
+    out = torch.empty(1, 4)
     _numba.gemv_f32(x.numpy(), w.numpy(), b.numpy(), out.numpy())
     _numba.gemv_f32_nobias(x.numpy(), w.numpy(), out.numpy())
     _numba.gemv_i8(x.numpy(), torch.zeros(4, 8, dtype=torch.int8).numpy(), b.numpy(), b.numpy(), out.numpy())
 
 
+# Up to this many rows (decode steps of several samples) the kernels beat BLAS GEMM: they are
+# bound by reading the weights, which they do once for all rows.
+SMALL_BATCH = 16
+
+
 def _is_single_row(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1]
+
+
+def _is_small_batch(x: torch.Tensor) -> bool:
+    return x.numel() <= SMALL_BATCH * x.shape[-1]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +153,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (
         weight.dtype == torch.float32
         and x.dtype == torch.float32
-        and _is_single_row(x)
+        and _is_small_batch(x)
         and is_enabled()
         and not torch.compiler.is_compiling()
     ):
@@ -145,13 +162,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    xv = x.reshape(-1).contiguous()
+    xv = x.reshape(-1, x.shape[-1]).contiguous()  # (B, in)
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+    out2d = out.view(-1, weight.shape[0])  # (B, out)
     w = weight if weight.is_contiguous() else weight.contiguous()
     if bias is None:
-        _numba.gemv_f32_nobias(xv.numpy(), w.numpy(), out.view(-1).numpy())
+        _numba.gemv_f32_nobias(xv.numpy(), w.numpy(), out2d.numpy())
     else:
-        _numba.gemv_f32(xv.numpy(), w.numpy(), bias.numpy(), out.view(-1).numpy())
+        _numba.gemv_f32(xv.numpy(), w.numpy(), bias.numpy(), out2d.numpy())
     return out
 
 
@@ -169,11 +187,12 @@ def linear_int8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x @ (qweight * scale[:, None]).T + bias`` for int8 qweight (out, in), float32 scale (out,)."""
-    if x.device.type == "cpu" and _is_single_row(x) and is_enabled() and not torch.compiler.is_compiling():
-        xv = x.reshape(-1).float().contiguous()
+    if x.device.type == "cpu" and _is_small_batch(x) and is_enabled() and not torch.compiler.is_compiling():
+        xv = x.reshape(-1, x.shape[-1]).float().contiguous()  # (B, in)
         out = torch.empty(*x.shape[:-1], qweight.shape[0], dtype=torch.float32)
         b = bias if bias is not None else torch.zeros(qweight.shape[0])
-        _numba.gemv_i8(xv.numpy(), qweight.numpy(), scale.numpy(), b.float().numpy(), out.view(-1).numpy())
+        out2d = out.view(-1, qweight.shape[0])
+        _numba.gemv_i8(xv.numpy(), qweight.numpy(), scale.numpy(), b.float().numpy(), out2d.numpy())
         return out.to(x.dtype)
     # Several rows (or no numba): dequantise for this call; GEMM cost dwarfs the conversion.
     w = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
