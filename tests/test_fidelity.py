@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402  (the test extra: a hard requirement, never a silent skip)
 
 from gpt2cli import load
 from gpt2cli.config import GenerationConfig
-
-transformers = pytest.importorskip("transformers")
 
 
 def reference(path: Path):

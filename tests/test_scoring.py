@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # noqa: E402  (the test extra: a hard requirement, never a silent skip)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2cli import load, scoring
 from gpt2cli.errors import BadInputError
 from gpt2cli.scoring import ScoreInputError, WindowCutter
-
-transformers = pytest.importorskip("transformers")
 
 EOT = 50256
 TEXT = (

@@ -11,14 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import fastapi  # noqa: F401  (the test extra: never a silent skip)
+import httpx
+import openai
 import pytest
 import torch
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
+import uvicorn  # noqa: F401
 from checkpoints import make_checkpoint  # noqa: E402
 from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess  # noqa: E402
 from serverutil import ServerThread  # noqa: E402

@@ -142,8 +142,10 @@ class Session:
         try:
             for event in self.lm.stream(prompt, cfg, warn=self.warn):
                 if isinstance(event, TextPiece):
-                    shown.append(event.text)
                     yield event.text
+                    # Only once the consumer asks for more has it shown this piece: a Ctrl-C
+                    # between the yield and the print closes us here, and the piece is dropped.
+                    shown.append(event.text)
                 else:
                     result = event
         finally:
