@@ -167,6 +167,10 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'bench|--seed'
             echo 1; return
+        case 'bench|--draft-model'
+            echo 1; return
+        case 'bench|--draft-tokens'
+            echo 1; return
         case 'models list|--format'
             echo 1; return
         case 'models pull|--format'
@@ -348,6 +352,8 @@ complete -c gpt2 -n '__gpt2_at bench' -l format -x -a 'table json csv markdown' 
 complete -c gpt2 -n '__gpt2_at bench' -l compare -x -d 'Also run the same workload through another engine: transformers.'
 complete -c gpt2 -n '__gpt2_at bench' -l seed -x -d 'Seed of the random prompt tokens.'
 complete -c gpt2 -n '__gpt2_at bench' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at bench' -l draft-model -x -d 'Also decode speculatively with this draft model: acceptance rate, speed-up.'
+complete -c gpt2 -n '__gpt2_at bench' -l draft-tokens -x -d 'Tokens the draft model proposes per step.'
 complete -c gpt2 -n '__gpt2_at bench' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 models

@@ -200,3 +200,31 @@ def test_library_run_reports_progress_and_batch_bandwidth(ckpt_h: Path) -> None:
     assert r.bandwidth_bytes_per_second == pytest.approx(
         r.weight_bytes_per_step * r.decode_tokens_per_second / 2
     )
+
+
+def test_draft_model_reports_acceptance_and_speed_up(ckpt_h, ckpt_t, capsys, monkeypatch) -> None:
+    import json
+
+    from cliutil import run_inprocess
+
+    base = ["bench", "-m", str(ckpt_h), "--prompt-tokens", "8", "--new-tokens", "12", "--repeats", "1"]
+    same = run_inprocess([*base, "--draft-model", str(ckpt_h), "--format", "json"], capsys, monkeypatch)
+    assert same.code == 0, same.err
+    report = json.loads(same.out)
+    engines = [r["engine"] for r in report["results"]]
+    assert engines == ["gpt2cli", f"gpt2cli+draft:{ckpt_h}"]
+    assert report["results"][1]["acceptance_rate"] == 1.0  # a draft identical to the target
+    assert report["comparisons"][0]["against"] == "gpt2cli"
+    assert report["comparisons"][0]["ratio"]["decode_tokens_per_second"] > 0
+    other = run_inprocess([*base, "--draft-model", str(ckpt_t), "--format", "json"], capsys, monkeypatch)
+    rate = json.loads(other.out)["results"][1]["acceptance_rate"]
+    assert 0.0 <= rate < 1.0  # another random model agrees with the target only sometimes
+    table = run_inprocess([*base, "--draft-model", str(ckpt_h)], capsys, monkeypatch)
+    assert "accepts 100%" in table.out
+
+
+def test_draft_model_needs_batch_1(ckpt_h, capsys, monkeypatch) -> None:
+    from cliutil import assert_one_line_error, run_inprocess
+
+    args = ["bench", "-m", str(ckpt_h), "--draft-model", str(ckpt_h), "--batch-size", "1,8"]
+    assert_one_line_error(run_inprocess(args, capsys, monkeypatch), 2, "one sequence")

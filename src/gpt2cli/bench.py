@@ -60,6 +60,8 @@ class BenchSpec:
     threads: int | None = None
     seed: int = 0
     offline: bool = False
+    draft_model: str | None = None  # speculative decoding: measured beside plain decoding
+    draft_tokens: int = 4
 
     def validate(self) -> BenchSpec:
         """Check the numbers before anything is loaded; returns self.
@@ -80,6 +82,12 @@ class BenchSpec:
             raise BadInputError(f"warmup must be 0 or more, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
             raise BadInputError(f"threads must be at least 1, got {self.threads}")
+        if self.draft_model is not None and self.batch_sizes != (1,):
+            raise BadInputError(
+                "speculative decoding runs one sequence", hint="use --batch-size 1 with --draft-model"
+            )
+        if self.draft_tokens < 1:
+            raise BadInputError(f"draft-tokens must be at least 1, got {self.draft_tokens}")
         return self
 
     def workloads(self) -> list[tuple[int, int]]:
@@ -88,7 +96,7 @@ class BenchSpec:
 
     def check_window(self, window: int) -> None:
         """Raises BadInputError when a prompt plus the new tokens does not fit the window."""
-        longest = max(self.prompt_tokens)
+        longest = max(self.prompt_tokens) + (self.draft_tokens if self.draft_model else 0)
         if longest + self.new_tokens > window:
             raise BadInputError(
                 f"prompt-tokens {longest} + new-tokens {self.new_tokens} exceed the model's "
@@ -163,6 +171,7 @@ class BenchResult:
     weight_bytes_per_step: int
     bandwidth_bytes_per_second: float
     spread: dict[str, Spread] = field(default_factory=dict)
+    acceptance_rate: float | None = None  # speculative decoding: draft tokens kept / proposed
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: flat figures, with ``spread`` holding {median, min, max} per figure."""
@@ -234,6 +243,7 @@ class _Run:
 
     prefill_seconds: float
     step_times: list[float]  # after each step's token was chosen; [0] is the first token
+    acceptance_rate: float | None = None
 
 
 class _Timer:
@@ -372,6 +382,46 @@ def _load_ours(spec: BenchSpec) -> tuple[Any, _Subject]:
     return lm, subject
 
 
+def _speculative_subject(lm: Any, spec: BenchSpec) -> _Subject:
+    """Our engine decoding with a draft model (speculative), on the same loaded target."""
+    from gpt2cli.api import load
+    from gpt2cli.config import GenerationConfig
+    from gpt2cli.engine import Engine
+    from gpt2cli.speculative import SpeculativeStream
+
+    assert spec.draft_model is not None
+    draft = load(spec.draft_model, device=spec.device, dtype=spec.dtype, offline=spec.offline)
+    draft_engine = Engine(draft.model)  # its own cache, also when the draft is the target itself
+    lm._can_speculate(draft, [0], GenerationConfig(max_new_tokens=spec.new_tokens), spec.draft_tokens, None)
+    eos = lm.tokenizer.eot_id
+
+    def run_once(ids: list[int], batch: int, new_tokens: int) -> _Run:
+        from gpt2cli.config import GenerationConfig
+
+        lm.engine.reset()
+        draft_engine.reset()
+        cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        stream = SpeculativeStream(lm.engine, draft_engine, ids, cfg, eos, k=spec.draft_tokens)
+        times: list[float] = []
+        synchronize(lm.device)
+        t0 = time.perf_counter()
+        for _ in stream:
+            synchronize(lm.device)
+            times.append(time.perf_counter() - t0)
+        return _Run(stream.stats.prefill_seconds, times, stream.stats.acceptance_rate)
+
+    return _Subject(
+        engine=f"gpt2cli+draft:{draft.name}",
+        run_once=run_once,
+        device=lm.device,
+        dtype=lm.dtype,
+        quantization=spec.quantize or "none",
+        load_seconds=0.0,
+        weight_bytes=weight_bytes_per_step(lm.model, "wpe.weight"),
+        vocab=lm.config.vocab_size,
+    )
+
+
 def _load_transformers(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, _Subject]:
     try:
         import transformers
@@ -459,6 +509,7 @@ def _measure(
             done[0] += 1
         figures = timer.figures()
         decode = figures["decode_tokens_per_second"].median
+        accepted = [r.acceptance_rate for r in timer.runs if r.acceptance_rate is not None]
         yield BenchResult(
             engine=subject.engine,
             model=model_name,
@@ -481,6 +532,7 @@ def _measure(
             weight_bytes_per_step=subject.weight_bytes,
             bandwidth_bytes_per_second=subject.weight_bytes * decode / batch,
             spread=figures,
+            acceptance_rate=statistics.median(accepted) if accepted else None,
         )
     if progress:
         progress(f"{subject.engine}: done", done[0], total)
@@ -509,14 +561,19 @@ def run(
     if compare is not None:
         _check_transformers()
     configure_threads(spec.threads)
+    if compare is not None and spec.draft_model is not None:
+        raise BadInputError("--draft-model is measured against plain decoding: drop --compare")
     runs_per_engine = len(spec.workloads()) * spec.repeats
-    total = runs_per_engine * (2 if compare else 1)
+    total = runs_per_engine * (2 if compare or spec.draft_model else 1)
     done = [0]
     if progress:
         progress("gpt2cli: loading", 0, total)
     lm, ours_subject = _load_ours(spec)
     path, device = lm.resolved.path, lm.device
     ours = list(_measure(ours_subject, spec, lm.name, progress, done, total))
+    if spec.draft_model is not None:
+        drafted = list(_measure(_speculative_subject(lm, spec), spec, lm.name, progress, done, total))
+        return BenchReport(ours + drafted, [Comparison.of(a, b) for a, b in zip(drafted, ours, strict=True)])
     del lm, ours_subject
     gc.collect()
     if compare is None:

@@ -52,6 +52,16 @@ def bench(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
     offline: opt.Offline = False,
+    draft_model: Annotated[
+        str | None,
+        typer.Option(
+            "--draft-model",
+            help="Also decode speculatively with this draft model: acceptance rate, speed-up.",
+        ),
+    ] = None,
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", help="Tokens the draft model proposes per step.")
+    ] = 4,
 ) -> None:
     """Benchmark generation: prefill and decode tokens/s, time to first token, latency, memory.
 
@@ -73,6 +83,8 @@ def bench(
         threads=threads,
         seed=seed,
         offline=offline,
+        draft_model=draft_model,
+        draft_tokens=draft_tokens,
     ).validate()
 
     from gpt2cli.bench import run
@@ -128,7 +140,7 @@ def _row(r: BenchResult) -> list[str]:
     return [
         str(r.prompt_tokens),
         str(r.batch_size),
-        r.engine,
+        r.engine + (f" (accepts {r.acceptance_rate:.0%})" if r.acceptance_rate is not None else ""),
         f"{r.load_seconds:.2f}",
         _range(r, "prefill_tokens_per_second", ".1f"),
         _range(r, "decode_tokens_per_second", ".1f"),
