@@ -345,6 +345,17 @@ class _Subject:
     vocab: int
 
 
+def _time_stream(stream: Any, device: torch.device) -> _Run:
+    """Run a token stream (plain or speculative) to its end, reading the clock after each step."""
+    times: list[float] = []
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in stream:
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return _Run(stream.stats.prefill_seconds, times, stream.stats.acceptance_rate)
+
+
 def _load_ours(spec: BenchSpec) -> tuple[Any, _Subject]:
     from gpt2cli.api import load
 
@@ -360,14 +371,7 @@ def _load_ours(spec: BenchSpec) -> tuple[Any, _Subject]:
 
         engine.reset()  # no prefix reuse between repeats: every run prefills the whole prompt
         cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, num_samples=batch, ignore_eos=True)
-        stream = engine.generate(ids, cfg, eos_id=eos)
-        times: list[float] = []
-        synchronize(lm.device)
-        t0 = time.perf_counter()
-        for _ in stream:
-            synchronize(lm.device)
-            times.append(time.perf_counter() - t0)
-        return _Run(stream.stats.prefill_seconds, times)
+        return _time_stream(engine.generate(ids, cfg, eos_id=eos), lm.device)
 
     subject = _Subject(
         engine="gpt2cli",
@@ -402,13 +406,7 @@ def _speculative_subject(lm: Any, spec: BenchSpec) -> _Subject:
         draft_engine.reset()
         cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         stream = SpeculativeStream(lm.engine, draft_engine, ids, cfg, eos, k=spec.draft_tokens)
-        times: list[float] = []
-        synchronize(lm.device)
-        t0 = time.perf_counter()
-        for _ in stream:
-            synchronize(lm.device)
-            times.append(time.perf_counter() - t0)
-        return _Run(stream.stats.prefill_seconds, times, stream.stats.acceptance_rate)
+        return _time_stream(stream, lm.device)
 
     return _Subject(
         engine=f"gpt2cli+draft:{draft.name}",
