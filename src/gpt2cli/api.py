@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
@@ -19,13 +18,14 @@ import torch
 from gpt2cli.config import GenerationConfig, GPT2Config
 from gpt2cli.device import pick_device, pick_dtype
 from gpt2cli.engine import Engine, EngineStats, Request, TokenEvent
-from gpt2cli.errors import BadInputError, CorruptWeightsError, NotGPT2Error
+from gpt2cli.errors import BadInputError, CorruptWeightsError
 from gpt2cli.hub import ResolvedModel, resolve
 from gpt2cli.kvcache import PromptCache
+from gpt2cli.loader import build_model, load_tokenizer
 from gpt2cli.model import GPT2
 from gpt2cli.text import Piece, SampleText
 from gpt2cli.tokenizer import Tokenizer
-from gpt2cli.weights import normalize_state_dict, read_state_dict, weight_files
+from gpt2cli.weights import read_state_dict, weight_files
 
 if TYPE_CHECKING:
     from gpt2cli.fastpath import StaticDecoder
@@ -99,6 +99,13 @@ class LM:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.wte.weight.dtype
+
+    @property
+    def precision(self) -> str:
+        """How the weights are stored: "int8" when quantized, else the dtype's name."""
+        if self.model.lm_head_q is not None:
+            return "int8"
+        return str(self.model.wte.weight.dtype).removeprefix("torch.")
 
     @property
     def window(self) -> int:
@@ -431,7 +438,7 @@ def load_resolved(
     torch_dtype = pick_dtype(dtype, torch_device)
     path = resolved.path
     config = GPT2Config.from_json(path / "config.json")
-    tokenizer = _load_tokenizer(path, config)
+    tokenizer = load_tokenizer(path, config)
     try:
         raw_state = read_state_dict(weight_files(path, allow_pickle))
     except CorruptWeightsError as exc:
@@ -444,27 +451,3 @@ def load_resolved(
     if compile:
         lm.decoder = fastpath.StaticDecoder(model)
     return lm
-
-
-def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor]) -> GPT2:
-    """A GPT2 built on the meta device and given ``raw_state``'s tensors (no second copy)."""
-    state = normalize_state_dict(raw_state, config, contiguous=False)
-    raw_state.clear()
-    for name in list(state):  # one Conv1D transpose at a time: its original is freed right after
-        state[name] = state[name].contiguous()
-    with torch.device("meta"):
-        model = GPT2(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def _load_tokenizer(path: Path, config: GPT2Config) -> Tokenizer:
-    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-        raise NotGPT2Error(f"{path} has no vocab.json/merges.txt: GPT-2's tokenizer files are needed")
-    tokenizer = Tokenizer.from_dir(path)
-    if tokenizer.n_vocab > config.vocab_size:
-        raise CorruptWeightsError(
-            f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {config.vocab_size}"
-        )
-    return tokenizer

@@ -55,6 +55,7 @@ class EngineStats:
     window_slides: int = 0
     draft_proposed: int = 0  # speculative decoding: draft tokens proposed / kept by the target
     draft_accepted: int = 0
+    compiled_steps: int = 0  # decode steps that ran through the compiled step (--compile)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -267,7 +268,7 @@ class Engine:
 
     # --- prefill -----------------------------------------------------------------------------
 
-    def _ensure(self, capacity: int) -> KVCache:
+    def reserve(self, capacity: int) -> KVCache:
         """The engine's cache, with room for the rows in use and at least ``capacity`` positions.
 
         Rows [0, B) are active and rows from B on take the request being prefilled and its
@@ -294,9 +295,9 @@ class Engine:
         prompt = request.prompt
         t0 = time.perf_counter()
         if request.prefilled == 0:
-            self._ensure(len(prompt) + request.cfg.max_new_tokens)
+            self.reserve(len(prompt) + request.cfg.max_new_tokens)
             request.prefilled = self._reuse(request, row)
-        kv = self._ensure(len(prompt))
+        kv = self.reserve(len(prompt))
         start = request.prefilled
         end = len(prompt) if stall_ok else min(len(prompt), start + self.chunk)
         ids = torch.tensor([prompt[start:end]], device=self.device)
@@ -353,12 +354,15 @@ class Engine:
             if len(seq.kv_ids) >= self.window:
                 self.slide(seq, self.active.index(seq))
         longest = max(len(s.kv_ids) for s in seqs) + 1
-        kv = self._ensure(longest)
+        kv = self.reserve(longest)
         ids = torch.tensor([[s.pending] for s in seqs], device=self.device)  # (B, 1)
         pos = torch.tensor([[len(s.kv_ids)] for s in seqs], device=self.device)  # (B, 1)
         if self.decode_fn is not None:
             self.model.forward_tokens += rows
             logits = self.decode_fn(ids, pos, kv)
+            if not getattr(self.decode_fn, "failed", False):
+                for request in {id(s.request): s.request for s in seqs}.values():
+                    request.stats.compiled_steps += 1
         else:
             logits = self.model(ids, pos, kv, rows=slice(0, rows), last_only=True)  # (B, V)
         for seq in seqs:

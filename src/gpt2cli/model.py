@@ -240,7 +240,9 @@ class GPT2(nn.Module):
         """``hidden`` with explicit positions (B, T) and no bookkeeping: what ``torch.compile`` traces."""
         rows = slice(0, idx.shape[0]) if rows is None else rows
         plan = self._plan(pos, cache, static)
-        x = self.wte(idx).to(self.compute_dtype) + self.wpe(pos).to(self.compute_dtype)  # (B, T, C)
+        # Static steps' padding rows sit at the scratch position, one past the window.
+        wpe_pos = pos.clamp(max=self.config.n_positions - 1) if static else pos
+        x = self.wte(idx).to(self.compute_dtype) + self.wpe(wpe_pos).to(self.compute_dtype)  # (B, T, C)
         checkpointed = self.gradient_checkpointing and self.training and cache is None
         for block in self.h:
             if checkpointed:

@@ -10,8 +10,10 @@ follow the target's (processed) distribution p exactly.
 
 Each accepted token goes through ``Engine.accept`` one at a time, so EOS and the token limit
 end a round where they fall, and a caller's stop (a stop string) ends the sequence before the
-next round: never more than one round of target work past a stop. When the window has no
-room for a round, both models slide it as the plain path does.
+next round: never more than one round of target work past a stop. Rounds never propose past
+the window's last position, and the window slides where and as the plain path slides it, so
+greedy output equals plain greedy output also across slides (when the draft's window is
+not the smaller one).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class Speculator:
         if self.decode is not None and len(feed) == 1:
             self.draft.forward_tokens += 1
             logits = self.decode(x, pos, self.kv)
+            if self.engine.active and not getattr(self.decode, "failed", False):
+                self.engine.active[0].request.stats.compiled_steps += 1
         else:
             logits = self.draft(x, pos, self.kv, last_only=True)  # (1, V)
         self.kv_ids.extend(feed)
@@ -74,17 +78,21 @@ class Speculator:
 
     def round(self, seq: Sequence) -> list[TokenEvent]:
         """One draft-and-verify round for ``seq``: the tokens it accepts, in order."""
-        engine, k, request = self.engine, self.k, seq.request
-        if len(seq.kv_ids) + k + 1 > self.window:
+        engine, request = self.engine, seq.request
+        if len(seq.kv_ids) >= self.window:  # where the plain path slides, and as it does
             engine.slide(seq, 0, self.window // 2)
             self.kv_ids = []  # the draft refills from the slid tokens below
-        assert seq.pending is not None and engine.kv is not None
+        # No proposal may pass the window's last position: every token then sees the same
+        # context as in plain decoding (a round of 0 proposals is one plain decode step).
+        k = min(self.k, self.window - 1 - len(seq.kv_ids))
+        assert seq.pending is not None
+        kv = engine.reserve(len(seq.kv_ids) + k + 1)
         base = list(seq.kv_ids)
-        proposals, q = self._propose(base + [seq.pending], seq.history, request)
+        proposals, q = self._propose(base + [seq.pending], seq.history, request, k)
         feed = [seq.pending, *proposals]
         device = engine.device
         pos = torch.arange(len(base), len(base) + k + 1, device=device)[None, :]
-        p_logits = engine.model(torch.tensor([feed], device=device), pos, engine.kv)[0]  # (k+1, V)
+        p_logits = engine.model(torch.tensor([feed], device=device), pos, kv)[0]  # (k+1, V)
         accepted, nxt = self._verify(p_logits, proposals, q, seq.history, request)
         request.stats.draft_proposed += k
         request.stats.draft_accepted += accepted
@@ -102,13 +110,13 @@ class Speculator:
         return events
 
     def _propose(
-        self, ids: list[int], history: list[int], request: Request
+        self, ids: list[int], history: list[int], request: Request, k: int
     ) -> tuple[list[int], list[torch.Tensor]]:
         """k draft tokens after ``ids`` (the target's tokens so far), with the draft's distributions."""
         proposals: list[int] = []
         q: list[torch.Tensor] = []
         context = list(ids)
-        for _ in range(self.k):
+        for _ in range(k):
             logits = self._sync(context)
             assert logits is not None
             probs = _probs(logits, history + proposals, request)

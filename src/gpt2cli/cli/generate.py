@@ -104,7 +104,7 @@ def generate(
         renderer.interrupted()
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if stats and renderer.result is not None:
-        _print_stats(renderer.result)
+        _print_stats(renderer.result, lm.precision)
 
 
 class _Renderer:
@@ -209,12 +209,17 @@ _RENDERERS: dict[opt.TextFormat, type[_Renderer]] = {
 }
 
 
-def _print_stats(result: Any) -> None:
+def _print_stats(result: Any, precision: str) -> None:
     generated = sum(s.tokens for s in result.samples)
     line = (
         f"prompt: {result.prompt_tokens} tokens, {result.prompt_tokens_per_second:.1f} tok/s | "
         f"generation: {generated} tokens, {result.tokens_per_second:.1f} tok/s | "
-        f"first token: {result.time_to_first_token * 1000:.0f} ms"
+        f"first token: {result.time_to_first_token * 1000:.0f} ms | weights: {precision}"
     )
+    stats = result.stats
+    if stats.draft_proposed:
+        line += f" | draft: {stats.draft_accepted}/{stats.draft_proposed} accepted"
+    if stats.compiled_steps:
+        line += f" | compiled steps: {stats.compiled_steps}"
     console = stderr_console()
     console.print(line, style="dim" if color_allowed(sys.stderr) else None)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import BadInputError, NotGPT2Error
+from gpt2cli.errors import BadInputError
 from gpt2cli.hub import resolve
+from gpt2cli.loader import load_tokenizer
 from gpt2cli.model import GPT2
 from gpt2cli.tokenizer import Tokenizer
 from gpt2cli.train import checkpoint, distributed
@@ -136,7 +137,7 @@ class _Run:
         checkpoint.check_output_dir(s.output, overwrite=s.overwrite, resume=s.resume)
         resolved = resolve(s.model, offline=s.offline, allow_pickle=s.allow_pickle, progress=info.is_main)
         self.source = resolved.path
-        tokenizer = _tokenizer(self.source)
+        tokenizer = load_tokenizer(self.source)
         self.config = (
             scratch_config(s.size, tokenizer.n_vocab)
             if s.from_scratch
@@ -357,12 +358,6 @@ class _Run:
             "last_eval": vars(self.last_eval).copy() if self.last_eval else None,
             "settings": settings,
         }
-
-
-def _tokenizer(path: Path) -> Tokenizer:
-    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-        raise NotGPT2Error(f"{path} has no vocab.json/merges.txt: GPT-2's tokenizer files are needed")
-    return Tokenizer.from_dir(path)
 
 
 def _adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
