@@ -312,3 +312,20 @@ def test_compiled_step_one_graph_per_batch_bucket_whatever_the_prompt_length(
     assert spec.samples[0].token_ids == solo(eager, PROMPTS[1], GREEDY)
     assert draft.decoder is not None and draft.decoder.calls > 0
     assert not decoder.failed and not draft.decoder.failed
+
+
+def test_readme_prompt_cache_example(lm_h) -> None:
+    from gpt2cli import PromptCache
+
+    cache = PromptCache()
+    first = lm_h.complete("User: Hi\nAssistant:", cache=cache, max_new_tokens=6, temperature=0)
+    follow = cache.ids + lm_h.encode("\nUser: More?\nAssistant:")
+    before = lm_h.model.forward_tokens
+    more = lm_h.complete(follow, cache=cache, max_new_tokens=6, temperature=0)
+    assert first.samples[0].tokens == 6
+    assert more.stats.prefill_tokens == len(lm_h.encode("\nUser: More?\nAssistant:"))
+    assert lm_h.model.forward_tokens - before == more.stats.prefill_tokens + 5
+    assert (
+        more.samples[0].token_ids
+        == lm_h.complete(follow, max_new_tokens=6, temperature=0).samples[0].token_ids
+    )

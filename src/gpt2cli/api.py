@@ -315,16 +315,20 @@ class LM:
             stats=stats,
         )
 
-    def generate(self, prompt: str | list[int], **options: Any) -> Iterator[str]:
+    def generate(
+        self, prompt: str | list[int], *, cache: PromptCache | None = None, **options: Any
+    ) -> Iterator[str]:
         """Yield the text of one sample as it is generated (options as in GenerationConfig)."""
-        for event in self.stream(prompt, GenerationConfig(**options)):
+        for event in self.stream(prompt, GenerationConfig(**options), cache=cache):
             if isinstance(event, TextPiece):
                 yield event.text
 
-    def complete(self, prompt: str | list[int], **options: Any) -> GenerationResult:
+    def complete(
+        self, prompt: str | list[int], *, cache: PromptCache | None = None, **options: Any
+    ) -> GenerationResult:
         """Generate to the end and return the result (options as in GenerationConfig)."""
         result = None
-        for event in self.stream(prompt, GenerationConfig(**options)):
+        for event in self.stream(prompt, GenerationConfig(**options), cache=cache):
             if isinstance(event, GenerationResult):
                 result = event
         assert result is not None
