@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from gpt2cli.tokenizer import StreamDecoder, Tokenizer
 from gpt2cli.weights import normalize_state_dict, read_state_dict, weight_files
 
 if TYPE_CHECKING:
-    from gpt2cli.scoring import ScoreResult, TokenScore
+    from gpt2cli.scoring import ScoreInputError, Scorer, ScoreResult, TokenScore
 
 Warn = Callable[[str], None]
 
@@ -237,12 +237,18 @@ class LM:
 
     def complete(self, prompt: str | list[int], **options: Any) -> GenerationResult:
         """Generate to the end and return the result (options as in GenerationConfig)."""
-        result = None
-        for event in self.stream(prompt, GenerationConfig(**options)):
-            if isinstance(event, GenerationResult):
-                result = event
-        assert result is not None
-        return result
+        return _final(self.stream(prompt, GenerationConfig(**options)))
+
+    def generate_many(
+        self,
+        prompts: Iterable[str | list[int] | tuple[str | list[int], GenerationConfig]],
+        cfg: GenerationConfig | None = None,
+    ) -> Iterator[GenerationResult]:
+        """One finished result per prompt, in input order.
+
+        Each item is a prompt (generated with ``cfg``) or a ``(prompt, config)`` pair.
+        """
+        return _generate_each(self, prompts, cfg)
 
     def score(
         self,
@@ -265,11 +271,7 @@ class LM:
         Raises:
             BadInputError: bad window settings; ScoreInputError for unreadable or empty input.
         """
-        from gpt2cli.scoring import Scorer
-
-        context = self.window if context is None else context
-        stride = max(1, context // 2) if stride is None else stride
-        scorer = Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
+        scorer = self.scorer(context, stride, batch_size)
         if isinstance(source, str):
             source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
         elif isinstance(source, bytes):
@@ -283,6 +285,67 @@ class LM:
             on_token=on_token,
             progress=progress,
         )
+
+    def score_many(
+        self,
+        texts: Iterable[str | bytes],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        lookahead: int | None = None,
+        errors: str = "strict",
+        per_token: bool = False,
+    ) -> Iterator[ScoreResult | ScoreInputError]:
+        """Score many texts, each as ``score`` scores it alone, packed into shared batches.
+
+        Windows of ``lookahead`` texts at a time are sorted by length and run in batches of
+        ``batch_size`` x ``context`` padded tokens (see ``packing``). Yields one result per
+        text in input order; a text that cannot be scored (empty, invalid UTF-8) yields its
+        ``ScoreInputError`` in its place.
+
+        Raises:
+            BadInputError: bad window settings.
+        """
+        from gpt2cli.packing import DEFAULT_LOOKAHEAD, PackedScorer
+
+        packed = PackedScorer(
+            self.scorer(context, stride, batch_size), lookahead=lookahead or DEFAULT_LOOKAHEAD
+        )
+        return packed.score_many(texts, errors=errors, per_token=per_token)
+
+    def scorer(self, context: int | None = None, stride: int | None = None, batch_size: int = 8) -> Scorer:
+        """A ``Scorer`` over this model; ``context`` defaults to the window, ``stride`` to half of it."""
+        from gpt2cli.scoring import Scorer
+
+        context = self.window if context is None else context
+        stride = max(1, context // 2) if stride is None else stride
+        return Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
+
+
+def _final(events: Iterator[TextPiece | GenerationResult]) -> GenerationResult:
+    """The ``GenerationResult`` that ends a stream."""
+    result = None
+    for event in events:
+        if isinstance(event, GenerationResult):
+            result = event
+    assert result is not None
+    return result
+
+
+def _generate_each(
+    lm: LM,
+    prompts: Iterable[str | list[int] | tuple[str | list[int], GenerationConfig]],
+    cfg: GenerationConfig | None,
+) -> Iterator[GenerationResult]:
+    """``generate_many`` as a plain loop, one request at a time.
+
+    A stand-in until the engine batches sequences that join and leave: the same results,
+    without the batching (issue 18).
+    """
+    for item in prompts:
+        prompt, item_cfg = item if isinstance(item, tuple) else (item, cfg)
+        yield _final(lm.stream(prompt, item_cfg))
 
 
 class _SampleTexts:
