@@ -72,11 +72,11 @@ def test_fast_decode_equals_reference_path(ckpt_h: Path) -> None:
     ids = torch.tensor([lm.encode(PROMPT)])
     with torch.inference_mode():
         cache = lm.model.new_cache(1, 64)
-        fast = [lm.model(ids[:, t : t + 1], cache) for t in range(ids.shape[1])]  # batch-1 steps
+        fast = [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(ids.shape[1])]
         kernels.set_enabled(False)
         try:
             cache = lm.model.new_cache(1, 64)
-            slow = [lm.model(ids[:, t : t + 1], cache) for t in range(ids.shape[1])]
+            slow = [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(ids.shape[1])]
             slow_ids = greedy(lm)
         finally:
             kernels.set_enabled(True)
@@ -113,8 +113,10 @@ def test_compiled_decode_equals_eager(ckpt_h: Path) -> None:
     eager = load(str(ckpt_h), device="cpu")
     compiled = load(str(ckpt_h), device="cpu", compile=True)
     ids = greedy(compiled, n=6)
-    if getattr(compiled.engine.decode_one, "failed", False):
+    assert compiled.decoder is not None
+    if compiled.decoder.failed:
         pytest.skip("torch.compile is unavailable here (no C++ toolchain?)")
+    assert compiled.decoder.calls == 5  # every decode step after the prefill ran compiled
     assert ids == greedy(eager, n=6)
 
 

@@ -34,8 +34,8 @@ def test_cached_decoding_matches_full_forward(ckpt: Path) -> None:
     with torch.no_grad():
         full = lm.model(ids)
         cache = lm.model.new_cache(1, 64)
-        first = lm.model(ids[:, :5], cache)
-        rest = [lm.model(ids[:, t : t + 1], cache) for t in range(5, ids.shape[1])]
+        first = lm.model(ids[:, :5], None, cache)  # positions 0..4
+        rest = [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(5, ids.shape[1])]
     stepped = torch.cat([first, *rest], dim=1)
     torch.testing.assert_close(stepped, full, atol=1e-4, rtol=0)
 
@@ -45,9 +45,9 @@ def test_chunked_prefill_after_cache_matches(ckpt: Path) -> None:
     ids = torch.tensor([lm.encode("one two three four five six seven eight nine ten")])
     with torch.no_grad():
         full = lm.model(ids)
-        cache = lm.model.new_cache(1, 8)  # grows on demand
-        a = lm.model(ids[:, :4], cache)
-        b = lm.model(ids[:, 4:], cache)
+        cache = lm.model.new_cache(1, 16)
+        a = lm.model(ids[:, :4], None, cache)
+        b = lm.model(ids[:, 4:], torch.arange(4, ids.shape[1]), cache)  # a chunk after a cached prefix
     torch.testing.assert_close(torch.cat([a, b], dim=1), full, atol=1e-4, rtol=0)
 
 

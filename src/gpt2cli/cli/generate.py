@@ -48,9 +48,7 @@ def generate(
     offline: opt.Offline = False,
     allow_pickle: opt.AllowPickle = False,
     quantize: opt.Quantize = None,
-    compile_decode: Annotated[
-        bool, typer.Option("--compile", help="Compile the decode step (torch.compile; CUDA graphs on CUDA).")
-    ] = False,
+    compile_decode: opt.Compile = False,
     draft_model: Annotated[
         str | None,
         typer.Option("--draft-model", help="Speculative decoding: a smaller GPT-2 with the same vocabulary."),
@@ -90,7 +88,14 @@ def generate(
     )
     draft = None
     if draft_model is not None:
-        draft = load(draft_model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle)
+        draft = load(
+            draft_model,
+            device=device,
+            dtype=dtype,
+            offline=offline,
+            allow_pickle=allow_pickle,
+            compile=compile_decode,
+        )
     renderer = _RENDERERS[output_format](text if echo else None, cfg.num_samples)
     try:
         for event in lm.stream(text, cfg, warn=warn, draft=draft, draft_tokens=draft_tokens):

@@ -51,6 +51,14 @@ RepetitionPenalty = Annotated[
 ]
 Seed = Annotated[int | None, typer.Option("--seed", help="Random seed: the same seed gives the same text.")]
 
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Decode through a torch.compile'd step (CUDA graphs on CUDA); see docs/performance.md.",
+    ),
+]
+
 
 class TextFormat(str, Enum):
     text = "text"

@@ -19,7 +19,8 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
 from gpt2cli.cli.output import color_allowed, stderr_console, write
-from gpt2cli.repl.session import COMMAND_NAMES, MODES, SETTINGS, Outcome, Session, lstrip_stream
+from gpt2cli.repl.session import COMMAND_NAMES, MODES, SETTINGS, Outcome, Session
+from gpt2cli.text import trimmed
 
 BLOCK = '"""'
 LEAVE_HINT = "Use Ctrl-D or /bye to leave."
@@ -176,7 +177,7 @@ class TerminalUI:
         pieces = self.session.respond(text)
         shown = False
         try:
-            for piece in lstrip_stream(pieces):
+            for piece in trimmed(pieces):
                 self.console.out(piece, end="", highlight=False)
                 shown = True
         except KeyboardInterrupt:
@@ -218,7 +219,7 @@ def run_piped(session: Session, lines: Iterable[str]) -> None:
             continue
         pieces = session.respond(text)
         try:
-            for piece in lstrip_stream(pieces):
+            for piece in trimmed(pieces):
                 write(piece)
         finally:
             pieces.close()
