@@ -20,6 +20,14 @@ _gpt2_nargs() {
         'generate|--quantize') return 1 ;;
         'generate|--draft-model') return 1 ;;
         'generate|--draft-tokens') return 1 ;;
+        'generate|--jsonl') return 1 ;;
+        'generate|--output'|'generate|-o') return 1 ;;
+        'generate|--prompt-field') return 1 ;;
+        'generate|--id-field') return 1 ;;
+        'generate|--on-error') return 1 ;;
+        'generate|--workers') return 1 ;;
+        'generate|--ray-address') return 1 ;;
+        'generate|--lookahead') return 1 ;;
         'score|--model'|'score|-m') return 1 ;;
         'score|--context') return 1 ;;
         'score|--stride') return 1 ;;
@@ -30,6 +38,14 @@ _gpt2_nargs() {
         'score|--device') return 1 ;;
         'score|--dtype') return 1 ;;
         'score|--quantize') return 1 ;;
+        'score|--jsonl') return 1 ;;
+        'score|--output'|'score|-o') return 1 ;;
+        'score|--text-field') return 1 ;;
+        'score|--id-field') return 1 ;;
+        'score|--on-error') return 1 ;;
+        'score|--workers') return 1 ;;
+        'score|--ray-address') return 1 ;;
+        'score|--lookahead') return 1 ;;
         'repl|--model'|'repl|-m') return 1 ;;
         'repl|--max-new-tokens'|'repl|-n') return 1 ;;
         'repl|--temperature'|'repl|-t') return 1 ;;
@@ -109,8 +125,8 @@ _gpt2_complete_options() {
     # the options of command path $1
     case "$1" in
         '') _gpt2_add -W '--version -V --debug --help -h' ;;
-        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --num-samples --echo --ignore-eos --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --help -h' ;;
-        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --device --dtype --offline --allow-pickle --quantize --help -h' ;;
+        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --num-samples --echo --ignore-eos --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --jsonl --output -o --prompt-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
+        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --device --dtype --offline --allow-pickle --quantize --jsonl --output -o --text-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
         repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --quantize --help -h' ;;
         serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --device --dtype --quantize --offline --allow-pickle --help -h' ;;
         finetune) _gpt2_add -W '--output -o --model -m --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
@@ -129,9 +145,15 @@ _gpt2_complete_value() {
     case "$1|$2" in
         'generate|--model'|'generate|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'generate|--format') _gpt2_add -W 'text json jsonl' ;;
+        'generate|--jsonl') _gpt2_add_files ;;
+        'generate|--output'|'generate|-o') _gpt2_add_files ;;
+        'generate|--on-error') _gpt2_add -W 'skip stop' ;;
         'score|--model'|'score|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'score|--format') _gpt2_add -W 'text json jsonl csv' ;;
         'score|--errors') _gpt2_add -W 'strict replace' ;;
+        'score|--jsonl') _gpt2_add_files ;;
+        'score|--output'|'score|-o') _gpt2_add_files ;;
+        'score|--on-error') _gpt2_add -W 'skip stop' ;;
         'repl|--model'|'repl|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'repl|--mode') _gpt2_add -W 'chat complete' ;;
         'repl|--template') _gpt2_add -W 'transcript dialogpt' ;;

@@ -35,6 +35,22 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'generate|--draft-tokens'
             echo 1; return
+        case 'generate|--jsonl'
+            echo 1; return
+        case 'generate|--output' 'generate|-o'
+            echo 1; return
+        case 'generate|--prompt-field'
+            echo 1; return
+        case 'generate|--id-field'
+            echo 1; return
+        case 'generate|--on-error'
+            echo 1; return
+        case 'generate|--workers'
+            echo 1; return
+        case 'generate|--ray-address'
+            echo 1; return
+        case 'generate|--lookahead'
+            echo 1; return
         case 'score|--model' 'score|-m'
             echo 1; return
         case 'score|--context'
@@ -54,6 +70,22 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
         case 'score|--dtype'
             echo 1; return
         case 'score|--quantize'
+            echo 1; return
+        case 'score|--jsonl'
+            echo 1; return
+        case 'score|--output' 'score|-o'
+            echo 1; return
+        case 'score|--text-field'
+            echo 1; return
+        case 'score|--id-field'
+            echo 1; return
+        case 'score|--on-error'
+            echo 1; return
+        case 'score|--workers'
+            echo 1; return
+        case 'score|--ray-address'
+            echo 1; return
+        case 'score|--lookahead'
             echo 1; return
         case 'repl|--model' 'repl|-m'
             echo 1; return
@@ -256,6 +288,16 @@ complete -c gpt2 -n '__gpt2_at generate' -l quantize -x -d 'Weight quantization:
 complete -c gpt2 -n '__gpt2_at generate' -l compile -d 'Decode through a torch.compile\'d step (CUDA graphs on CUDA); see docs/performance.md.'
 complete -c gpt2 -n '__gpt2_at generate' -l draft-model -x -d 'Speculative decoding: a smaller GPT-2 with the same vocabulary.'
 complete -c gpt2 -n '__gpt2_at generate' -l draft-tokens -x -d 'Tokens the draft model proposes per step.'
+complete -c gpt2 -n '__gpt2_at generate' -l jsonl -r -F -d 'Batch mode: one JSON document per line of this file (\'-\': stdin).'
+complete -c gpt2 -n '__gpt2_at generate' -l output -s o -r -F -d '--jsonl: where result lines go (default \'-\': stdout).'
+complete -c gpt2 -n '__gpt2_at generate' -l prompt-field -x -d '--jsonl: the field holding the prompt.'
+complete -c gpt2 -n '__gpt2_at generate' -l id-field -x -d '--jsonl: the field holding each line\'s id (else its line number).'
+complete -c gpt2 -n '__gpt2_at generate' -l resume -d '--jsonl: skip the ids already in --output and append the rest.'
+complete -c gpt2 -n '__gpt2_at generate' -l on-error -x -a 'skip stop' -d '--jsonl bad lines: skip (report, write an error line, go on) or stop.'
+complete -c gpt2 -n '__gpt2_at generate' -l workers -x -d '--jsonl: processes, each with its own model copy and share of cores.'
+complete -c gpt2 -n '__gpt2_at generate' -l ray -d '--jsonl: run as a Ray Data pipeline (extra \'ray\'); --workers actors.'
+complete -c gpt2 -n '__gpt2_at generate' -l ray-address -x -d '--ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).'
+complete -c gpt2 -n '__gpt2_at generate' -l lookahead -x -d '--jsonl: lines sorted and batched together (the unit of work).'
 complete -c gpt2 -n '__gpt2_at generate' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 score
@@ -272,6 +314,16 @@ complete -c gpt2 -n '__gpt2_at score' -l dtype -x -d 'auto, float32, float16 or 
 complete -c gpt2 -n '__gpt2_at score' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at score' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
 complete -c gpt2 -n '__gpt2_at score' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at score' -l jsonl -r -F -d 'Batch mode: one JSON document per line of this file (\'-\': stdin).'
+complete -c gpt2 -n '__gpt2_at score' -l output -s o -r -F -d '--jsonl: where result lines go (default \'-\': stdout).'
+complete -c gpt2 -n '__gpt2_at score' -l text-field -x -d '--jsonl: the field holding the text.'
+complete -c gpt2 -n '__gpt2_at score' -l id-field -x -d '--jsonl: the field holding each line\'s id (else its line number).'
+complete -c gpt2 -n '__gpt2_at score' -l resume -d '--jsonl: skip the ids already in --output and append the rest.'
+complete -c gpt2 -n '__gpt2_at score' -l on-error -x -a 'skip stop' -d '--jsonl bad lines: skip (report, write an error line, go on) or stop.'
+complete -c gpt2 -n '__gpt2_at score' -l workers -x -d '--jsonl: processes, each with its own model copy and share of cores.'
+complete -c gpt2 -n '__gpt2_at score' -l ray -d '--jsonl: run as a Ray Data pipeline (extra \'ray\'); --workers actors.'
+complete -c gpt2 -n '__gpt2_at score' -l ray-address -x -d '--ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).'
+complete -c gpt2 -n '__gpt2_at score' -l lookahead -x -d '--jsonl: lines sorted and batched together (the unit of work).'
 complete -c gpt2 -n '__gpt2_at score' -l help -s h -d 'Show this message and exit.'
 complete -c gpt2 -n '__gpt2_at score' -F -d 'files'
 

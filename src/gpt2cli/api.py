@@ -29,7 +29,7 @@ from gpt2cli.weights import read_state_dict, weight_files
 
 if TYPE_CHECKING:
     from gpt2cli.fastpath import StaticDecoder
-    from gpt2cli.scoring import ScoreResult, TokenScore
+    from gpt2cli.scoring import ScoreInputError, Scorer, ScoreResult, TokenScore
 
 Warn = Callable[[str], None]
 
@@ -355,11 +355,7 @@ class LM:
         Raises:
             BadInputError: bad window settings; ScoreInputError for unreadable or empty input.
         """
-        from gpt2cli.scoring import Scorer
-
-        context = self.window if context is None else context
-        stride = max(1, context // 2) if stride is None else stride
-        scorer = Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
+        scorer = self.scorer(context, stride, batch_size)
         if isinstance(source, str):
             source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
         elif isinstance(source, bytes):
@@ -373,6 +369,42 @@ class LM:
             on_token=on_token,
             progress=progress,
         )
+
+    def score_many(
+        self,
+        texts: Iterable[str | bytes],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        lookahead: int | None = None,
+        errors: str = "strict",
+        per_token: bool = False,
+    ) -> Iterator[ScoreResult | ScoreInputError]:
+        """Score many texts, each as ``score`` scores it alone, packed into shared batches.
+
+        Windows of ``lookahead`` texts at a time are sorted by length and run in batches of
+        ``batch_size`` x ``context`` padded tokens (see ``packing``). Yields one result per
+        text in input order; a text that cannot be scored (empty, invalid UTF-8) yields its
+        ``ScoreInputError`` in its place.
+
+        Raises:
+            BadInputError: bad window settings.
+        """
+        from gpt2cli.packing import DEFAULT_LOOKAHEAD, PackedScorer
+
+        packed = PackedScorer(
+            self.scorer(context, stride, batch_size), lookahead=lookahead or DEFAULT_LOOKAHEAD
+        )
+        return packed.score_many(texts, errors=errors, per_token=per_token)
+
+    def scorer(self, context: int | None = None, stride: int | None = None, batch_size: int = 8) -> Scorer:
+        """A ``Scorer`` over this model; ``context`` defaults to the window, ``stride`` to half of it."""
+        from gpt2cli.scoring import Scorer
+
+        context = self.window if context is None else context
+        stride = max(1, context // 2) if stride is None else stride
+        return Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
 
 
 class RequestTexts:

@@ -398,6 +398,15 @@ class _Tracker:
             self._maybe_top(score)
         self.recent.append(text)
 
+    def add_windows(self, windows: list[Window], logprobs: torch.Tensor, ranks: torch.Tensor) -> None:
+        """Add the scored targets of ``windows`` (flat scores, as ``Scorer.window_logprobs`` gives)."""
+        positions = [
+            w.begin + j for w in windows for j in range(w.first, len(w.ids))
+        ]  # target j+1, text pos j
+        targets = [t for w in windows for t in w.targets[w.first :]]
+        for pos, tok, lp, rank in zip(positions, targets, logprobs.tolist(), ranks.tolist(), strict=True):
+            self.add(pos, tok, lp, rank)
+
     def _right_context(self, text: str) -> None:
         still = []
         for entry, wanted in self.waiting:
@@ -518,24 +527,37 @@ class Scorer:
             top=tracker.top(),
         )
 
-    @torch.inference_mode()
     def _run(self, windows: list[Window], tracker: _Tracker, sums: list[float]) -> None:
-        """Score a batch of same-length windows; add to ``sums`` and the tracker."""
-        T = len(windows[0].ids)
-        ids = torch.tensor([w.ids for w in windows], dtype=torch.long, device=self.device)  # (B, T)
+        """Score a batch of windows; add to ``sums`` and the tracker."""
+        logprobs, ranks = self.window_logprobs(windows, tracker.active)
+        sums[0] += -float(logprobs.double().sum())
+        sums[1] += logprobs.numel()
+        if tracker.active:
+            assert ranks is not None
+            tracker.add_windows(windows, logprobs, ranks)
+
+    @torch.inference_mode()
+    def window_logprobs(
+        self, windows: list[Window], want_ranks: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probabilities (and ranks) of the scored targets of a batch of windows.
+
+        Windows may differ in length: shorter ones are right-padded, and since attention is
+        causal no real position sees a pad, so each window scores as it would alone.
+
+        Returns:
+            Flat CPU tensors, window after window, each window's targets ``first..`` in order.
+        """
+        T = max(len(w.ids) for w in windows)
+        pad = self.tokenizer.eot_id
+        rows_in = [w.ids + [pad] * (T - len(w.ids)) for w in windows]
+        ids = torch.tensor(rows_in, dtype=torch.long, device=self.device)  # (B, T)
         hidden = self.model.hidden(ids).reshape(-1, self.model.config.n_embd)  # (B*T, C)
-        rows = [b * T + j for b, w in enumerate(windows) for j in range(w.first, T)]
+        rows = [b * T + j for b, w in enumerate(windows) for j in range(w.first, len(w.ids))]
         targets = [t for w in windows for t in w.targets[w.first :]]
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         targets_t = torch.tensor(targets, dtype=torch.long, device=self.device)
-        logprobs, ranks = self._logprobs(hidden.index_select(0, rows_t), targets_t, tracker.active)
-        sums[0] += -float(logprobs.double().sum())
-        sums[1] += len(targets)
-        if tracker.active:
-            positions = [w.begin + j for w in windows for j in range(w.first, T)]  # target j+1, text pos j
-            assert ranks is not None
-            for pos, tok, lp, rank in zip(positions, targets, logprobs.tolist(), ranks.tolist(), strict=True):
-                tracker.add(pos, tok, lp, rank)
+        return self._logprobs(hidden.index_select(0, rows_t), targets_t, want_ranks)
 
     def _logprobs(
         self, hidden: torch.Tensor, targets: torch.Tensor, want_ranks: bool

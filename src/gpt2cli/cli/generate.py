@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gpt2cli.batch.jsonl import LOOKAHEAD
+from gpt2cli.cli import batch
 from gpt2cli.cli import options as opt
 from gpt2cli.cli.output import color_allowed, dim, is_terminal, stderr_console, warn, write, write_json
 from gpt2cli.cli.prompt_input import read_prompt
@@ -56,10 +58,26 @@ def generate(
     draft_tokens: Annotated[
         int, typer.Option("--draft-tokens", min=1, max=16, help="Tokens the draft model proposes per step.")
     ] = 4,
+    jsonl: batch.Jsonl = None,
+    output: batch.Output = None,
+    prompt_field: Annotated[
+        str, typer.Option("--prompt-field", help="--jsonl: the field holding the prompt.")
+    ] = "prompt",
+    id_field: batch.IdField = "id",
+    resume: batch.Resume = False,
+    on_error: batch.OnErrorOption = batch.OnError.skip,
+    workers: batch.Workers = 1,
+    ray: batch.Ray = False,
+    ray_address: batch.RayAddress = None,
+    lookahead: batch.Lookahead = LOOKAHEAD,
 ) -> None:
     """Continue PROMPT with a GPT-2 model and stream the text to stdout.
 
     A literal <|endoftext|> in the prompt is GPT-2's end-of-text token, as in transformers.
+
+    --jsonl IN generates one completion per line's prompt (a line may set its own
+    max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop and
+    ignore_eos) and writes one JSON line per input line (id, text, tokens, finish_reason).
     """
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -73,6 +91,23 @@ def generate(
         num_samples=num_samples,
         ignore_eos=ignore_eos,
     ).validate()
+    job = batch.job_options(jsonl, output, id_field, resume, on_error, workers, ray, ray_address, lookahead)
+    if job is not None:
+        for option, given in (
+            ("PROMPT", prompt is not None),
+            ("--num-samples", num_samples != 1),
+            ("--echo", echo),
+            ("--format", output_format is not opt.TextFormat.text),
+            ("--stats", stats),
+            ("--compile", compile_decode),
+            ("--draft-model", draft_model is not None),
+        ):
+            batch.refuse(option, given)
+        from gpt2cli.batch.tasks import GenerateSettings, ModelSettings
+
+        model_settings = ModelSettings(model, device, dtype, offline, allow_pickle, quantize)
+        batch.run(job, model_settings, GenerateSettings(cfg, prompt_field), ("generated", "completions"))
+        return
     text = read_prompt(prompt)
 
     from gpt2cli.api import load

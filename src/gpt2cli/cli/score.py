@@ -12,6 +12,8 @@ from typing import IO, Annotated, Any
 
 import typer
 
+from gpt2cli.batch.jsonl import LOOKAHEAD
+from gpt2cli.cli import batch
 from gpt2cli.cli import options as opt
 from gpt2cli.cli.output import color_allowed, error_line, is_terminal, stderr_console, write, write_json
 from gpt2cli.errors import EXIT_RUNTIME, BadInputError, Gpt2Error
@@ -69,6 +71,18 @@ def score(
     offline: opt.Offline = False,
     allow_pickle: opt.AllowPickle = False,
     quantize: opt.Quantize = None,
+    jsonl: batch.Jsonl = None,
+    output: batch.Output = None,
+    text_field: Annotated[
+        str, typer.Option("--text-field", help="--jsonl: the field holding the text.")
+    ] = "text",
+    id_field: batch.IdField = "id",
+    resume: batch.Resume = False,
+    on_error: batch.OnErrorOption = batch.OnError.skip,
+    workers: batch.Workers = 1,
+    ray: batch.Ray = False,
+    ray_address: batch.RayAddress = None,
+    lookahead: batch.Lookahead = LOOKAHEAD,
 ) -> None:
     """Score FILEs (or stdin) under a GPT-2 model: perplexity, bits per byte, word perplexity.
 
@@ -77,8 +91,26 @@ def score(
     context); every token is scored exactly once, with the left context its window gives;
     perplexity = exp(total NLL / scored tokens). --stride equal to --context gives disjoint
     windows. bits_per_byte and word_perplexity are lm-evaluation-harness's.
+
+    --jsonl IN scores each line's document alone, by the same method, and writes one JSON
+    line per input line (id, tokens, bytes, nll, perplexity, bits_per_byte...) to --output.
     """
     _check_options(context, stride, batch_size, top)
+    job = batch.job_options(jsonl, output, id_field, resume, on_error, workers, ray, ray_address, lookahead)
+    if job is not None:
+        for option, given in (
+            ("FILE", bool(files)),
+            ("--format", output_format is not ScoreFormat.text),
+            ("--top", top > 0),
+            ("--errors", errors is not Errors.strict),
+        ):
+            batch.refuse(option, given)
+        from gpt2cli.batch.tasks import ModelSettings, ScoreSettings
+
+        model_settings = ModelSettings(model, device, dtype, offline, allow_pickle, quantize)
+        task = ScoreSettings(text_field, context, stride, batch_size, per_token)
+        batch.run(job, model_settings, task, ("scored", "documents"))
+        return
     sources = _sources(files or [])
 
     from gpt2cli.api import load
