@@ -61,6 +61,7 @@ class GenerationResult:
     prompt_tokens_per_second: float
     prompt_truncated: int = 0
     stats: EngineStats = field(default_factory=EngineStats, repr=False)
+    seed: int | None = None  # the seed the sampling used (drawn when the request gave none)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` object."""
@@ -72,10 +73,19 @@ class GenerationResult:
             ],
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "seed": self.seed,
         }
 
     def stats_dict(self) -> dict[str, Any]:
         return asdict(self.stats)
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``LM.stream``: ``partial`` is the result of what was generated until then."""
+
+    def __init__(self, partial: GenerationResult) -> None:
+        super().__init__()
+        self.partial = partial
 
 
 class LM:
@@ -141,7 +151,7 @@ class LM:
         (``draft_tokens`` proposals per step); one sample only. Greedy output is identical to
         this model's alone; sampled output follows this model's distribution.
         """
-        cfg = (cfg or GenerationConfig()).validate()
+        cfg = (cfg or GenerationConfig()).validate().with_seed()  # a drawn seed is reported
         ids, dropped = self.prepare_prompt(prompt, warn)
         eot = self.tokenizer.eot_id
         generator = make_generator(cfg.seed, self.device)
@@ -159,21 +169,26 @@ class LM:
         run = _SampleTexts(self.tokenizer, cfg)
         t0 = time.perf_counter()
         ttft: float | None = None
-        for step in tokens:
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            for sample, token in enumerate(step):
-                if token is None:
-                    continue
-                text, stopped = run.push(sample, token, is_eos=token == eot and not cfg.ignore_eos)
-                if text:
-                    yield TextPiece(sample, text)
-                if stopped:
-                    tokens.stop(sample, "stop")
+        try:
+            for step in tokens:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                for sample, token in enumerate(step):
+                    if token is None:
+                        continue
+                    text, stopped = run.push(sample, token, is_eos=token == eot and not cfg.ignore_eos)
+                    if text:
+                        yield TextPiece(sample, text)
+                    if stopped:
+                        tokens.stop(sample, "stop")
+        except KeyboardInterrupt:  # Ctrl-C: what was generated so far rides on the exception
+            raise self._interrupted(ids, dropped, run, tokens, cfg, time.perf_counter() - t0, ttft) from None
         for sample, text in run.flush():
             yield TextPiece(sample, text)
         seconds = time.perf_counter() - t0
-        yield self._result(ids, dropped, run, tokens.finish_reasons, tokens.stats, seconds, ttft)
+        result = self._result(ids, dropped, run, tokens.finish_reasons, tokens.stats, seconds, ttft)
+        result.seed = cfg.seed
+        yield result
 
     def _can_speculate(
         self, draft: LM, ids: list[int], cfg: GenerationConfig, k: int, warn: Warn | None
@@ -199,6 +214,24 @@ class LM:
                 warn("prompt + new tokens exceed the window: decoding without the draft model")
             return False
         return True
+
+    def _interrupted(
+        self,
+        ids: list[int],
+        dropped: int,
+        run: _SampleTexts,
+        tokens: Any,
+        cfg: GenerationConfig,
+        seconds: float,
+        ttft: float | None,
+    ) -> GenerationInterrupted:
+        stats = tokens.stats
+        if not stats.decode_seconds:  # the engine sets it when it finishes
+            stats.decode_seconds = max(0.0, seconds - (ttft or 0.0))
+        reasons = [r or "interrupted" for r in tokens.finish_reasons]
+        partial = self._result(ids, dropped, run, reasons, stats, seconds, ttft)
+        partial.seed = cfg.seed
+        return GenerationInterrupted(partial)
 
     def _result(
         self,

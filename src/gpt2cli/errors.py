@@ -72,5 +72,17 @@ class NetworkError(Gpt2Error):
     default_hint = "check your connection, or use --offline with a cached model"
 
 
+class CacheWriteError(Gpt2Error):
+    """The model cache cannot be written: read-only, no permission, or the disk is full."""
+
+    default_hint = "point HF_HOME (or HF_HUB_CACHE) at a writable directory with free space"
+
+
+class OutOfMemoryError(Gpt2Error):
+    """An allocation failed: the request needs more memory than the machine has."""
+
+    default_hint = "ask for less: fewer --num-samples, fewer --max-new-tokens, or a smaller model"
+
+
 class MissingExtraError(Gpt2Error):
     """An optional dependency is not installed."""
