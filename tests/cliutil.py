@@ -51,6 +51,7 @@ def run_subprocess(
     timeout: float = 120,
     cwd: Path | None = None,
     prefix: list[str] | None = None,
+    encoding: str = "utf-8",
 ) -> Result:
     """Run the installed ``gpt2`` console script (after ``prefix``, e.g. an ``unshare`` wrapper)."""
     full_env = {**os.environ, **(env or {})}
@@ -62,9 +63,7 @@ def run_subprocess(
         timeout=timeout,
         cwd=cwd,
     )
-    return Result(
-        proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
-    )
+    return Result(proc.returncode, proc.stdout.decode(encoding, "replace"), proc.stderr.decode(encoding, "replace"))
 
 
 def assert_one_line_error(result: Result, code: int, *needles: str) -> None:

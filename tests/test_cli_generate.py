@@ -424,3 +424,32 @@ def test_python_dash_m(ckpt_h: Path) -> None:
         [sys.executable, "-m", "gpt2cli", "--version"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0 and proc.stdout.startswith("gpt2cli ")
+
+
+def test_hints_for_broken_local_directories(ckpt_h: Path, gen, tmp_path: Path) -> None:
+    import shutil
+
+    no_merges = tmp_path / "no-merges"
+    shutil.copytree(ckpt_h, no_merges)
+    (no_merges / "merges.txt").unlink()
+    result = gen(["-m", str(no_merges), "hi"])
+    assert_one_line_error(result, 1, "merges.txt", "copy vocab.json and merges.txt")
+    assert "architecture" not in result.err
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(ckpt_h, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    result = gen(["-m", str(bad_config), "hi"])
+    assert_one_line_error(result, 1, "config.json", f"fix {bad_config / 'config.json'}")
+    assert "models verify" not in result.err
+
+
+def test_a_cached_config_gets_the_repair_hint(tmp_path: Path) -> None:
+    from gpt2cli.config import GPT2Config
+    from gpt2cli.errors import CorruptWeightsError
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{not json")
+    with pytest.raises(CorruptWeightsError) as caught:
+        GPT2Config.from_json(snapshot / "config.json")
+    assert caught.value.hint == "re-download it: `gpt2 models verify acme/tiny --repair`"

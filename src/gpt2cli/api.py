@@ -19,7 +19,7 @@ import torch
 from gpt2cli.config import GenerationConfig, GPT2Config
 from gpt2cli.device import make_generator, pick_device, pick_dtype
 from gpt2cli.engine import Engine, EngineStats
-from gpt2cli.errors import BadInputError, CorruptWeightsError, NotGPT2Error
+from gpt2cli.errors import BadInputError, CorruptWeightsError
 from gpt2cli.hub import ResolvedModel, resolve
 from gpt2cli.model import GPT2
 from gpt2cli.stopping import StopMatcher
@@ -427,9 +427,7 @@ def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor]) -> GPT2:
 
 
 def _load_tokenizer(path: Path, config: GPT2Config) -> Tokenizer:
-    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-        raise NotGPT2Error(f"{path} has no vocab.json/merges.txt: GPT-2's tokenizer files are needed")
-    tokenizer = Tokenizer.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path)  # MissingTokenizerError names the missing files
     if tokenizer.n_vocab > config.vocab_size:
         raise CorruptWeightsError(
             f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {config.vocab_size}"

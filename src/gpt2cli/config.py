@@ -80,10 +80,14 @@ class GPT2Config:
         except FileNotFoundError as exc:
             raise NotGPT2Error(f"{path.parent} has no config.json: not a model checkpoint") from exc
         except (OSError, ValueError) as exc:
-            raise CorruptWeightsError(f"cannot read {path}: {exc}") from exc
+            raise CorruptWeightsError(f"cannot read {path}: {exc}", hint=_repair_hint(path)) from exc
         if not isinstance(raw, dict):
-            raise CorruptWeightsError(f"{path} is not a JSON object")
-        return cls.from_dict(raw, source=str(path))
+            raise CorruptWeightsError(f"{path} is not a JSON object", hint=_repair_hint(path))
+        try:
+            return cls.from_dict(raw, source=str(path))
+        except CorruptWeightsError as exc:
+            exc.hint = _repair_hint(path)
+            raise
 
     def _check(self, source: str) -> None:
         ints = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
@@ -105,6 +109,16 @@ class GPT2Config:
         out.update(asdict(self))
         out["n_ctx"] = self.n_positions
         return out
+
+
+def _repair_hint(path: Path) -> str:
+    """How to fix a bad config.json: re-download it from the Hub cache, or fix the directory's."""
+    parts = path.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            repo = "/".join(part.split("--")[1:])
+            return f"re-download it: `gpt2 models verify {repo} --repair`"
+    return f"fix {path}, or copy config.json from the model this directory came from"
 
 
 # The ranges every front end enforces (generate, repl /set, bench, finetune, the server).

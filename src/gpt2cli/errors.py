@@ -47,6 +47,12 @@ class NotGPT2Error(Gpt2Error):
     default_hint = "gpt2cli runs GPT-2-architecture models (model_type 'gpt2') only"
 
 
+class MissingTokenizerError(Gpt2Error):
+    """A model directory lacks vocab.json or merges.txt (the weights may be fine)."""
+
+    default_hint = "copy vocab.json and merges.txt from the model it came from"
+
+
 class UnsafeWeightsError(Gpt2Error):
     """Only pickle weights are available and the user did not opt in."""
 

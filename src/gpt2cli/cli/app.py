@@ -98,6 +98,7 @@ def hoist_debug(args: Sequence[str]) -> list[str]:
 def run(args: Sequence[str]) -> int:
     """Run the CLI on ``args``; return the exit code (errors already rendered on stderr)."""
     debug = _wants_debug(args)
+    opt.ENV_VALUES.clear()
     try:
         opt.check_environment()
         result = app(args=hoist_debug(args), prog_name="gpt2", standalone_mode=False)

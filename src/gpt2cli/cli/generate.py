@@ -242,15 +242,20 @@ class _TextRenderer(_Renderer):
 
     def _finish(self) -> None:
         if self.n == 1:
-            if not self.texts[0].endswith("\n"):
-                write("\n")
+            write(_newline_after((self.echo or "") + self.texts[0]))
             return
         for i, text in enumerate(self.texts):
             if i:
                 write("\n")
             if is_terminal(sys.stdout):
                 write(dim(f"--- sample {i + 1}/{self.n} ---") + "\n")
-            write((self.echo or "") + text + ("" if text.endswith("\n") else "\n"))
+            shown = (self.echo or "") + text
+            write(shown + _newline_after(shown))
+
+
+def _newline_after(shown: str) -> str:
+    """The newline text output ends with: added only when what was shown does not end with one."""
+    return "\n" if shown and not shown.endswith("\n") else ""
 
 
 class _JsonRenderer(_Renderer):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import BadInputError, NotGPT2Error
+from gpt2cli.errors import BadInputError
 from gpt2cli.hub import resolve
 from gpt2cli.model import GPT2
 from gpt2cli.tokenizer import Tokenizer
@@ -28,6 +28,7 @@ from gpt2cli.train import checkpoint, distributed
 from gpt2cli.train.data import (
     Batching,
     Dataset,
+    collect_files,
     pack,
     read_documents,
     step_batches,
@@ -39,6 +40,14 @@ from gpt2cli.train.lora import adapter_state, apply_lora, merged_state_dict
 from gpt2cli.train.settings import FinetuneSettings
 
 STATE_VERSION = 1
+
+
+@dataclass
+class DataEvent:
+    """What the data paths held: the files read and the documents found in them."""
+
+    files: str  # DataFiles.describe()
+    documents: int
 
 
 @dataclass
@@ -79,7 +88,7 @@ class SaveEvent:
     final: bool
 
 
-Event = StartEvent | StepEvent | EvalEvent | SaveEvent
+Event = DataEvent | StartEvent | StepEvent | EvalEvent | SaveEvent
 
 
 @dataclass
@@ -165,7 +174,10 @@ class _Run:
                 f"block size {block} is larger than the model's window of {self.config.n_positions} tokens",
                 hint=f"pass --block-size {self.config.n_positions} or less",
             )
-        ids = tokenize_documents(read_documents(self.s.data), tokenizer)
+        found = collect_files(self.s.data, self.s.data_format)
+        docs = read_documents(found.files, self.s.data_format)
+        self.emit(DataEvent(found.describe(), len(docs)))
+        ids = tokenize_documents(docs, tokenizer)
         return pack(ids, block, self.s.val_fraction, self.s.seed)
 
     def _total_steps(self) -> int:
@@ -360,9 +372,7 @@ class _Run:
 
 
 def _tokenizer(path: Path) -> Tokenizer:
-    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-        raise NotGPT2Error(f"{path} has no vocab.json/merges.txt: GPT-2's tokenizer files are needed")
-    return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(path)  # MissingTokenizerError names the missing files
 
 
 def _adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
