@@ -63,7 +63,9 @@ def run_subprocess(
         timeout=timeout,
         cwd=cwd,
     )
-    return Result(proc.returncode, proc.stdout.decode(encoding, "replace"), proc.stderr.decode(encoding, "replace"))
+    return Result(
+        proc.returncode, proc.stdout.decode(encoding, "replace"), proc.stderr.decode(encoding, "replace")
+    )
 
 
 def assert_one_line_error(result: Result, code: int, *needles: str) -> None:

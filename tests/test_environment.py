@@ -32,8 +32,12 @@ def test_read_only_install_and_home_compile_kernels_in_memory(ckpt_h: Path, tmp_
     assert locked.code == 0, locked.err
     assert locked.out == normal.out and "error" not in locked.err
     probe = subprocess.run(
-        [*prefix, str(Path(os.sys.executable)), "-c", "from gpt2cli import kernels; "
-         "print(kernels.available(), kernels.writable_cache_dir())"],
+        [
+            *prefix,
+            str(Path(os.sys.executable)),
+            "-c",
+            "from gpt2cli import kernels; print(kernels.available(), kernels.writable_cache_dir())",
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, **env},

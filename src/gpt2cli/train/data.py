@@ -77,7 +77,8 @@ def collect_files(paths: list[Path], data_format: str = "auto") -> DataFiles:
             found.files.append(path)
         else:
             raise BadInputError(
-                f"data path {path} does not exist", hint="pass .txt, .md or .jsonl files, or directories of them"
+                f"data path {path} does not exist",
+                hint="pass .txt, .md or .jsonl files, or directories of them",
             )
     return found
 
