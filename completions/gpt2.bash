@@ -114,7 +114,7 @@ _gpt2_complete_options() {
         repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --quantize --help -h' ;;
         serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --device --dtype --quantize --offline --allow-pickle --help -h' ;;
         finetune) _gpt2_add -W '--output -o --model -m --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
-        bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --new-tokens --batch-size --repeats --warmup --threads --format --compare --seed --offline --draft-model --draft-tokens --help -h' ;;
+        bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --new-tokens --batch-size --repeats --warmup --threads --format --compare --seed --offline --draft-model --draft-tokens --compile --help -h' ;;
         models) _gpt2_add -W '--help -h' ;;
         'models list') _gpt2_add -W '--format --help -h' ;;
         'models pull') _gpt2_add -W '--offline --allow-pickle --format --help -h' ;;

@@ -26,6 +26,7 @@ def random_hub_state(
     seed: int,
     std: float,
     vocab_size: int = VOCAB_SIZE,
+    n_inner: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Random tensors named and shaped as in openai-community/gpt2 (Conv1D weights are (in, out))."""
     gen = torch.Generator().manual_seed(seed)
@@ -34,6 +35,7 @@ def random_hub_state(
         return torch.randn(*shape, generator=gen) * scale
 
     C = n_embd
+    inner = n_inner or 4 * C
     state = {"wte.weight": normal(vocab_size, C), "wpe.weight": normal(n_positions, C, scale=std / 2)}
     for i in range(n_layer):
         p = f"h.{i}."
@@ -46,9 +48,9 @@ def random_hub_state(
             p + "attn.c_proj.bias": normal(C, scale=0.1),
             p + "ln_2.weight": 1 + normal(C, scale=0.1),
             p + "ln_2.bias": normal(C, scale=0.1),
-            p + "mlp.c_fc.weight": normal(C, 4 * C),
-            p + "mlp.c_fc.bias": normal(4 * C, scale=0.1),
-            p + "mlp.c_proj.weight": normal(4 * C, C),
+            p + "mlp.c_fc.weight": normal(C, inner),
+            p + "mlp.c_fc.bias": normal(inner, scale=0.1),
+            p + "mlp.c_proj.weight": normal(inner, C),
             p + "mlp.c_proj.bias": normal(C, scale=0.1),
         }
     state |= {"ln_f.weight": 1 + normal(C, scale=0.1), "ln_f.bias": normal(C, scale=0.1)}
@@ -68,6 +70,7 @@ def make_checkpoint(
     mask_buffers: bool = False,
     config_extra: dict | None = None,
     weights: str = "safetensors",
+    n_inner: int | None = None,
 ) -> Path:
     """Write a complete checkpoint directory (config, tokenizer files, weights) to ``dest``.
 
@@ -77,7 +80,13 @@ def make_checkpoint(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     state = random_hub_state(
-        n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, seed=seed, std=std
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_positions=n_positions,
+        seed=seed,
+        std=std,
+        n_inner=n_inner,
     )
     if mask_buffers:
         mask = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.uint8))
@@ -105,6 +114,8 @@ def make_checkpoint(
         "eos_token_id": 50256,
         "tie_word_embeddings": True,
     }
+    if n_inner is not None:
+        config["n_inner"] = n_inner
     config |= config_extra or {}
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     copy_bpe_files(dest)

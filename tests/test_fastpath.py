@@ -3,6 +3,7 @@ half-precision storage on CPU, the compiled decode step, speculative decoding, a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,11 +73,11 @@ def test_fast_decode_equals_reference_path(ckpt_h: Path) -> None:
     ids = torch.tensor([lm.encode(PROMPT)])
     with torch.inference_mode():
         cache = lm.model.new_cache(1, 64)
-        fast = [lm.model(ids[:, t : t + 1], cache) for t in range(ids.shape[1])]  # batch-1 steps
+        fast = [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(ids.shape[1])]
         kernels.set_enabled(False)
         try:
             cache = lm.model.new_cache(1, 64)
-            slow = [lm.model(ids[:, t : t + 1], cache) for t in range(ids.shape[1])]
+            slow = [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(ids.shape[1])]
             slow_ids = greedy(lm)
         finally:
             kernels.set_enabled(True)
@@ -113,8 +114,10 @@ def test_compiled_decode_equals_eager(ckpt_h: Path) -> None:
     eager = load(str(ckpt_h), device="cpu")
     compiled = load(str(ckpt_h), device="cpu", compile=True)
     ids = greedy(compiled, n=6)
-    if getattr(compiled.engine.decode_one, "failed", False):
+    assert compiled.decoder is not None
+    if compiled.decoder.failed:
         pytest.skip("torch.compile is unavailable here (no C++ toolchain?)")
+    assert compiled.decoder.calls == 5  # every decode step after the prefill ran compiled
     assert ids == greedy(eager, n=6)
 
 
@@ -141,17 +144,37 @@ def test_cli_quantize_and_dtype(ckpt_h: Path, gen) -> None:
     base = ["-m", str(ckpt_h), PROMPT, "-n", "8", "-t", "0", "--ignore-eos"]
     plain = gen(base)
     assert plain.code == 0, plain.err
-    for extra in (["--quantize", "int8"], ["--dtype", "float16"], ["--quantize", "none"]):
-        result = gen([*base, *extra])
+    assert "weights: float32" in gen([*base, "--stats"]).err
+    for extra, weights in (
+        (["--quantize", "int8"], "int8"),
+        (["--dtype", "float16"], "float16"),
+        (["--dtype", "bfloat16"], "bfloat16"),
+        (["--quantize", "none"], "float32"),
+    ):
+        result = gen([*base, *extra, "--stats"])
         assert result.code == 0, result.err
         assert result.out == plain.out
+        assert f"weights: {weights}" in result.err  # the flag reached the loaded model
 
 
 def test_cli_draft_model(ckpt_h: Path, ckpt_draft: Path, gen) -> None:
     base = ["-m", str(ckpt_h), PROMPT, "-n", "8", "-t", "0", "--ignore-eos"]
-    result = gen([*base, "--draft-model", str(ckpt_draft), "--draft-tokens", "2"])
+    result = gen([*base, "--draft-model", str(ckpt_draft), "--draft-tokens", "2", "--stats"])
     assert result.code == 0, result.err
     assert result.out == gen(base).out
+    assert re.search(r"draft: \d+/\d+ accepted", result.err)  # the draft model really ran
+    assert "draft:" not in gen([*base, "--stats"]).err
+
+
+def test_cli_compile_takes_effect(ckpt_h: Path, gen) -> None:
+    base = ["-m", str(ckpt_h), PROMPT, "-n", "6", "-t", "0", "--ignore-eos", "--stats"]
+    compiled = gen([*base, "--compile"])
+    assert compiled.code == 0, compiled.err
+    if "--compile unavailable" in compiled.err:
+        pytest.skip("torch.compile is unavailable here (no C++ toolchain?)")
+    assert "compiled steps: 5" in compiled.err
+    plain = gen(base)
+    assert "compiled steps" not in plain.err and compiled.out == plain.out
 
 
 @pytest.mark.parametrize(

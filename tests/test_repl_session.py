@@ -70,7 +70,7 @@ def test_reply_matches_plain_generation(session: Session, lm_h) -> None:
 def test_kv_cache_reused_across_turns(session: Session, lm_h) -> None:
     reply(session, "Hello there")
     first_prompt_len = session.context_tokens - len(session.turns[1].ids) + len(lm_h.encode("Assistant:"))
-    cached = list(lm_h.engine.cached_ids)
+    cached = list(session.cache.ids)
     before = lm_h.model.forward_tokens
     gen = session.respond("How are you today?")
     "".join(gen)
@@ -107,7 +107,7 @@ def test_stop_string_ends_reply_unshown_and_cache_still_reused(lm_h) -> None:
     assert stop_text not in shown
     assert session.last_result is not None and session.last_result.samples[0].finish_reason == "stop"
     assert lm_h.tokenizer.decode(session.turns[1].ids) == "Assistant:" + shown.rstrip() + "\n"
-    cached = list(lm_h.engine.cached_ids)
+    cached = list(session.cache.ids)
     reply(session, "Go on")
     prompt = session.context_ids[: -len(session.turns[-1].ids)] + lm_h.encode("Assistant:")
     assert common_prefix(cached, prompt) >= len(session.turns[0].ids) + 3

@@ -25,7 +25,8 @@ from gpt2cli import load  # noqa: E402
 from gpt2cli.chat import pick_template  # noqa: E402
 from gpt2cli.config import GenerationConfig  # noqa: E402
 from gpt2cli.logprobs import sequence_logprobs  # noqa: E402
-from gpt2cli.server.batch import BatchRun, Done, Job, Piece  # noqa: E402
+from gpt2cli.server.batch import Done, Failed, Job, Piece  # noqa: E402
+from gpt2cli.server.scheduler import Scheduler  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):", "Hello, my name"]
 
@@ -187,6 +188,31 @@ def test_dialogpt_models_get_their_template(tmp_path: Path) -> None:
 # --- batching and load ------------------------------------------------------------------------
 
 
+def run_jobs(lm, specs, max_batch: int = 8) -> list[list]:
+    """Jobs (prompt ids, config, logprobs) submitted together to a real scheduler; each job's events."""
+    results: list[list] = [[] for _ in specs]
+    ended = [threading.Event() for _ in specs]
+
+    def emitter(i):
+        def emit(event):
+            results[i].append(event)
+            if isinstance(event, Done | Failed):
+                ended[i].set()
+
+        return emit
+
+    jobs = [
+        Job(p, c, emitter(i), logprobs=lp, eos_id=lm.tokenizer.eot_id) for i, (p, c, lp) in enumerate(specs)
+    ]
+    scheduler = Scheduler(lm, max_batch=max_batch)
+    scheduler.submit(jobs)  # all waiting before the engine thread starts: they join together
+    scheduler.start()
+    for event in ended:
+        assert event.wait(300)
+    scheduler.close()
+    return results
+
+
 def test_a_batch_gives_each_job_what_it_gets_alone(lm_h) -> None:
     """Jobs run together (same prompt length, different settings) equal the same jobs run alone."""
     prompt_a, prompt_b = lm_h.encode("one two three"), lm_h.encode("four five six")
@@ -198,13 +224,7 @@ def test_a_batch_gives_each_job_what_it_gets_alone(lm_h) -> None:
     ]
 
     def run(jobs_spec):
-        results: list[list] = [[] for _ in jobs_spec]
-        jobs = [
-            Job(p, c, results[i].append, logprobs=2, eos_id=lm_h.tokenizer.eot_id)
-            for i, (p, c) in enumerate(jobs_spec)
-        ]
-        BatchRun(lm_h.model, lm_h.tokenizer, jobs).run()
-        return results
+        return run_jobs(lm_h, [(p, c, 2) for p, c in jobs_spec])
 
     spec = [(prompt_a, cfgs[0]), (prompt_b, cfgs[1]), (prompt_a, cfgs[2])]
     together = run(spec)
@@ -349,7 +369,7 @@ def _wait_for(predicate, timeout: float = 60) -> None:
 
 
 def test_full_queue_503_and_a_disconnect_frees_its_slot(ckpt_long: Path) -> None:
-    srv = ServerThread(load(str(ckpt_long), device="cpu"), max_queue=1).start()
+    srv = ServerThread(load(str(ckpt_long), device="cpu"), max_queue=1, max_batch=1).start()
     model = str(ckpt_long)
     try:
         with httpx.Client(timeout=120) as http:

@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from gpt2cli.api import LM, load
+    from gpt2cli.kvcache import PromptCache
 
-__all__ = ["LM", "__version__", "load"]
+__all__ = ["LM", "PromptCache", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from gpt2cli import api
 
         return getattr(api, name)
+    if name == "PromptCache":
+        from gpt2cli.kvcache import PromptCache
+
+        return PromptCache
     raise AttributeError(name)

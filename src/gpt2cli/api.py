@@ -9,35 +9,32 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
 from gpt2cli.config import GenerationConfig, GPT2Config
-from gpt2cli.device import make_generator, pick_device, pick_dtype
-from gpt2cli.engine import Engine, EngineStats
+from gpt2cli.device import pick_device, pick_dtype
+from gpt2cli.engine import Engine, EngineStats, Request, TokenEvent
 from gpt2cli.errors import BadInputError, CorruptWeightsError
 from gpt2cli.hub import ResolvedModel, resolve
+from gpt2cli.kvcache import PromptCache
+from gpt2cli.loader import build_model, load_tokenizer
 from gpt2cli.model import GPT2
-from gpt2cli.stopping import StopMatcher
-from gpt2cli.tokenizer import StreamDecoder, Tokenizer
-from gpt2cli.weights import normalize_state_dict, read_state_dict, weight_files
+from gpt2cli.text import Piece, SampleText
+from gpt2cli.tokenizer import Tokenizer
+from gpt2cli.weights import read_state_dict, weight_files
 
 if TYPE_CHECKING:
+    from gpt2cli.fastpath import StaticDecoder
     from gpt2cli.scoring import ScoreResult, TokenScore
 
 Warn = Callable[[str], None]
 
 
-@dataclass
-class TextPiece:
-    """A piece of newly generated text of sample ``sample``."""
-
-    sample: int
-    text: str
+TextPiece = Piece  # a piece of newly generated text of sample ``sample`` (text.Piece)
 
 
 @dataclass
@@ -95,7 +92,7 @@ class LM:
         self.model = model
         self.tokenizer = tokenizer
         self.resolved = resolved
-        self.engine = Engine(model)
+        self.decoder: StaticDecoder | None = None  # the compiled decode step (--compile)
 
     @property
     def name(self) -> str:
@@ -112,6 +109,13 @@ class LM:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.wte.weight.dtype
+
+    @property
+    def precision(self) -> str:
+        """How the weights are stored: "int8" when quantized, else the dtype's name."""
+        if self.model.lm_head_q is not None:
+            return "int8"
+        return str(self.model.wte.weight.dtype).removeprefix("torch.")
 
     @property
     def window(self) -> int:
@@ -144,51 +148,129 @@ class LM:
         warn: Warn | None = None,
         draft: LM | None = None,
         draft_tokens: int = 4,
+        cache: PromptCache | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[TextPiece | GenerationResult]:
         """Generate, yielding ``TextPiece``s as text completes, then one ``GenerationResult``.
 
-        ``draft``: a smaller model with the same vocabulary for speculative decoding
-        (``draft_tokens`` proposals per step); one sample only. Greedy output is identical to
-        this model's alone; sampled output follows this model's distribution.
+        Args:
+            cache: the caller's ``PromptCache``: its longest prefix shared with the prompt is
+                reused, and afterwards it holds the prompt and sample 0's tokens. Without
+                one the stream has a cache of its own: streams never share state.
+            draft: a smaller model with the same vocabulary for speculative decoding
+                (``draft_tokens`` proposals per round); one sample only. Greedy output is
+                identical to this model's alone; sampled output follows this model's distribution.
+            logprobs: attach each token's log-probability and this many alternatives to the pieces.
         """
         cfg = (cfg or GenerationConfig()).validate().with_seed()  # a drawn seed is reported
         ids, dropped = self.prepare_prompt(prompt, warn)
-        eot = self.tokenizer.eot_id
-        generator = make_generator(cfg.seed, self.device)
-        tokens: Any
-        if draft is not None and self._can_speculate(draft, ids, cfg, draft_tokens, warn):
-            from gpt2cli.speculative import SpeculativeStream
-
-            # The same LM as its own draft needs a second cache: a second engine.
-            draft_engine = draft.engine if draft.engine is not self.engine else Engine(draft.model)
-            tokens = SpeculativeStream(
-                self.engine, draft_engine, ids, cfg, eot, k=draft_tokens, generator=generator
-            )
-        else:
-            tokens = self.engine.generate(ids, cfg, eos_id=eot, generator=generator)
-        run = _SampleTexts(self.tokenizer, cfg)
+        use_draft = draft is not None and self._can_speculate(draft, ids, cfg, draft_tokens, warn)
+        engine = self._engine(ids, cfg, cache, draft if use_draft else None, draft_tokens)
+        request = engine.submit(Request(ids, cfg, self.tokenizer.eot_id, logprobs, cache))
+        texts = RequestTexts(self.tokenizer, request)
         t0 = time.perf_counter()
         ttft: float | None = None
         try:
-            for step in tokens:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                for sample, token in enumerate(step):
-                    if token is None:
-                        continue
-                    text, stopped = run.push(sample, token, is_eos=token == eot and not cfg.ignore_eos)
-                    if text:
-                        yield TextPiece(sample, text)
-                    if stopped:
-                        tokens.stop(sample, "stop")
+            while not request.done:
+                for event in engine.step():
+                    ttft = time.perf_counter() - t0 if ttft is None else ttft
+                    piece = texts.push(engine, event)
+                    if piece is not None:
+                        yield piece
         except KeyboardInterrupt:  # Ctrl-C: what was generated so far rides on the exception
-            raise self._interrupted(ids, dropped, run, tokens, cfg, time.perf_counter() - t0, ttft) from None
-        for sample, text in run.flush():
-            yield TextPiece(sample, text)
-        seconds = time.perf_counter() - t0
-        result = self._result(ids, dropped, run, tokens.finish_reasons, tokens.stats, seconds, ttft)
-        result.seed = cfg.seed
-        yield result
+            partial = self._result(request, texts, dropped, time.perf_counter() - t0, ttft, "interrupted")
+            raise GenerationInterrupted(partial) from None
+        engine.release()
+        if request.error is not None:
+            raise request.error
+        yield from texts.close()
+        yield self._result(request, texts, dropped, time.perf_counter() - t0, ttft)
+
+    def generate_many(
+        self,
+        prompts: Iterable[str | list[int] | tuple[str | list[int], GenerationConfig]],
+        cfg: GenerationConfig | None = None,
+        *,
+        max_batch: int = 8,
+        warn: Warn | None = None,
+    ) -> Iterator[GenerationResult]:
+        """Generate for many prompts through one batch where they join and leave; results in input order.
+
+        Each item is a prompt (with ``cfg``) or a (prompt, config) pair. At most ``max_batch``
+        sequences decode at once; prompts are read lazily, a few ahead of the batch.
+        """
+        base = (cfg or GenerationConfig()).validate()
+        engine = Engine(self.model, max_rows=max_batch, decode=self.decoder)
+        source = iter(prompts)
+        running: dict[int, tuple[Request, RequestTexts, int, float]] = {}
+        finished: dict[int, GenerationResult] = {}
+        submitted = emitted = 0
+        exhausted = False
+        while True:
+            while not exhausted and len(engine.waiting) < 2:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                text, item_cfg = item if isinstance(item, tuple) else (item, base)
+                item_cfg = item_cfg.validate()
+                if item_cfg.num_samples > max_batch:
+                    raise BadInputError(
+                        f"num-samples {item_cfg.num_samples} exceeds the batch of {max_batch}"
+                    )
+                ids, dropped = self.prepare_prompt(text, warn)
+                request = engine.submit(Request(ids, item_cfg, self.tokenizer.eot_id))
+                running[submitted] = (
+                    request,
+                    RequestTexts(self.tokenizer, request),
+                    dropped,
+                    time.perf_counter(),
+                )
+                submitted += 1
+            if engine.idle and exhausted:
+                break
+            t_step = time.perf_counter()
+            events = engine.step()
+            texts_of = {id(r): t for r, t, _, _ in running.values()}
+            for event in events:
+                texts_of[id(event.seq.request)].push(engine, event)
+            engine.release()
+            for index in [i for i, (r, _, _, _) in running.items() if r.done]:
+                request, texts, dropped, t0 = running.pop(index)
+                if request.error is not None:
+                    raise request.error
+                list(texts.close())
+                finished[index] = self._result(request, texts, dropped, time.perf_counter() - t0, t_step - t0)
+            while emitted in finished:
+                yield finished.pop(emitted)
+                emitted += 1
+
+    def _engine(
+        self,
+        ids: list[int],
+        cfg: GenerationConfig,
+        cache: PromptCache | None,
+        draft: LM | None,
+        draft_tokens: int,
+    ) -> Engine:
+        """A new engine for one request, working in ``cache`` itself when it has one sample."""
+        n = cfg.num_samples
+        capacity = len(ids) + cfg.max_new_tokens + (draft_tokens + 1 if draft is not None else 0)
+        kv = None
+        if cache is not None and n == 1:
+            if cache.kv is None:
+                cache.kv = self.model.new_cache(1, self.window if self.decoder else capacity)
+            kv = cache.kv
+        return Engine(
+            self.model,
+            max_rows=n,
+            capacity=capacity,
+            kv=kv,
+            decode=self.decoder,
+            draft=draft.model if draft is not None else None,
+            draft_tokens=draft_tokens,
+            draft_decode=draft.decoder if draft is not None else None,
+        )
 
     def _can_speculate(
         self, draft: LM, ids: list[int], cfg: GenerationConfig, k: int, warn: Warn | None
@@ -208,49 +290,38 @@ class LM:
             raise BadInputError("the draft model must be on the same device as the target")
         if cfg.num_samples != 1:
             raise BadInputError("speculative decoding generates one sample", hint="drop --num-samples")
-        needed = len(ids) + cfg.max_new_tokens + k + 1
-        if needed > min(self.window, draft.window) or k < 1:
+        if k < 1:
+            raise BadInputError(f"draft tokens must be at least 1, got {k}")
+        if len(ids) + k + 1 > draft.window:
             if warn:
-                warn("prompt + new tokens exceed the window: decoding without the draft model")
+                warn(
+                    f"the prompt does not fit the draft model's {draft.window}-token window: "
+                    "decoding without it"
+                )
             return False
         return True
 
-    def _interrupted(
-        self,
-        ids: list[int],
-        dropped: int,
-        run: _SampleTexts,
-        tokens: Any,
-        cfg: GenerationConfig,
-        seconds: float,
-        ttft: float | None,
-    ) -> GenerationInterrupted:
-        stats = tokens.stats
-        if not stats.decode_seconds:  # the engine sets it when it finishes
-            stats.decode_seconds = max(0.0, seconds - (ttft or 0.0))
-        reasons = [r or "interrupted" for r in tokens.finish_reasons]
-        partial = self._result(ids, dropped, run, reasons, stats, seconds, ttft)
-        partial.seed = cfg.seed
-        return GenerationInterrupted(partial)
-
     def _result(
         self,
-        ids: list[int],
+        request: Request,
+        texts: RequestTexts,
         dropped: int,
-        run: _SampleTexts,
-        reasons: list[str | None],
-        stats: EngineStats,
         seconds: float,
         ttft: float | None,
+        unfinished: str = "length",
     ) -> GenerationResult:
+        """The result; samples still running are reported with the reason ``unfinished``."""
+        stats = request.stats
+        if not stats.decode_seconds and unfinished != "length":  # interrupted before the engine set it
+            stats.decode_seconds = max(0.0, seconds - (ttft or 0.0))
         samples = [
-            SampleResult(run.texts[i], len(run.ids[i]), reasons[i] or "length", run.ids[i])
-            for i in range(len(run.texts))
+            SampleResult(t.text, len(t.ids), seq.finish_reason or unfinished, t.ids)
+            for t, seq in zip(texts.samples, request.sequences, strict=True)
         ]
         generated = sum(s.tokens for s in samples)
         return GenerationResult(
             model=self.name,
-            prompt_tokens=len(ids),
+            prompt_tokens=len(request.prompt),
             samples=samples,
             seconds=seconds,
             tokens_per_second=generated / stats.decode_seconds if stats.decode_seconds > 0 else 0.0,
@@ -260,18 +331,23 @@ class LM:
             ),
             prompt_truncated=dropped,
             stats=stats,
+            seed=request.cfg.seed,
         )
 
-    def generate(self, prompt: str | list[int], **options: Any) -> Iterator[str]:
+    def generate(
+        self, prompt: str | list[int], *, cache: PromptCache | None = None, **options: Any
+    ) -> Iterator[str]:
         """Yield the text of one sample as it is generated (options as in GenerationConfig)."""
-        for event in self.stream(prompt, GenerationConfig(**options)):
+        for event in self.stream(prompt, GenerationConfig(**options), cache=cache):
             if isinstance(event, TextPiece):
                 yield event.text
 
-    def complete(self, prompt: str | list[int], **options: Any) -> GenerationResult:
+    def complete(
+        self, prompt: str | list[int], *, cache: PromptCache | None = None, **options: Any
+    ) -> GenerationResult:
         """Generate to the end and return the result (options as in GenerationConfig)."""
         result = None
-        for event in self.stream(prompt, GenerationConfig(**options)):
+        for event in self.stream(prompt, GenerationConfig(**options), cache=cache):
             if isinstance(event, GenerationResult):
                 result = event
         assert result is not None
@@ -302,7 +378,13 @@ class LM:
 
         context = self.window if context is None else context
         stride = max(1, context // 2) if stride is None else stride
-        scorer = Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
+        scorer = Scorer(
+            self.model,
+            self.tokenizer,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+        )
         if isinstance(source, str):
             source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
         elif isinstance(source, bytes):
@@ -318,42 +400,29 @@ class LM:
         )
 
 
-class _SampleTexts:
-    """Per-sample streaming decoders and stop matchers."""
+class RequestTexts:
+    """The text side of one engine request: a ``SampleText`` per sample, stop strings acted on."""
 
-    def __init__(self, tokenizer: Tokenizer, cfg: GenerationConfig) -> None:
-        n = cfg.num_samples
-        self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
-        self.matchers = [StopMatcher(cfg.stop) for _ in range(n)]
-        self.texts = [""] * n
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.done = [False] * n
+    def __init__(self, tokenizer: Tokenizer, request: Request) -> None:
+        self.request = request
+        self.eot = None if request.cfg.ignore_eos else tokenizer.eot_id
+        self.samples = [SampleText(tokenizer, request.cfg.stop, i) for i in range(request.rows)]
 
-    def push(self, sample: int, token: int, *, is_eos: bool) -> tuple[str, bool]:
-        if self.done[sample]:
-            return "", False
-        if is_eos:
-            return self._finish(sample), False
-        self.ids[sample].append(token)
-        text, stopped = self.matchers[sample].push(self.decoders[sample].push(token))
-        self.texts[sample] += text
-        self.done[sample] = stopped
-        return text, stopped
+    def push(self, engine: Engine, event: TokenEvent) -> TextPiece | None:
+        """A token of one sample into its text; a matched stop string ends that sample."""
+        text = self.samples[event.seq.sample]
+        if text.stopped or text.closed:
+            return None  # tokens of a round that ran past the stop (speculative): never shown
+        piece = text.push(event.token, event.logprob, is_eos=event.token == self.eot)
+        if text.stopped:
+            engine.stop(event.seq, "stop")
+        return piece
 
-    def _finish(self, sample: int) -> str:
-        text, stopped = self.matchers[sample].push(self.decoders[sample].flush())
-        if not stopped:
-            text += self.matchers[sample].flush()
-        self.texts[sample] += text
-        self.done[sample] = True
-        return text
-
-    def flush(self) -> Iterator[tuple[int, str]]:
-        for sample in range(len(self.texts)):
-            if not self.done[sample]:
-                text = self._finish(sample)
-                if text:
-                    yield sample, text
+    def close(self) -> Iterator[TextPiece]:
+        for text in self.samples:
+            piece = text.close()
+            if piece is not None and (piece.text or piece.logprobs):
+                yield piece
 
 
 def load(
@@ -398,7 +467,7 @@ def load_resolved(
     torch_dtype = pick_dtype(dtype, torch_device)
     path = resolved.path
     config = GPT2Config.from_json(path / "config.json")
-    tokenizer = _load_tokenizer(path, config)
+    tokenizer = load_tokenizer(path, config)
     try:
         raw_state = read_state_dict(weight_files(path, allow_pickle))
     except CorruptWeightsError as exc:
@@ -409,27 +478,5 @@ def load_resolved(
     fastpath.place(model, torch_device, torch_dtype, method)
     lm = LM(model, tokenizer, resolved)
     if compile:
-        fastpath.compile_decode(lm.engine)
+        lm.decoder = fastpath.StaticDecoder(model)
     return lm
-
-
-def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor]) -> GPT2:
-    """A GPT2 built on the meta device and given ``raw_state``'s tensors (no second copy)."""
-    state = normalize_state_dict(raw_state, config, contiguous=False)
-    raw_state.clear()
-    for name in list(state):  # one Conv1D transpose at a time: its original is freed right after
-        state[name] = state[name].contiguous()
-    with torch.device("meta"):
-        model = GPT2(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def _load_tokenizer(path: Path, config: GPT2Config) -> Tokenizer:
-    tokenizer = Tokenizer.from_dir(path)  # MissingTokenizerError names the missing files
-    if tokenizer.n_vocab > config.vocab_size:
-        raise CorruptWeightsError(
-            f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {config.vocab_size}"
-        )
-    return tokenizer

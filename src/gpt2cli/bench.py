@@ -62,6 +62,7 @@ class BenchSpec:
     offline: bool = False
     draft_model: str | None = None  # speculative decoding: measured beside plain decoding
     draft_tokens: int = 4
+    compile: bool = False  # decode through the compiled step (``--compile``)
 
     def validate(self) -> BenchSpec:
         """Check the numbers before anything is loaded; returns self.
@@ -345,37 +346,52 @@ class _Subject:
     vocab: int
 
 
-def _time_stream(stream: Any, device: torch.device) -> _Run:
-    """Run a token stream (plain or speculative) to its end, reading the clock after each step."""
+def _time_engine(engine: Any, request: Any, device: torch.device) -> _Run:
+    """Step ``engine`` until ``request`` ends, reading the clock after each of sample 0's tokens."""
     times: list[float] = []
+    first = request.sequences[0]
     synchronize(device)
     t0 = time.perf_counter()
-    for _ in stream:
+    while not request.done:
+        tokens = sum(1 for event in engine.step() if event.seq is first)
         synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return _Run(stream.stats.prefill_seconds, times, stream.stats.acceptance_rate)
+        times.extend([time.perf_counter() - t0] * tokens)
+    engine.release()
+    return _Run(request.stats.prefill_seconds, times, request.stats.acceptance_rate)
+
+
+def _ours(lm: Any, spec: BenchSpec, draft: Any = None) -> Callable[[list[int], int, int], _Run]:
+    """How to time one request on our engine: a fresh engine each run (no prefix reuse)."""
+    from gpt2cli.config import GenerationConfig
+    from gpt2cli.engine import Request
+
+    def run_once(ids: list[int], batch: int, new_tokens: int) -> _Run:
+        cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, num_samples=batch, ignore_eos=True)
+        engine = lm._engine(ids, cfg, None, draft, spec.draft_tokens)
+        request = engine.submit(Request(ids, cfg, lm.tokenizer.eot_id))
+        return _time_engine(engine, request, lm.device)
+
+    return run_once
 
 
 def _load_ours(spec: BenchSpec) -> tuple[Any, _Subject]:
     from gpt2cli.api import load
 
     t0 = time.perf_counter()
-    lm = load(spec.model, device=spec.device, dtype=spec.dtype, offline=spec.offline, quantize=spec.quantize)
+    lm = load(
+        spec.model,
+        device=spec.device,
+        dtype=spec.dtype,
+        offline=spec.offline,
+        quantize=spec.quantize,
+        compile=spec.compile,
+    )
     synchronize(lm.device)
     load_seconds = time.perf_counter() - t0
     spec.check_window(lm.window)
-    engine, eos = lm.engine, lm.tokenizer.eot_id
-
-    def run_once(ids: list[int], batch: int, new_tokens: int) -> _Run:
-        from gpt2cli.config import GenerationConfig
-
-        engine.reset()  # no prefix reuse between repeats: every run prefills the whole prompt
-        cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, num_samples=batch, ignore_eos=True)
-        return _time_stream(engine.generate(ids, cfg, eos_id=eos), lm.device)
-
     subject = _Subject(
-        engine="gpt2cli",
-        run_once=run_once,
+        engine="gpt2cli" + (" (compiled)" if spec.compile else ""),
+        run_once=_ours(lm, spec),
         device=lm.device,
         dtype=lm.dtype,
         quantization=spec.quantize or "none",
@@ -390,27 +406,15 @@ def _speculative_subject(lm: Any, spec: BenchSpec) -> _Subject:
     """Our engine decoding with a draft model (speculative), on the same loaded target."""
     from gpt2cli.api import load
     from gpt2cli.config import GenerationConfig
-    from gpt2cli.engine import Engine
-    from gpt2cli.speculative import SpeculativeStream
 
     assert spec.draft_model is not None
-    draft = load(spec.draft_model, device=spec.device, dtype=spec.dtype, offline=spec.offline)
-    draft_engine = Engine(draft.model)  # its own cache, also when the draft is the target itself
+    draft = load(
+        spec.draft_model, device=spec.device, dtype=spec.dtype, offline=spec.offline, compile=spec.compile
+    )
     lm._can_speculate(draft, [0], GenerationConfig(max_new_tokens=spec.new_tokens), spec.draft_tokens, None)
-    eos = lm.tokenizer.eot_id
-
-    def run_once(ids: list[int], batch: int, new_tokens: int) -> _Run:
-        from gpt2cli.config import GenerationConfig
-
-        lm.engine.reset()
-        draft_engine.reset()
-        cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        stream = SpeculativeStream(lm.engine, draft_engine, ids, cfg, eos, k=spec.draft_tokens)
-        return _time_stream(stream, lm.device)
-
     return _Subject(
         engine=f"gpt2cli+draft:{draft.name}",
-        run_once=run_once,
+        run_once=_ours(lm, spec, draft),
         device=lm.device,
         dtype=lm.dtype,
         quantization=spec.quantize or "none",

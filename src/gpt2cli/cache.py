@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from gpt2cli.hub import (
     offline_requested,
     parse_spec,
 )
+from gpt2cli.safetensors_header import HeaderError, header_length, read_header, tensor_entries
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -429,16 +429,11 @@ def safetensors_parameters(paths: Iterable[Path]) -> tuple[int | None, str | Non
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any] | None:
-    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), or None."""
+    """The JSON header of a safetensors file, or None when it cannot be read."""
     try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100_000_000:
-                return None
-            header = json.loads(fh.read(n))
-    except (OSError, struct.error, ValueError):
+        return read_header(path)[1]
+    except (OSError, HeaderError):
         return None
-    return header if isinstance(header, dict) else None
 
 
 # ---------------------------------------------------------------------------- pull
@@ -622,9 +617,8 @@ def _is_truncated(path: Path, size: int) -> bool:
     if path.suffix != ".safetensors":
         return False
     try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-    except (OSError, struct.error):
+        n = header_length(path)
+    except (OSError, HeaderError):
         return True  # not even the 8-byte header length
     if size < 8 + n:
         return True
@@ -632,9 +626,7 @@ def _is_truncated(path: Path, size: int) -> bool:
     if header is None:
         return False  # a complete header that does not parse: corrupt, not short
     ends = [
-        int(t.get("data_offsets", [0, 0])[1])
-        for k, t in header.items()
-        if k != "__metadata__" and isinstance(t, dict)
+        int(t.get("data_offsets", [0, 0])[1]) for t in tensor_entries(header).values() if isinstance(t, dict)
     ]
     return size < 8 + n + max(ends, default=0)
 

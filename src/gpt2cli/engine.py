@@ -1,37 +1,61 @@
-"""The token-level generation loop: prefill once, decode one token per step, per-row EOS,
-limits, and the window slide. It knows token ids only, never strings.
+"""The one token-level generation engine: sequences that join and leave a running batch.
 
-GPT-2 has learned absolute positions, so once the window (n_positions) is full the engine
-keeps the most recent half of the tokens and prefills them again from position 0.
+Every path that generates runs here: ``LM.stream`` (one request), ``LM.generate_many`` and
+the server (many), speculative decoding (``speculative.py`` is this engine's token source
+when a draft model is set) and the compiled decode step (``fastpath.StaticDecoder``, passed
+in as ``decode``). The engine knows token ids only, never strings.
+
+Shape of one engine (see docs/design.md):
+- a ``KVCache`` of slots: rows [0, B) hold the B *active* sequences, in order; row B holds
+  the request being prefilled, if any. A sequence that leaves is removed and the rows after it
+  move up (a copy of their valid positions), so a decode step always runs over rows [0, B).
+- ``submit`` queues a ``Request`` (one prompt, ``num_samples`` samples). ``step`` does one
+  unit of work: one prefill chunk of the oldest waiting request (the whole prompt when
+  nothing else is decoding, else at most ``chunk`` tokens, so decoding rows are not stalled),
+  then one decode step over every active row. A request's prompt is prefilled once and its
+  samples fan out into rows of their own.
+- Each request keeps its own sampler, generator, limits and log-probability wishes; a failure
+  in sampling fails that request alone.
+- GPT-2's positions are learned and absolute: a sequence whose window is full keeps its most
+  recent half and prefills it again from position 0 in its own row (the window slide).
+- ``PromptCache``: a request may bring the caller's cache. Its longest shared prefix is
+  reused, and at the end it holds sample 0's ids and keys/values. An engine made with
+  ``kv=cache.kv`` works in that cache directly (no copies; ``LM.stream`` of one sample).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from gpt2cli.config import GenerationConfig
-from gpt2cli.device import synchronize
-from gpt2cli.kvcache import KVCache
+from gpt2cli.device import make_generator, synchronize
+from gpt2cli.kvcache import KVCache, PromptCache
+from gpt2cli.logprobs import TokenLogprob, step_logprobs
 from gpt2cli.model import GPT2
 from gpt2cli.sampling import Sampler, make_sampler
+
+# (ids (B, T), positions (B, T), cache) -> last-position logits (B, vocab); rows [0, B).
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
 
 
 @dataclass
 class EngineStats:
-    """Token counts and seconds of one generation (prefill = the prompt's forward pass)."""
+    """Token counts and seconds of one request (prefill = the prompt's forward passes)."""
 
     prompt_tokens: int = 0
-    prefill_tokens: int = 0  # tokens actually run (the rest came from the cache)
+    prefill_tokens: int = 0  # tokens actually run (the rest came from a prompt cache)
     prefill_seconds: float = 0.0
     generated_tokens: int = 0
     decode_seconds: float = 0.0
     window_slides: int = 0
     draft_proposed: int = 0  # speculative decoding: draft tokens proposed / kept by the target
     draft_accepted: int = 0
+    compiled_steps: int = 0  # decode steps that ran through the compiled step (--compile)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -39,170 +63,378 @@ class EngineStats:
         return self.draft_accepted / self.draft_proposed if self.draft_proposed else None
 
 
-@dataclass
-class TokenStream:
-    """An in-progress generation; iterate it for one list per step.
+class Sequence:
+    """One sample of a request: its tokens, its row in the cache, and how it ended."""
 
-    Each list holds, per sample, the new token id, or None once that sample has finished.
-    ``stop(i)`` ends sample i early (e.g. a stop string matched in its text).
+    def __init__(self, request: Request, sample: int, prompt: list[int]) -> None:
+        self.request = request
+        self.sample = sample
+        self.history = list(prompt)  # prompt + generated: what penalties look at
+        self.generated: list[int] = []
+        self.kv_ids: list[int] = []  # ids whose keys/values fill positions [0, len) of its row
+        self.pending: int | None = None  # sampled, not yet fed
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+
+@dataclass
+class Request:
+    """What a caller asks for: ``cfg.num_samples`` continuations of ``prompt`` (1..window ids).
+
+    ``logprobs``: None for none, else how many top alternatives each token's entry carries.
+    ``generator``: default one seeded from ``cfg.seed`` on the engine's device.
     """
 
-    engine: Engine
-    prompt_ids: list[int]
+    prompt: list[int]
     cfg: GenerationConfig
-    eos_id: int | None
+    eos_id: int | None = None
+    logprobs: int | None = None
+    cache: PromptCache | None = None
     generator: torch.Generator | None = None
-    finish_reasons: list[str | None] = field(default_factory=list)
+    sequences: list[Sequence] = field(default_factory=list)
     stats: EngineStats = field(default_factory=EngineStats)
+    error: BaseException | None = None
+    prefilled: int = 0  # prompt tokens whose keys/values are in the prefill row
+    _sampler: Sampler | None = field(default=None, repr=False)
+    _t_first: float | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self.finish_reasons = [None] * self.cfg.num_samples
-        self._sampler: Sampler = make_sampler(self.cfg)
+    @property
+    def done(self) -> bool:
+        return bool(self.sequences) and all(s.finished for s in self.sequences)
 
-    def stop(self, sample: int, reason: str = "stop") -> None:
-        if self.finish_reasons[sample] is None:
-            self.finish_reasons[sample] = reason
+    @property
+    def rows(self) -> int:
+        return self.cfg.num_samples
 
-    def __iter__(self) -> Iterator[list[int | None]]:
-        return self._run()
 
-    def _run(self) -> Iterator[list[int | None]]:
-        engine, cfg, n = self.engine, self.cfg, self.cfg.num_samples
-        device = engine.device
-        t0 = time.perf_counter()
-        logits, cache = engine.start(self.prompt_ids, n, cfg.max_new_tokens)
-        synchronize(device)
-        self.stats.prompt_tokens = len(self.prompt_ids)
-        self.stats.prefill_tokens = engine.last_prefill_tokens
-        self.stats.prefill_seconds = time.perf_counter() - t0
-        rows = list(range(n))  # batch row -> sample index, shrinks as samples finish
-        prompt = torch.tensor(self.prompt_ids, device=device, dtype=torch.long)
-        history = prompt.unsqueeze(0).expand(n, -1)  # (B, T) prompt + generated, for penalties
-        t_decode = time.perf_counter()
-        for step in range(cfg.max_new_tokens):
-            with torch.inference_mode():
-                next_ids = self._sampler(logits, history, self.generator)  # (B,)
-            out: list[int | None] = [None] * n
-            for row, token in enumerate(next_ids.tolist()):
-                sample = rows[row]
-                out[sample] = token
-                if token == self.eos_id and not cfg.ignore_eos:
-                    self.finish_reasons[sample] = "eos"
-            self.stats.generated_tokens += len(rows)
-            yield out
-            if step == cfg.max_new_tokens - 1:
-                break
-            keep = [r for r, s in enumerate(rows) if self.finish_reasons[s] is None]
-            if not keep:
-                break
-            history = torch.cat([history, next_ids.unsqueeze(1)], dim=1)
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=device)
-                cache.keep_rows(index)
-                history, next_ids = history[index], next_ids[index]
-                rows = [rows[r] for r in keep]
-            logits = engine.step(next_ids, history, cache, self.stats)
-        for s in range(n):
-            if self.finish_reasons[s] is None:
-                self.finish_reasons[s] = "length"
-        synchronize(device)
-        self.stats.decode_seconds = time.perf_counter() - t_decode
-        engine.finish(cache, n)
+@dataclass
+class TokenEvent:
+    """A new token of ``seq`` (its ``finish_reason`` is set when this token ended it)."""
+
+    seq: Sequence
+    token: int
+    logprob: TokenLogprob | None = None
 
 
 class Engine:
-    """Runs a GPT2 model over token ids, keeping the KV cache between calls.
+    """Continuous batching over one model: submit requests, call ``step`` until ``idle``.
 
-    The cache of a single-sample run is kept with the ids it holds, so a later prompt that
-    starts with those ids (the next REPL turn) pays only for its new tokens.
+    Args:
+        model: the network (never mutated by the engine).
+        max_rows: most sequences decoding at once; a request waits until its samples fit.
+        capacity: positions per row to start with (grows up to the window on demand).
+        chunk: most prompt tokens prefilled in one step while other rows are decoding.
+        kv: work in this cache (a ``PromptCache``'s); it needs one row per sample.
+        decode: the decode-step function (``fastpath.StaticDecoder`` for ``--compile``).
+        draft: a draft model for speculative decoding (``speculative.py``), one sequence only.
     """
 
-    def __init__(self, model: GPT2) -> None:
+    def __init__(
+        self,
+        model: GPT2,
+        *,
+        max_rows: int = 1,
+        capacity: int | None = None,
+        chunk: int = 256,
+        kv: KVCache | None = None,
+        decode: DecodeFn | None = None,
+        draft: GPT2 | None = None,
+        draft_tokens: int = 4,
+        draft_decode: DecodeFn | None = None,
+    ) -> None:
         self.model = model
         self.window = model.config.n_positions
-        self.cache: KVCache | None = None
-        self.cached_ids: list[int] = []
-        self.last_prefill_tokens = 0
-        # One decode step: ids (B, 1) into the cache -> logits (B, vocab). fastpath may swap in
-        # a compiled static-shape version.
-        self.decode_one: Callable[[torch.Tensor, KVCache], torch.Tensor] = self._decode_eager
+        self.max_rows = max_rows
+        self.capacity = min(capacity or self.window, self.window)
+        self.chunk = max(1, chunk)
+        self.kv = kv
+        self.decode_fn = decode
+        self.active: list[Sequence] = []
+        self.waiting: deque[Request] = deque()
+        self.speculator = None
+        if draft is not None:
+            from gpt2cli.speculative import Speculator
+
+            self.speculator = Speculator(self, draft, draft_tokens, draft_decode)
 
     @property
     def device(self) -> torch.device:
-        return self.model.wte.weight.device
+        return self.model.device
 
-    def generate(
-        self,
-        prompt_ids: list[int],
-        cfg: GenerationConfig,
-        *,
-        eos_id: int | None,
-        generator: torch.Generator | None = None,
-    ) -> TokenStream:
-        """Start generating after ``prompt_ids`` (at most one window long)."""
-        if not prompt_ids:
-            raise ValueError("prompt_ids must not be empty")
-        if len(prompt_ids) > self.window:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds the window")
-        return TokenStream(self, list(prompt_ids), cfg, eos_id, generator)
+    @property
+    def idle(self) -> bool:
+        return not self.active and not self.waiting
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; its samples join the batch once prefilled."""
+        if not request.prompt:
+            raise ValueError("a request needs at least one prompt token")
+        if len(request.prompt) > self.window:
+            raise ValueError(f"prompt of {len(request.prompt)} tokens exceeds the window")
+        if request.rows > self.max_rows:
+            raise ValueError(f"{request.rows} samples exceed the engine's {self.max_rows} rows")
+        if self.speculator is not None and (request.rows != 1 or self.waiting or self.active):
+            raise ValueError("speculative decoding runs one sequence at a time")
+        request.sequences = [Sequence(request, i, request.prompt) for i in range(request.rows)]
+        request.stats.prompt_tokens = len(request.prompt)
+        request._sampler = make_sampler(request.cfg)
+        if request.generator is None:
+            request.generator = make_generator(request.cfg.seed, self.device)
+        self.waiting.append(request)
+        return request
+
+    def stop(self, seq: Sequence, reason: str = "stop") -> None:
+        """End ``seq`` (a stop string matched, say); it leaves the batch at the next step."""
+        seq.finish(reason)
+
+    def cancel(self, request: Request, reason: str = "cancelled") -> None:
+        """End every sample of ``request`` now; a waiting request is dropped from the queue."""
+        for seq in request.sequences:
+            seq.finish(reason)
+        if request in self.waiting:
+            self.waiting.remove(request)
+            self._close(request)
+
+    # --- one step ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], extra_capacity: int = 0) -> torch.Tensor:
-        """Run ``ids`` into the single-row cache, reusing its longest shared prefix.
+    def step(self) -> list[TokenEvent]:
+        """One prefill chunk (if a request waits and fits), then one decode step of every row."""
+        self.release()
+        events: list[TokenEvent] = []
+        decoding = len(self.active)
+        if self.waiting and decoding + self.waiting[0].rows <= self.max_rows:
+            events += self._prefill_chunk(self.waiting[0], stall_ok=decoding == 0)
+        if decoding:
+            if self.speculator is not None:
+                events += self.speculator.round(self.active[0])
+            else:
+                events += self._decode(decoding)
+        self.release()
+        return events
 
-        Returns the last position's logits (1, vocab).
+    def release(self) -> None:
+        """Drop finished rows, moving the later rows (and the prefill row) up over them.
+
+        ``step`` calls it first and last; a caller that stops sequences after its last step
+        calls it to settle their requests (timings, prompt caches).
         """
-        common = 0
-        if self.cache is None or len(self.cached_ids) != self.cache.length:
-            self.cached_ids = []  # an interrupted step left them out of step with the cache
-        limit = min(len(self.cached_ids), len(ids) - 1)  # feed at least one token
-        while common < limit and self.cached_ids[common] == ids[common]:
-            common += 1
-        if self.cache is None or self.cache.batch != 1:
-            self.cache = self.model.new_cache(1, len(ids) + extra_capacity)
-        self.cache.truncate(common)
-        self.cached_ids = []  # invalid until the forward pass has succeeded
-        new = torch.tensor([ids[common:]], device=self.device, dtype=torch.long)
-        logits = self.model(new, self.cache, last_only=True)
-        self.cached_ids = list(ids)
-        self.last_prefill_tokens = len(ids) - common
-        return logits
+        if all(not s.finished for s in self.active):
+            return
+        survivors = [(row, s) for row, s in enumerate(self.active) if not s.finished]
+        left = [s for s in self.active if s.finished]
+        moves = [row for row, _ in survivors]
+        if self.waiting and self.waiting[0].prefilled:
+            moves.append(len(self.active))  # the prefill row follows the active ones
+            lengths = [len(s.kv_ids) for _, s in survivors] + [self.waiting[0].prefilled]
+        else:
+            lengths = [len(s.kv_ids) for _, s in survivors]
+        assert self.kv is not None
+        for row, seq in enumerate(self.active):
+            if seq.finished and seq.sample == 0:
+                self._save(seq, row)  # before its row is overwritten
+        for target, (source, length) in enumerate(zip(moves, lengths, strict=True)):
+            self.kv.copy_row(source, target, length)  # sources only ever move up: safe in order
+        self.active = [s for _, s in survivors]
+        for seq in left:
+            if seq.request.done:
+                self._close(seq.request)
 
-    def start(self, ids: list[int], n: int, max_new: int) -> tuple[torch.Tensor, KVCache]:
-        """Prefill once and fan out to ``n`` samples: (logits (n, vocab), cache of n rows)."""
-        logits = self.prefill(ids, extra_capacity=max_new)
-        assert self.cache is not None
-        if n == 1:
-            return logits, self.cache
-        with torch.inference_mode():
-            return logits.expand(n, -1), self.cache.expand(n)
+    def _close(self, request: Request) -> None:
+        """A request has ended: its decode time."""
+        if request._t_first is not None:
+            request.stats.decode_seconds = time.perf_counter() - request._t_first
 
-    @torch.inference_mode()
-    def step(
-        self, next_ids: torch.Tensor, history: torch.Tensor, cache: KVCache, stats: EngineStats
-    ) -> torch.Tensor:
-        """Feed one token per row (B,); slide the window first when it is full."""
-        if cache.length >= self.window:
-            keep = self.window // 2
-            recent = history[:, -keep:]
-            cache.reset()
-            stats.window_slides += 1
-            logits = self.model(recent, cache, last_only=True)
-            if cache is self.cache:
-                self.cached_ids = history[0, -keep:].tolist()
-            return logits
-        logits = self.decode_one(next_ids.unsqueeze(1), cache)
-        if cache is self.cache:
-            self.cached_ids.append(int(next_ids[0]))
-        return logits
+    def _save(self, seq: Sequence, row: int) -> None:
+        """Sample 0 has ended: copy its ids and keys/values (in ``row``) to the request's prompt cache."""
+        cache = seq.request.cache
+        if cache is None or cache.kv is self.kv:
+            return  # no cache, or it works in place
+        assert self.kv is not None
+        length = len(seq.kv_ids)
+        kv = cache.kv if cache.kv is not None else self.model.new_cache(1, length)
+        kv.ensure(1, length)
+        kv.copy_row(row, 0, length, source=self.kv)
+        cache.kv, cache.ids = kv, list(seq.kv_ids)
 
-    def _decode_eager(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.model(ids, cache, last_only=True)
+    # --- prefill -----------------------------------------------------------------------------
 
-    def finish(self, cache: KVCache, n: int) -> None:
-        """After a run: a multi-sample cache is dropped; the single-row one stays reusable."""
-        if n == 1 and cache is not self.cache:
-            self.cache, self.cached_ids = None, []
+    def reserve(self, capacity: int) -> KVCache:
+        """The engine's cache, with room for the rows in use and at least ``capacity`` positions.
 
-    def reset(self) -> None:
-        self.cache, self.cached_ids = None, []
+        Rows [0, B) are active and rows from B on take the request being prefilled and its
+        samples; a request is admitted only while its samples fit in ``max_rows``. Rows are
+        added as needed (doubling), so a server sized for many rows starts small.
+        """
+        needed = len(self.active) + (self.waiting[0].rows if self.waiting else 0)
+        rows = max(1, needed)
+        if self.kv is not None and rows > self.kv.rows:
+            rows = min(self.max_rows, max(rows, 2 * self.kv.rows))
+        if self.decode_fn is not None:
+            rows = max(rows, _bucket(rows))
+            capacity = self.window  # one shape for the compiled step: never grows
+        if self.kv is None:
+            self.kv = self.model.new_cache(rows, max(capacity, self.capacity))
+        else:
+            target = capacity if capacity <= self.kv.capacity else min(self.window, 2 * capacity)
+            self.kv.ensure(rows, max(target, capacity))
+        return self.kv
+
+    def _prefill_chunk(self, request: Request, *, stall_ok: bool) -> list[TokenEvent]:
+        """Run the next part of ``request``'s prompt into the prefill row; at its end, fan out."""
+        row = len(self.active)
+        prompt = request.prompt
+        t0 = time.perf_counter()
+        if request.prefilled == 0:
+            self.reserve(len(prompt) + request.cfg.max_new_tokens)
+            request.prefilled = self._reuse(request, row)
+        kv = self.reserve(len(prompt))
+        start = request.prefilled
+        end = len(prompt) if stall_ok else min(len(prompt), start + self.chunk)
+        ids = torch.tensor([prompt[start:end]], device=self.device)
+        pos = torch.arange(start, end, device=self.device)[None, :]
+        try:
+            logits = self.model(ids, pos, kv, rows=slice(row, row + 1), last_only=True)  # (1, V)
+        except BaseException:
+            if request.cache is not None and request.cache.kv is self.kv:
+                request.cache.ids = prompt[:start]  # what is certainly in the caller's cache
+            raise
+        if self.speculator is not None:
+            self.speculator.prefill(prompt, start, end)
+        request.prefilled = end
+        request.stats.prefill_tokens += end - start
+        synchronize(self.device)
+        request.stats.prefill_seconds += time.perf_counter() - t0
+        if end < len(prompt):
+            return []
+        return self._join(request, row, logits)
+
+    def _reuse(self, request: Request, row: int) -> int:
+        """Prompt tokens already in ``request.cache``: copied into ``row`` (or used in place)."""
+        cache = request.cache
+        if cache is None:
+            return 0
+        common = cache.common_prefix(request.prompt)
+        assert self.kv is not None
+        if cache.kv is not self.kv and cache.kv is not None and common:
+            self.kv.copy_row(0, row, common, source=cache.kv)
+        if cache.kv is self.kv:
+            del cache.ids[common:]  # what follows is about to be overwritten
+        return common
+
+    def _join(self, request: Request, row: int, logits: torch.Tensor) -> list[TokenEvent]:
+        """The prompt is in ``row``: copy it to one row per sample, sample each first token."""
+        assert self.kv is not None
+        self.waiting.popleft()
+        for i, seq in enumerate(request.sequences):
+            self.kv.copy_row(row, row + i, len(request.prompt))
+            seq.kv_ids = list(request.prompt)
+        if request.cache is not None and request.cache.kv is self.kv:
+            request.cache.ids = request.sequences[0].kv_ids  # the same list: it follows the row
+        request._t_first = time.perf_counter()
+        self.active.extend(request.sequences)
+        return self._sample(request.sequences, logits.expand(request.rows, -1))
+
+    # --- decode ------------------------------------------------------------------------------
+
+    def _decode(self, rows: int) -> list[TokenEvent]:
+        """Feed every active row's pending token; sample the next one of each."""
+        assert self.kv is not None
+        seqs = self.active[:rows]
+        for seq in seqs:
+            if len(seq.kv_ids) >= self.window:
+                self.slide(seq, self.active.index(seq))
+        longest = max(len(s.kv_ids) for s in seqs) + 1
+        kv = self.reserve(longest)
+        ids = torch.tensor([[s.pending] for s in seqs], device=self.device)  # (B, 1)
+        pos = torch.tensor([[len(s.kv_ids)] for s in seqs], device=self.device)  # (B, 1)
+        if self.decode_fn is not None:
+            self.model.forward_tokens += rows
+            logits = self.decode_fn(ids, pos, kv)
+            if not getattr(self.decode_fn, "failed", False):
+                for request in {id(s.request): s.request for s in seqs}.values():
+                    request.stats.compiled_steps += 1
+        else:
+            logits = self.model(ids, pos, kv, rows=slice(0, rows), last_only=True)  # (B, V)
+        for seq in seqs:
+            assert seq.pending is not None
+            seq.kv_ids.append(seq.pending)
+        return self._sample(seqs, logits)
+
+    def slide(self, seq: Sequence, row: int, keep: int | None = None) -> None:
+        """The window is full: prefill the newest half of ``seq``'s tokens again from position 0.
+
+        The pending token is fed by the next step, so ``keep - 1`` tokens are prefilled here.
+        """
+        keep = self.window // 2 if keep is None else keep
+        recent = seq.history[-keep:]  # ends with the pending token
+        del seq.kv_ids[:]
+        ids = torch.tensor([recent[:-1]], device=self.device)
+        assert self.kv is not None
+        self.model(ids, None, self.kv, rows=slice(row, row + 1), last_only=True)
+        seq.kv_ids.extend(recent[:-1])
+        seq.request.stats.window_slides += 1
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """Each request samples its own rows of ``logits`` (B, V) with its own settings."""
+        groups: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(id(seq.request), []).append(i)
+        events: list[TokenEvent] = []
+        for index in groups.values():
+            request = seqs[index[0]].request
+            rows = logits if len(index) == len(seqs) else logits[torch.tensor(index, device=logits.device)]
+            try:
+                tokens, entries = self._choose(request, [seqs[i] for i in index], rows)
+            except Exception as exc:  # noqa: BLE001 - one request's bad values must not fail the others
+                request.error = exc
+                for i in index:
+                    seqs[i].finish("error")
+                continue
+            for i, token, entry in zip(index, tokens, entries, strict=True):
+                events.append(self.accept(seqs[i], token, entry))
+        return events
+
+    def _choose(
+        self, request: Request, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Next ids of ``seqs`` from their logits (B, V), and their log-probabilities if wanted."""
+        assert request._sampler is not None
+        previous = None
+        if request.cfg.repetition_penalty not in (None, 1.0):
+            previous = torch.tensor([s.history for s in seqs], device=logits.device)  # (B, T)
+        chosen = request._sampler(logits, previous, request.generator)  # (B,)
+        entries: list[TokenLogprob | None] = [None] * len(seqs)
+        if request.logprobs is not None:
+            entries = list(step_logprobs(logits, chosen, request.logprobs))
+        return chosen.tolist(), entries
+
+    def accept(self, seq: Sequence, token: int, entry: TokenLogprob | None = None) -> TokenEvent:
+        """Record ``token`` as ``seq``'s next; end it at EOS or its token limit."""
+        request = seq.request
+        seq.history.append(token)
+        seq.generated.append(token)
+        seq.pending = token
+        request.stats.generated_tokens += 1
+        if token == request.eos_id and not request.cfg.ignore_eos:
+            seq.finish("eos")
+        elif len(seq.generated) >= request.cfg.max_new_tokens:
+            seq.finish("length")
+        return TokenEvent(seq, token, entry)
+
+
+def _bucket(rows: int) -> int:
+    """The compiled step's batch size for ``rows`` rows: the next power of two."""
+    size = 1
+    while size < rows:
+        size *= 2
+    return size

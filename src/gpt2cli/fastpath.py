@@ -13,12 +13,10 @@ from collections.abc import Callable
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 
 from gpt2cli import kernels
-from gpt2cli.engine import Engine
 from gpt2cli.kvcache import KVCache
-from gpt2cli.model import GPT2, Block, Linear
+from gpt2cli.model import GPT2, Linear
 from gpt2cli.quantize import check_method, quantize_model
 
 HALF = (torch.float16, torch.bfloat16)
@@ -52,61 +50,60 @@ def _half_storage(model: GPT2, dtype: torch.dtype) -> None:
 
 
 class StaticDecoder:
-    """A static-shape decode step (gpt-fast style) run through ``torch.compile``.
+    """The engine's decode step, compiled (gpt-fast style): ``(ids, pos, cache) -> logits``.
 
-    Every step has the same shapes: the new token attends over the whole cache capacity with
-    a mask (positions > pos masked out), and k/v are written with ``index_copy_`` at ``pos``
-    (a tensor), so one compiled graph serves every position. On CUDA it uses CUDA graphs
-    (mode "reduce-overhead"). If compiling fails (no C++ toolchain...), it warns once and
-    falls back to the eager step.
+    Every call has the same shapes for a batch-size bucket: the batch is padded to the next
+    power of two (padding rows write to the cache's scratch position and are dropped), and
+    attention reads the cache's whole capacity with a mask from the positions, so one graph
+    serves every prompt length and every step. On CUDA it uses CUDA graphs (mode
+    "reduce-overhead"). If compiling fails (no C++ toolchain...), it warns once and runs eagerly.
+    ``calls`` and ``graphs`` count compiled steps and compiled graphs (tests, stats).
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.model = engine.model
-        mode = "reduce-overhead" if engine.device.type == "cuda" else None
-        self.compiled: Callable[..., torch.Tensor] = torch.compile(_static_step, mode=mode, dynamic=False)
+    def __init__(self, model: GPT2) -> None:
+        self.model = model
+        self.compiled: Callable[..., torch.Tensor]
+        if model.device.type == "cuda":  # inductor with CUDA graphs; graphs are not counted there
+            self.compiled = torch.compile(_static_step, mode="reduce-overhead", dynamic=False)
+        else:
+            self.compiled = torch.compile(_static_step, backend=self._backend, dynamic=False)
         self.failed = False
+        self.calls = 0
+        self.graphs = 0
 
-    def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self.failed or cache.length >= cache.capacity:
-            return self.engine._decode_eager(ids, cache)
-        pos = torch.tensor([cache.length], device=ids.device)
+    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., object]:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs += 1
+        return cast(Callable[..., object], compile_fx(gm, example_inputs))
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        rows = ids.shape[0]
+        if self.failed:
+            return _eager_step(self.model, ids, pos, cache)
+        bucket = 1
+        while bucket < rows:
+            bucket *= 2
+        if bucket > rows:  # padding rows: token 0 at the scratch position
+            ids = torch.cat([ids, ids.new_zeros(bucket - rows, ids.shape[1])])
+            pos = torch.cat([pos, pos.new_full((bucket - rows, pos.shape[1]), cache.capacity)])
         try:
-            logits = self.compiled(self.model, ids, pos, cache.k, cache.v)
+            logits = self.compiled(self.model, ids, pos, cache)
         except Exception as exc:  # noqa: BLE001 - inductor raises many kinds; all mean "cannot compile"
             self.failed = True
-            reason = type(exc).__name__
-            warnings.warn(f"--compile unavailable here ({reason}); decoding eagerly", stacklevel=2)
-            return self.engine._decode_eager(ids, cache)
-        cache.length += 1
-        self.model.forward_tokens += ids.shape[0]
-        return logits.clone()  # CUDA graphs reuse their output buffer
+            warnings.warn(
+                f"--compile unavailable here ({type(exc).__name__}); decoding eagerly", stacklevel=2
+            )
+            return _eager_step(self.model, ids[:rows], pos[:rows], cache)
+        self.calls += 1
+        return logits[:rows].clone()  # CUDA graphs reuse their output buffer
 
 
-def _static_step(
-    model: GPT2, ids: torch.Tensor, pos: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor
-) -> torch.Tensor:
-    """ids (B, 1), pos (1,), caches (L, B, nh, cap, hs) -> logits (B, vocab); writes the caches."""
-    B = ids.shape[0]
-    cap = k_all.shape[3]
-    x = model.wte(ids).to(model.compute_dtype) + model.wpe(pos).to(model.compute_dtype)  # (B, 1, C)
-    mask = (torch.arange(cap, device=ids.device) <= pos)[None, :]  # (1, cap)
-    for i, module in enumerate(model.h):
-        block = cast(Block, module)
-        attn = block.attn
-        h = block.ln_1(x)
-        C = h.shape[-1]
-        q, k, v = attn.c_attn(h).split(C, dim=2)
-        q, k, v = (t.view(B, 1, attn.n_head, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-        k_all[i].index_copy_(2, pos, k)
-        v_all[i].index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, k_all[i], v_all[i], attn_mask=mask, scale=attn.scale)
-        x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
-        x = x + block.mlp(block.ln_2(x))
-    return model.logits(model.ln_f(x[:, -1]))
+def _static_step(model: GPT2, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """ids (B, T), pos (B, T) -> last-position logits (B, vocab); writes the cache. Traced."""
+    hidden = model.body(ids, pos, cache, rows=slice(0, ids.shape[0]), static=True)
+    return model.logits(hidden[:, -1])
 
 
-def compile_decode(engine: Engine) -> None:
-    """Make ``engine`` decode through a compiled static-shape step."""
-    engine.decode_one = StaticDecoder(engine)
+def _eager_step(model: GPT2, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    return model.logits(model.body(ids, pos, cache, rows=slice(0, ids.shape[0]))[:, -1])

@@ -1,20 +1,26 @@
-"""A preallocated key/value cache: one buffer per layer, written in place at the current position."""
+"""Key/value storage: a preallocated ``KVCache`` of slots, and the caller-owned ``PromptCache``.
+
+A ``KVCache`` holds keys and values of every layer for ``rows`` slots of ``capacity`` positions.
+It does not know how long each row is: its owner (the engine, or a ``PromptCache``) tracks
+that, and the model's forward writes at explicit per-row positions. One extra position per
+row (index ``capacity``) is scratch: padding rows of a fixed-shape (compiled) decode step
+write there, and no real row ever reads it.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 
 class KVCache:
-    """Keys and values of every layer, shape (n_layer, B, n_head, capacity, head_dim) each.
-
-    ``length`` is the number of positions filled; every batch row has the same length.
-    """
+    """Keys and values, shape (n_layer, rows, n_head, capacity + 1, head_dim) each."""
 
     def __init__(
         self,
         n_layer: int,
-        batch: int,
+        rows: int,
         n_head: int,
         head_dim: int,
         capacity: int,
@@ -22,56 +28,81 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (n_layer, batch, n_head, capacity, head_dim)
+        shape = (n_layer, rows, n_head, capacity + 1, head_dim)
+        # Zeros, not empty: masked keys still meet their values in the softmax-weighted sum
+        # (weight 0 times garbage NaN would be NaN).
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
 
     @property
-    def batch(self) -> int:
+    def rows(self) -> int:
         return self.k.shape[1]
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        """Usable positions per row (the scratch position is not counted)."""
+        return self.k.shape[3] - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
 
     def write(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, rows: slice, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at positions [start, start+T); return all keys/values so far."""
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store k, v (B, nh, T, hs) of rows ``rows`` at positions ``pos`` (B, T).
 
-    def truncate(self, length: int) -> None:
-        """Forget positions from ``length`` on (undo, or reuse of a shared prefix)."""
-        self.length = max(0, min(length, self.length))
+        Returns that layer's keys and values of those rows, (B, nh, capacity + 1, hs) views.
+        """
+        k_rows, v_rows = self.k[layer, rows], self.v[layer, rows]  # (B, nh, cap+1, hs) views
+        batch = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        # Advanced indices (batch, pos) around a slice put their dims first: (B, T, nh, hs).
+        k_rows[batch, :, pos] = k.transpose(1, 2)
+        v_rows[batch, :, pos] = v.transpose(1, 2)
+        return k_rows, v_rows
 
-    def reset(self) -> None:
-        self.length = 0
-
-    def expand(self, batch: int) -> KVCache:
-        """A cache of ``batch`` rows, each a copy of this single-row cache (one prefill, N samples)."""
-        if self.batch != 1:
-            raise ValueError("only a single-row cache can be expanded")
-        out = KVCache.__new__(KVCache)
-        out.k = self.k.expand(-1, batch, -1, -1, -1).contiguous()
-        out.v = self.v.expand(-1, batch, -1, -1, -1).contiguous()
-        out.length = self.length
-        return out
-
-    def grow(self, capacity: int) -> None:
-        """Enlarge the buffers to ``capacity`` positions, keeping what is stored."""
-        if capacity <= self.capacity:
+    def ensure(self, rows: int, capacity: int) -> None:
+        """Grow to at least ``rows`` rows and ``capacity`` positions, keeping what is stored."""
+        if rows <= self.rows and capacity <= self.capacity:
             return
+        rows, capacity = max(rows, self.rows), max(capacity, self.capacity)
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            new = old.new_zeros((old.shape[0], rows, old.shape[2], capacity + 1, old.shape[4]))
+            new[:, : old.shape[1], :, : old.shape[3] - 1] = old[:, :, :, :-1]
             setattr(self, name, new)
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows in ``rows`` (drop finished samples)."""
-        self.k = self.k[:, rows].contiguous()
-        self.v = self.v[:, rows].contiguous()
+    def copy_row(self, src: int, dst: int, length: int, source: KVCache | None = None) -> None:
+        """Copy positions [0, length) of row ``src`` (of ``source``, default this cache) to row ``dst``."""
+        source = self if source is None else source
+        if length <= 0 or (source is self and src == dst):
+            return
+        self.k[:, dst, :, :length] = source.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = source.v[:, src, :, :length]
+
+
+@dataclass
+class PromptCache:
+    """One sequence's token ids and their keys/values, owned by the caller (mlx-lm's prompt cache).
+
+    Pass it to ``LM.stream(..., cache=...)``: the stream reuses the longest prefix its prompt
+    shares with ``ids`` and runs only the rest; afterwards ``ids`` are the tokens fed so far
+    (prompt plus generated, as far as the keys/values hold them). A REPL session keeps one
+    across turns. ``kv`` is created on first use, on the model's device.
+    """
+
+    ids: list[int] = field(default_factory=list)
+    kv: KVCache | None = field(default=None, repr=False)
+
+    def common_prefix(self, ids: list[int]) -> int:
+        """How many leading ids are reusable for a prompt ``ids`` (at least one is always run)."""
+        if self.kv is None:
+            return 0
+        limit = min(len(self.ids), len(ids) - 1, self.kv.capacity)
+        n = 0
+        while n < limit and self.ids[n] == ids[n]:
+            n += 1
+        return n
+
+    def clear(self) -> None:
+        self.ids = []

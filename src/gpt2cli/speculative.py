@@ -1,146 +1,167 @@
-"""Speculative decoding: a small draft model proposes k tokens, the target verifies them in one pass.
+"""Speculative decoding: the engine's token source when a draft model is set.
 
-Greedy: a proposal is kept while it equals the target's argmax, so the output is exactly the
-target's greedy output. Sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023):
-keep proposal d with probability min(1, p(d)/q(d)); on the first rejection draw from
+A small draft model proposes k tokens; the target scores them all in one forward (the same
+``GPT2.forward`` with positions that every other path uses) and keeps a prefix. Greedy: a
+proposal is kept while it equals the target's argmax, so the output is exactly the target's
+greedy output. Sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023): keep
+proposal d with probability min(1, p(d)/q(d)); on the first rejection draw from
 normalise(max(0, p - q)); when all k are kept, draw one bonus token from p. The tokens then
-follow the target's (processed) distribution p exactly. One sample (batch 1) only.
+follow the target's (processed) distribution p exactly.
+
+Each accepted token goes through ``Engine.accept`` one at a time, so EOS and the token limit
+end a round where they fall, and a caller's stop (a stop string) ends the sequence before the
+next round: never more than one round of target work past a stop. Rounds never propose past
+the window's last position, and the window slides where and as the plain path slides it, so
+greedy output equals plain greedy output also across slides (when the draft's window is
+not the smaller one).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from gpt2cli.config import GenerationConfig
-from gpt2cli.device import synchronize
-from gpt2cli.engine import Engine, EngineStats
 from gpt2cli.kvcache import KVCache
+from gpt2cli.logprobs import TokenLogprob, step_logprobs
+from gpt2cli.model import GPT2
 from gpt2cli.sampling import process_logits
 
+if TYPE_CHECKING:
+    from gpt2cli.engine import DecodeFn, Engine, Request, Sequence, TokenEvent
 
-@dataclass
-class SpeculativeStream:
-    """Same interface as engine.TokenStream (iterate for one list per token; ``stop``)."""
 
-    target: Engine
-    draft: Engine
-    prompt_ids: list[int]
-    cfg: GenerationConfig
-    eos_id: int | None
-    k: int = 4
-    generator: torch.Generator | None = None
-    finish_reasons: list[str | None] = field(default_factory=lambda: [None])
-    stats: EngineStats = field(default_factory=EngineStats)
+class Speculator:
+    """The draft model's cache and the draft-and-verify round of one engine (one sequence)."""
 
-    def stop(self, sample: int, reason: str = "stop") -> None:
-        if self.finish_reasons[sample] is None:
-            self.finish_reasons[sample] = reason
+    def __init__(self, engine: Engine, draft: GPT2, k: int, decode: DecodeFn | None = None) -> None:
+        if k < 1:
+            raise ValueError("draft_tokens must be at least 1")
+        self.engine = engine
+        self.draft = draft
+        self.k = k
+        self.decode = decode
+        self.window = min(engine.window, draft.config.n_positions)
+        self.kv: KVCache | None = None
+        self.kv_ids: list[int] = []  # ids whose keys/values the draft's cache holds
 
-    def __iter__(self) -> Iterator[list[int | None]]:
-        return self._run()
+    def prefill(self, prompt: list[int], start: int, end: int) -> None:
+        """The target has prefilled ``prompt[start:end]``: bring the draft up to ``end`` too."""
+        self._sync(prompt[:end])
 
-    def _probs(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """Processed next-token distribution (V,) given the tokens so far (greedy: one-hot)."""
-        prev = torch.tensor([history], device=logits.device)
-        out = process_logits(logits.float().reshape(1, -1), prev, self.cfg)[0]
-        if self.cfg.greedy:
-            return torch.nn.functional.one_hot(out.argmax(), out.shape[-1]).float()
-        return out.softmax(dim=-1)
+    def _sync(self, ids: list[int]) -> torch.Tensor | None:
+        """Feed the draft whatever of ``ids`` its cache lacks; the last position's logits."""
+        common = 0
+        limit = min(len(self.kv_ids), len(ids) - 1)
+        while common < limit and self.kv_ids[common] == ids[common]:
+            common += 1
+        del self.kv_ids[common:]
+        feed = ids[common:]
+        if self.kv is None or self.kv.capacity < len(ids):
+            capacity = self.window if self.decode is not None else max(len(ids) * 2, 64)
+            kv = self.draft.new_cache(1, capacity)
+            if self.kv is not None:
+                kv.copy_row(0, 0, common, source=self.kv)
+            self.kv = kv
+        device = self.engine.device
+        x = torch.tensor([feed], device=device)
+        pos = torch.arange(common, common + len(feed), device=device)[None, :]
+        if self.decode is not None and len(feed) == 1:
+            self.draft.forward_tokens += 1
+            logits = self.decode(x, pos, self.kv)
+            if self.engine.active and not getattr(self.decode, "failed", False):
+                self.engine.active[0].request.stats.compiled_steps += 1
+        else:
+            logits = self.draft(x, pos, self.kv, last_only=True)  # (1, V)
+        self.kv_ids.extend(feed)
+        return logits[0]
 
-    def _draw(self, probs: torch.Tensor) -> int:
-        if self.cfg.greedy:
-            return int(probs.argmax())
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def _emit(self, token: int) -> bool:
-        """Account one generated token; True when generation must end after it."""
-        self.stats.generated_tokens += 1
-        if token == self.eos_id and not self.cfg.ignore_eos:
-            self.finish_reasons[0] = "eos"
-        return self.finish_reasons[0] is not None or self.stats.generated_tokens >= self.cfg.max_new_tokens
-
-    @torch.inference_mode()
-    def _run(self) -> Iterator[list[int | None]]:
-        cfg, k, device = self.cfg, self.k, self.target.device
-        t0 = time.perf_counter()
-        extra = cfg.max_new_tokens + k + 1
-        target_logits = self.target.prefill(self.prompt_ids, extra_capacity=extra)
-        draft_logits = self.draft.prefill(self.prompt_ids, extra_capacity=extra)
-        synchronize(device)
-        self.stats.prompt_tokens = len(self.prompt_ids)
-        self.stats.prefill_tokens = self.target.last_prefill_tokens
-        self.stats.prefill_seconds = time.perf_counter() - t0
-        tcache, dcache = self.target.cache, self.draft.cache
-        assert tcache is not None and dcache is not None
-        history = list(self.prompt_ids)
-        t_decode = time.perf_counter()
-        x = self._draw(self._probs(target_logits, history))  # not yet in either cache
-        pending = [x]  # tokens the draft has not consumed yet
-        done = self._emit(x)
-        yield [x]
-        del draft_logits
-        while not done:
-            history.append(x)
-            proposals, q = self._propose(pending, history, dcache, k)
-            base = tcache.length
-            feed = torch.tensor([[x, *proposals]], device=device)
-            p_logits = self.target.model(feed, tcache)[0]  # (k+1, V)
-            accepted, nxt = self._verify(p_logits, proposals, q, history)
-            self.stats.draft_proposed += k
-            self.stats.draft_accepted += accepted
-            tcache.truncate(base + 1 + accepted)  # x and the kept proposals
-            # The draft consumed x, d1..d(k-1); keep what the target kept.
-            dcache.truncate(min(dcache.length, base + 1 + accepted))
-            new = [*proposals[:accepted], nxt]
-            pending = [nxt] if accepted < k else [proposals[-1], nxt]
-            for token in new:
-                done = self._emit(token)
-                yield [token]
-                if done:
-                    break
-                history.append(token)
-            history.pop()  # the last token is fed as x next round
-            x = new[-1]
-        synchronize(device)
-        self.stats.decode_seconds = time.perf_counter() - t_decode
-        self.target.reset()  # the caches no longer match cached_ids
-        self.draft.reset()
+    def round(self, seq: Sequence) -> list[TokenEvent]:
+        """One draft-and-verify round for ``seq``: the tokens it accepts, in order."""
+        engine, request = self.engine, seq.request
+        if len(seq.kv_ids) >= self.window:  # where the plain path slides, and as it does
+            engine.slide(seq, 0, self.window // 2)
+            self.kv_ids = []  # the draft refills from the slid tokens below
+        # No proposal may pass the window's last position: every token then sees the same
+        # context as in plain decoding (a round of 0 proposals is one plain decode step).
+        k = min(self.k, self.window - 1 - len(seq.kv_ids))
+        assert seq.pending is not None
+        kv = engine.reserve(len(seq.kv_ids) + k + 1)
+        base = list(seq.kv_ids)
+        proposals, q = self._propose(base + [seq.pending], seq.history, request, k)
+        feed = [seq.pending, *proposals]
+        device = engine.device
+        pos = torch.arange(len(base), len(base) + k + 1, device=device)[None, :]
+        p_logits = engine.model(torch.tensor([feed], device=device), pos, kv)[0]  # (k+1, V)
+        accepted, nxt = self._verify(p_logits, proposals, q, seq.history, request)
+        request.stats.draft_proposed += k
+        request.stats.draft_accepted += accepted
+        seq.kv_ids.extend(feed[: accepted + 1])  # the pending token and the kept proposals
+        tokens = [*proposals[:accepted], nxt]
+        entries: list[TokenLogprob | None] = [None] * len(tokens)
+        if request.logprobs is not None:
+            chosen = torch.tensor(tokens, device=device)
+            entries = list(step_logprobs(p_logits[: len(tokens)], chosen, request.logprobs))
+        events = []
+        for token, entry in zip(tokens, entries, strict=True):
+            events.append(engine.accept(seq, token, entry))
+            if seq.finished:
+                break
+        return events
 
     def _propose(
-        self, pending: list[int], history: list[int], dcache: KVCache, k: int
+        self, ids: list[int], history: list[int], request: Request, k: int
     ) -> tuple[list[int], list[torch.Tensor]]:
-        """k draft tokens after ``history``, and the draft's distribution for each."""
+        """k draft tokens after ``ids`` (the target's tokens so far), with the draft's distributions."""
         proposals: list[int] = []
         q: list[torch.Tensor] = []
-        feed = pending
+        context = list(ids)
         for _ in range(k):
-            logits = self.draft.model(torch.tensor([feed], device=self.target.device), dcache, last_only=True)
-            probs = self._probs(logits[0], history + proposals)
-            d = self._draw(probs)
+            logits = self._sync(context)
+            assert logits is not None
+            probs = _probs(logits, history + proposals, request)
+            d = _draw(probs, request)
             proposals.append(d)
             q.append(probs)
-            feed = [d]
+            context.append(d)
         return proposals, q
 
     def _verify(
-        self, p_logits: torch.Tensor, proposals: list[int], q: list[torch.Tensor], history: list[int]
+        self,
+        p_logits: torch.Tensor,
+        proposals: list[int],
+        q: list[torch.Tensor],
+        history: list[int],
+        request: Request,
     ) -> tuple[int, int]:
         """(number of proposals kept, the token that follows them)."""
+        greedy = request.cfg.greedy
         for j, d in enumerate(proposals):
-            p = self._probs(p_logits[j], history + proposals[:j])
-            if self.cfg.greedy:
+            p = _probs(p_logits[j], history + proposals[:j], request)
+            if greedy:
                 if int(p.argmax()) != d:
                     return j, int(p.argmax())
                 continue
             ratio = float(p[d] / q[j][d]) if float(q[j][d]) > 0 else 0.0
-            u = float(torch.rand((), generator=self.generator, device=p.device))
+            u = float(torch.rand((), generator=request.generator, device=p.device))
             if u >= min(1.0, ratio):
                 residual = (p - q[j]).clamp(min=0)
                 total = float(residual.sum())
-                return j, self._draw(residual / total) if total > 0 else self._draw(p)
-        bonus = self._probs(p_logits[len(proposals)], history + proposals)
-        return len(proposals), self._draw(bonus)
+                return j, _draw(residual / total, request) if total > 0 else _draw(p, request)
+        bonus = _probs(p_logits[len(proposals)], history + proposals, request)
+        return len(proposals), _draw(bonus, request)
+
+
+def _probs(logits: torch.Tensor, history: list[int], request: Request) -> torch.Tensor:
+    """Processed next-token distribution (V,) given the tokens so far (greedy: one-hot)."""
+    prev = torch.tensor([history], device=logits.device)
+    out = process_logits(logits.float().reshape(1, -1), prev, request.cfg)[0]
+    if request.cfg.greedy:
+        return torch.nn.functional.one_hot(out.argmax(), out.shape[-1]).float()
+    return out.softmax(dim=-1)
+
+
+def _draw(probs: torch.Tensor, request: Request) -> int:
+    if request.cfg.greedy:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=request.generator))

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import struct
 from collections.abc import Iterable
 from io import BufferedReader
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import CorruptWeightsError, NotGPT2Error, UnsafeWeightsError
+from gpt2cli.safetensors_header import HeaderError, read_header, tensor_entries
 
 # Conv1D layers store their weight as (in, out); nn.Linear wants (out, in).
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -166,19 +166,14 @@ def check_safetensors_file(path: Path) -> None:
     """
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CorruptWeightsError(f"{path} is truncated ({size} bytes): not safetensors")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8:
-                raise CorruptWeightsError(f"{path} is truncated or not safetensors")
-            header = json.loads(fh.read(header_len))
+        header_len, header = read_header(path, size)
+        ends = [t["data_offsets"][1] for t in tensor_entries(header).values()]
     except FileNotFoundError as exc:
         raise CorruptWeightsError(f"weight file {path} is missing") from exc
-    except (OSError, ValueError) as exc:
+    except HeaderError as exc:
+        raise CorruptWeightsError(str(exc)) from exc
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise CorruptWeightsError(f"{path} has a corrupt safetensors header: {exc}") from exc
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
         raise CorruptWeightsError(f"{path} is truncated: {size} bytes of the {expected} expected")
@@ -224,13 +219,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     the copies, so peak RSS is one copy of the weights (header already checked).
     """
     state: dict[str, torch.Tensor] = {}
+    header_len, header = read_header(path)
+    base = 8 + header_len
     with open(path, "rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(header_len))
-        base = 8 + header_len
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        for name, info in tensor_entries(header).items():
             start, end = info["data_offsets"]
             shape, dtype = info["shape"], _SAFETENSORS_DTYPES[info["dtype"]]
             nbytes = math.prod(shape) * dtype.itemsize

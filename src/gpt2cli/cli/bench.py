@@ -62,6 +62,7 @@ def bench(
     draft_tokens: Annotated[
         int, typer.Option("--draft-tokens", help="Tokens the draft model proposes per step.")
     ] = 4,
+    compile: opt.Compile = False,
 ) -> None:
     """Benchmark generation: prefill and decode tokens/s, time to first token, latency, memory.
 
@@ -85,6 +86,7 @@ def bench(
         offline=offline,
         draft_model=draft_model,
         draft_tokens=draft_tokens,
+        compile=compile,
     ).validate()
 
     from gpt2cli.bench import run

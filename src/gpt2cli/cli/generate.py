@@ -93,14 +93,7 @@ def generate(
     offline: opt.Offline = False,
     allow_pickle: opt.AllowPickle = False,
     quantize: opt.Quantize = None,
-    compile_decode: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="Compile the decode step (torch.compile; CUDA graphs on CUDA).",
-            rich_help_panel=opt.PERFORMANCE_PANEL,
-        ),
-    ] = False,
+    compile_decode: opt.Compile = False,
     draft_model: Annotated[
         str | None,
         typer.Option(
@@ -156,7 +149,12 @@ def generate(
     draft = None
     if draft_model is not None:
         draft = load_model(
-            draft_model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle
+            draft_model,
+            device=device,
+            dtype=dtype,
+            offline=offline,
+            allow_pickle=allow_pickle,
+            compile=compile_decode,
         )
     if prompt not in (None, "-"):
         note_ignored_stdin()
@@ -169,10 +167,10 @@ def generate(
         partial = _partial_result(events, exc)
         renderer.interrupted(partial)
         if stats:
-            _print_stats(partial, cfg.seed, interrupted=True)
+            _print_stats(partial, lm.precision, cfg.seed, interrupted=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if stats and renderer.result is not None:
-        _print_stats(renderer.result, cfg.seed)
+        _print_stats(renderer.result, lm.precision, cfg.seed)
 
 
 def _partial_result(events: Any, exc: KeyboardInterrupt) -> Any:
@@ -299,7 +297,7 @@ _RENDERERS: dict[opt.TextFormat, type[_Renderer]] = {
 }
 
 
-def _print_stats(result: Any, seed: int | None, interrupted: bool = False) -> None:
+def _print_stats(result: Any, precision: str, seed: int | None, interrupted: bool = False) -> None:
     """One line on stderr; after Ctrl-C, the figures of what was generated until then."""
     parts = []
     if result is not None:
@@ -308,7 +306,13 @@ def _print_stats(result: Any, seed: int | None, interrupted: bool = False) -> No
             f"prompt: {result.prompt_tokens} tokens, {result.prompt_tokens_per_second:.1f} tok/s",
             f"generation: {generated} tokens, {result.tokens_per_second:.1f} tok/s",
             f"first token: {result.time_to_first_token * 1000:.0f} ms",
+            f"weights: {precision}",
         ]
+        stats = result.stats
+        if stats.draft_proposed:
+            parts.append(f"draft: {stats.draft_accepted}/{stats.draft_proposed} accepted")
+        if stats.compiled_steps:
+            parts.append(f"compiled steps: {stats.compiled_steps}")
     parts.append(f"seed: {seed}")
     line = ("interrupted | " if interrupted else "") + " | ".join(parts)
     console = stderr_console()

@@ -186,6 +186,16 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         )
 
 
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Decode through a torch.compile'd step (CUDA graphs on CUDA); see docs/performance.md.",
+        rich_help_panel=PERFORMANCE_PANEL,
+    ),
+]
+
+
 class TextFormat(str, Enum):
     text = "text"
     json = "json"

@@ -2,10 +2,10 @@
 slash commands, settings, the context window, and JSON transcripts.
 
 The conversation is held as token ids (each turn's prompt ids plus the ids the model
-generated), and every turn passes the whole context to ``LM.stream`` as ids. The engine keeps
-its single-row KV cache with the ids it holds and reuses the longest shared prefix, so a new
-turn runs only its new tokens. When the context would pass the model's window, the oldest
-whole exchanges leave it (GPT-2's positions are absolute, so that costs one full prefill).
+generated), and every turn passes the whole context to ``LM.stream`` as ids, with the
+session's own ``PromptCache``: the stream reuses the longest prefix it shares with the ids the
+cache holds, so a new turn runs only its new tokens. When the context would pass the model's
+window, the oldest whole exchanges leave it (GPT-2's positions are absolute, so that costs one full prefill).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gpt2cli.chat import TEMPLATES, ChatTemplate, Message, pick_template
 from gpt2cli.config import GenerationConfig
 from gpt2cli.errors import BadInputError, Gpt2Error
+from gpt2cli.kvcache import PromptCache
 
 if TYPE_CHECKING:
     from gpt2cli.api import LM, GenerationResult
@@ -81,7 +82,7 @@ class Session:
     """A conversation with one loaded model.
 
     Args:
-        lm: the loaded model (its engine's KV cache is reused across turns).
+        lm: the loaded model (the session's ``cache`` keeps its keys/values across turns).
         cfg: sampling settings; ``stop`` and ``num_samples`` are set per turn.
         template: how chat turns are written.
         mode: "chat" (transcript turns) or "complete" (continue the running text).
@@ -98,6 +99,7 @@ class Session:
         self.start = 0  # turns[:start] have left the window
         self.last_result: GenerationResult | None = None
         self.warn: Callable[[str], None] | None = None
+        self.cache = PromptCache()  # ids + keys/values of the conversation so far
 
     # --- context -------------------------------------------------------------------------
 
@@ -146,7 +148,7 @@ class Session:
         shown: list[str] = []
         result: GenerationResult | None = None
         try:
-            for event in self.lm.stream(prompt, cfg, warn=self.warn):
+            for event in self.lm.stream(prompt, cfg, warn=self.warn, cache=self.cache):
                 if isinstance(event, TextPiece):
                     yield event.text
                     # Only once the consumer asks for more has it shown this piece: a Ctrl-C
@@ -183,8 +185,8 @@ class Session:
         if result is not None:
             generated = result.samples[0].token_ids
             self.last_result = result
-        else:  # interrupted: the engine's cache holds the ids fed so far
-            cached = self.lm.engine.cached_ids
+        else:  # interrupted: the prompt cache holds the ids fed so far
+            cached = self.cache.ids
             generated = cached[len(prompt) :] if cached[: len(prompt)] == prompt else []
         if self.mode == "chat":
             text = text.rstrip()
@@ -471,17 +473,6 @@ def make_session(
     if template is not None and template not in TEMPLATES:
         raise BadInputError(f"unknown chat template {template!r}", hint=f"use one of: {', '.join(TEMPLATES)}")
     return Session(lm, cfg, pick_template(lm.name, template, user_name, bot_name), mode)
-
-
-def lstrip_stream(pieces: Iterator[str]) -> Iterator[str]:
-    """``pieces`` without the whitespace that opens a reply (the space after ``Assistant:``)."""
-    started = False
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        if piece:
-            yield piece
 
 
 BLOCK = '"""'

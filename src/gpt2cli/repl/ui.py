@@ -30,10 +30,10 @@ from gpt2cli.repl.session import (
     Outcome,
     Session,
     block_is_open,
-    lstrip_stream,
     script_inputs,
     unblock,
 )
+from gpt2cli.text import trimmed
 
 LEAVE_HINT = "Use Ctrl-D or /bye to leave."
 FILE_COMMANDS = ("/save", "/save!", "/load")
@@ -224,7 +224,7 @@ class TerminalUI:
         shown = False
         try:
             with no_echo():
-                for piece in lstrip_stream(pieces):
+                for piece in trimmed(pieces):
                     self.console.out(piece, end="", highlight=False)
                     shown = True
         except KeyboardInterrupt:
@@ -270,7 +270,7 @@ def run_piped(session: Session, lines: Iterable[str]) -> None:
             continue
         pieces = session.respond(text)
         try:
-            for piece in lstrip_stream(pieces):
+            for piece in trimmed(pieces):
                 write(piece)
         finally:
             pieces.close()

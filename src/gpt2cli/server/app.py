@@ -33,6 +33,7 @@ from gpt2cli.logprobs import TokenLogprob
 from gpt2cli.server.batch import Done, Event, Failed, Job, Piece
 from gpt2cli.server.protocol import ApiError, ChatRequest, CompletionRequest, validation_error
 from gpt2cli.server.scheduler import QueueFull, Scheduler, ShuttingDown
+from gpt2cli.text import ReplyTrimmer
 
 Log = Callable[[str], None]
 RequestT = TypeVar("RequestT", CompletionRequest, ChatRequest)
@@ -426,7 +427,7 @@ class _Answer:
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
         self.prompt_lps: list[list[TokenLogprob] | None] = [None] * len(plan.prompts)
         self.chat = plan.kind == "chat.completion"
-        self.cleaners = [_ReplyCleaner() for _ in range(count)] if self.chat else []
+        self.cleaners = [ReplyTrimmer() for _ in range(count)] if self.chat else []
         # text_offset of the next streamed token: generated text follows the prompt's text.
         self.stream_offsets = [0] * count
         if plan.logprobs is not None and plan.stream:
@@ -548,28 +549,6 @@ class _Answer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-
-
-class _ReplyCleaner:
-    """Streams a chat reply as ``ChatTemplate.clean_reply`` would give it: no leading or trailing blanks.
-
-    Leading whitespace is dropped; trailing whitespace is held back until more text follows it.
-    """
-
-    def __init__(self) -> None:
-        self.started = False
-        self.held = ""
-
-    def push(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self.started = True
-        text = self.held + text
-        body = text.rstrip()
-        self.held = text[len(body) :]
-        return body
 
 
 # --- middlewares --------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
-"""The bounded queue in front of the one engine, and the engine thread that drains it.
+"""The bounded queue in front of the one engine, and the engine thread that drives it.
 
-Requests are split into ``Job``s (one per prompt). One thread takes the oldest waiting job
-and, with it, every other waiting job whose prompt has the same token length (up to
-``max_batch`` rows), and runs them as one batch. A full queue refuses at once (the server
-answers 503); a cancelled job leaves its batch at the next step; closing ends running jobs
-at the next step with what they have and fails the waiting ones.
+Requests are split into ``Job``s (one per prompt). One thread runs an ``engine.Engine`` with
+continuous batching: between steps, waiting jobs join the running batch while their samples
+fit in ``max_batch`` rows (each is prefilled in chunks beside the rows that decode), and
+finished, cancelled or stopped ones leave. A full queue refuses at once (the server answers
+503); a cancelled job leaves at the next step; closing ends running jobs at the next step with
+what they have and fails the waiting ones. A failure while sampling one job fails that job
+alone; a failure of the forward pass fails the jobs of that step.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpt2cli.api import LM
-from gpt2cli.server.batch import BatchRun, Failed, Job, run_scores
+from gpt2cli.engine import Engine
+from gpt2cli.server.batch import Failed, Job, run_scores
+from gpt2cli.server.protocol import MAX_N
 
 
 class QueueFull(Exception):
@@ -30,14 +34,15 @@ class ShuttingDown(Exception):
 class SchedulerStats:
     waiting: int = 0
     running: int = 0
-    batches: int = 0
-    batched_jobs: int = 0  # jobs that ran in a batch with at least one other job
+    steps: int = 0  # engine steps run
+    batched_steps: int = 0  # steps that decoded rows of more than one job
+    max_rows: int = 0  # the most rows that decoded in one step
     completed: int = 0
     cancelled: int = 0
 
 
 class Scheduler:
-    """Feeds waiting jobs to the model, one batch at a time, on a background thread."""
+    """Feeds waiting jobs into one continuously batching engine, on a background thread."""
 
     def __init__(
         self, lm: LM, *, max_queue: int = 64, max_batch: int = 8, log: Callable[[str], None] | None = None
@@ -52,6 +57,7 @@ class Scheduler:
         self._closed = False
         self._stats = SchedulerStats()
         self._thread = threading.Thread(target=self._loop, name="gpt2-engine", daemon=True)
+        self._engine = self._new_engine()
 
     def start(self) -> None:
         self._thread.start()
@@ -108,46 +114,94 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._closed:
+                while not self._waiting and not self._running and not self._closed:
                     self._cond.wait()
-                if not self._waiting:
+                if self._closed and not self._waiting and not self._running:
                     return
-                batch = self._take()
-                self._running = batch
-            self._run(batch)
-            with self._cond:
-                self._running = []
-                for job in batch:
-                    job.done = True
-                    self._stats.completed += not job.cancelled.is_set()
+                admitted = self._admit()
+            for job in admitted:
+                self._start(job)
+            self._step()
 
-    def _take(self) -> list[Job]:
-        """The oldest job and the waiting jobs it can share a batch with."""
-        first = self._waiting.popleft()
-        if first.scores_only:
-            return [first]
-        batch, rows = [first], first.cfg.num_samples
-        for job in list(self._waiting):
-            if job.scores_only or len(job.prompt) != len(first.prompt):
-                continue
-            if rows + job.cfg.num_samples > self.max_batch:
-                break
-            self._waiting.remove(job)
-            batch.append(job)
-            rows += job.cfg.num_samples
-        self._stats.batches += 1
-        if len(batch) > 1:
-            self._stats.batched_jobs += len(batch)
-        return batch
+    def _new_engine(self) -> Engine:
+        # Rows for max_batch, or for one request with more samples than that (it runs alone).
+        rows = max(self.max_batch, MAX_N)
+        return Engine(self.lm.model, max_rows=rows, decode=self.lm.decoder)
 
-    def _run(self, batch: list[Job]) -> None:
-        lm = self.lm
+    def _admit(self) -> list[Job]:
+        """Waiting jobs whose samples fit beside the running ones, oldest first (lock held).
+
+        A job with more samples than ``max_batch`` runs once nothing else does.
+        """
+        rows = sum(job.rows for job in self._running)
+        admitted = []
+        while self._waiting and (rows + self._waiting[0].rows <= self.max_batch or rows == 0):
+            job = self._waiting.popleft()
+            rows += job.rows
+            admitted.append(job)
+            if not job.scores_only:
+                self._running.append(job)
+        return admitted
+
+    def _start(self, job: Job) -> None:
+        """Hand a job to the engine (a scores-only job is answered here and now)."""
         try:
-            if batch[0].scores_only:
-                run_scores(lm.model, batch[0])
+            if job.scores_only:
+                run_scores(self.lm.model, job)
+                self._finished(job)
             else:
-                BatchRun(lm.model, lm.tokenizer, batch).run()
-        except Exception as exc:  # noqa: BLE001 - a failed batch must not stop the engine thread
+                job.start(self._engine, self.lm.model, self.lm.tokenizer)
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the engine thread
             self._log(f"engine error: {type(exc).__name__}: {exc}")
-            for job in batch:
-                job.emit(Failed(f"internal error: {type(exc).__name__}"))
+            job.emit(Failed(f"internal error: {type(exc).__name__}"))
+            with self._cond:
+                if job in self._running:
+                    self._running.remove(job)
+            self._finished(job)
+
+    def _step(self) -> None:
+        """Cancel what must end, run one engine step, hand out its tokens, finish what ended."""
+        engine = self._engine
+        with self._cond:
+            running = list(self._running)
+        for job in running:
+            if job.request is not None and (job.cancelled.is_set() or job.stopping.is_set()):
+                engine.cancel(job.request)
+        try:
+            events = engine.step() if not engine.idle else []
+        except Exception as exc:  # noqa: BLE001 - the forward failed: the jobs in it fail, the thread goes on
+            self._log(f"engine error: {type(exc).__name__}: {exc}")
+            self._fail_all(running, exc)
+            return
+        self._count(engine)
+        by_request = {id(job.request): job for job in running}
+        for event in events:
+            by_request[id(event.seq.request)].push(engine, event)
+        engine.release()
+        for job in running:
+            if job.request is not None and job.request.done:
+                job.finish()
+                with self._cond:
+                    self._running.remove(job)
+                self._finished(job)
+
+    def _count(self, engine: Engine) -> None:
+        with self._cond:
+            self._stats.steps += 1
+            rows = len(engine.active)
+            self._stats.max_rows = max(self._stats.max_rows, rows)
+            if len({id(s.request) for s in engine.active}) > 1:
+                self._stats.batched_steps += 1
+
+    def _fail_all(self, jobs: list[Job], exc: Exception) -> None:
+        self._engine = self._new_engine()
+        for job in jobs:
+            job.emit(Failed(f"internal error: {type(exc).__name__}"))
+            with self._cond:
+                self._running.remove(job)
+            self._finished(job)
+
+    def _finished(self, job: Job) -> None:
+        with self._cond:
+            job.done = True
+            self._stats.completed += not job.cancelled.is_set()

@@ -1,5 +1,5 @@
 """Trainable models: a new GPT-2 of a named size with GPT-2's initialisation, or a loaded
-checkpoint made trainable (``api.build_model`` gives a frozen, eval-mode model for inference).
+checkpoint made trainable (``loader.build_model`` builds both).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from gpt2cli.config import GPT2Config
+from gpt2cli.loader import build_model
 from gpt2cli.model import GPT2
 from gpt2cli.train.settings import SIZES
-from gpt2cli.weights import normalize_state_dict, read_state_dict, weight_files
+from gpt2cli.weights import read_state_dict, weight_files
 
 
 def scratch_config(size: str, vocab_size: int = 50257) -> GPT2Config:
@@ -53,8 +54,4 @@ def load_trainable(path: Path, config: GPT2Config, allow_pickle: bool = False) -
     Raises:
         Gpt2Error: unsafe, missing or corrupt weights.
     """
-    state = normalize_state_dict(read_state_dict(weight_files(path, allow_pickle)), config)
-    with torch.device("meta"):
-        model = GPT2(config)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    return model.train().requires_grad_(True)
+    return build_model(config, read_state_dict(weight_files(path, allow_pickle)), trainable=True)

@@ -22,6 +22,7 @@ from torch import nn
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import BadInputError
 from gpt2cli.hub import resolve
+from gpt2cli.loader import load_tokenizer
 from gpt2cli.model import GPT2
 from gpt2cli.tokenizer import Tokenizer
 from gpt2cli.train import checkpoint, distributed
@@ -145,7 +146,7 @@ class _Run:
         checkpoint.check_output_dir(s.output, overwrite=s.overwrite, resume=s.resume)
         resolved = resolve(s.model, offline=s.offline, allow_pickle=s.allow_pickle, progress=info.is_main)
         self.source = resolved.path
-        tokenizer = _tokenizer(self.source)
+        tokenizer = load_tokenizer(self.source)
         self.config = (
             scratch_config(s.size, tokenizer.n_vocab)
             if s.from_scratch
@@ -369,10 +370,6 @@ class _Run:
             "last_eval": vars(self.last_eval).copy() if self.last_eval else None,
             "settings": settings,
         }
-
-
-def _tokenizer(path: Path) -> Tokenizer:
-    return Tokenizer.from_dir(path)  # MissingTokenizerError names the missing files
 
 
 def _adamw(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:

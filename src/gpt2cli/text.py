@@ -1,0 +1,101 @@
+"""The one text layer above the engine: token ids of one sample in, text pieces out.
+
+``SampleText`` is a sample's streaming UTF-8 decoder, its stop matcher and the
+log-probabilities of tokens whose text is still held back; ``LM.stream``, the REPL and the
+server all use it. ``ReplyTrimmer`` streams a chat reply without the whitespace that opens
+or closes it (what ``ChatTemplate.clean_reply`` does to a whole reply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from gpt2cli.logprobs import TokenLogprob
+from gpt2cli.stopping import StopMatcher
+from gpt2cli.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Piece:
+    """New text of one sample, with the log-probabilities of the tokens that completed it."""
+
+    sample: int
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class SampleText:
+    """Turns one sample's tokens into text, cut at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], sample: int = 0) -> None:
+        self.sample = sample
+        self.decoder = StreamDecoder(tokenizer)
+        self.matcher = StopMatcher(stops)
+        self.text = ""
+        self.ids: list[int] = []  # the sample's tokens, EOS excluded
+        self.pending: list[TokenLogprob] = []
+        self.stopped = False  # a stop string matched
+        self.closed = False
+
+    def push(self, token: int, entry: TokenLogprob | None = None, *, is_eos: bool = False) -> Piece | None:
+        """Add a generated token; the text it completes (None when there is none yet)."""
+        if self.closed:
+            return None
+        if entry is not None:
+            self.pending.append(entry)
+        if is_eos:
+            return self.close()
+        self.ids.append(token)
+        text, self.stopped = self.matcher.push(self.decoder.push(token))
+        return self._piece(text)
+
+    def close(self) -> Piece | None:
+        """End of the sample: release held-back text (unless a stop string cut it)."""
+        if self.closed:
+            return None
+        self.closed = True
+        text, stopped = self.matcher.push(self.decoder.flush())
+        self.stopped = self.stopped or stopped
+        if not stopped:
+            text += self.matcher.flush()
+        return self._piece(text)
+
+    def _piece(self, text: str) -> Piece | None:
+        self.text += text
+        if not text and not (self.pending and (self.closed or self.stopped)):
+            return None
+        piece = Piece(self.sample, text, self.pending)
+        self.pending = []
+        return piece
+
+
+class ReplyTrimmer:
+    """Streams a reply with no leading or trailing whitespace.
+
+    Leading whitespace is dropped; trailing whitespace is held back until more text follows it.
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+        self.held = ""
+
+    def push(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        text = self.held + text
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        return body
+
+
+def trimmed(pieces: Iterable[str]) -> Iterator[str]:
+    """``pieces`` of a reply, streamed through a ``ReplyTrimmer``."""
+    trimmer = ReplyTrimmer()
+    for piece in pieces:
+        text = trimmer.push(piece)
+        if text:
+            yield text
