@@ -366,13 +366,16 @@ class LM:
         name: str | None = None,
         on_token: Callable[[TokenScore], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        protocol: str = "lm-eval",
     ) -> ScoreResult:
         """Score text (``str``), UTF-8 ``bytes``, a file path or a binary stream (see ``scoring``).
 
         ``context`` defaults to the model's window and ``stride`` to half the context.
+        ``protocol``: "lm-eval" (the default reading) or "hf" (Hugging Face's perplexity guide).
 
         Raises:
-            BadInputError: bad window settings; ScoreInputError for unreadable or empty input.
+            BadInputError: bad window settings; ScoreInputError for unreadable or empty input;
+            ScoreInterrupted (a KeyboardInterrupt) on Ctrl-C, with the result so far.
         """
         from gpt2cli.scoring import Scorer
 
@@ -384,6 +387,7 @@ class LM:
             context=context,
             stride=stride,
             batch_size=batch_size,
+            protocol=protocol,
         )
         if isinstance(source, str):
             source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
