@@ -482,3 +482,22 @@ def test_rm_takes_several_names_and_checks_them_all_first(
 def test_ls_is_list(hub: HubSim, env: dict[str, str]) -> None:
     assert gpt2(env, "models", "pull", REPO).code == 0
     assert gpt2(env, "models", "ls").out == gpt2(env, "models", "list").out != ""
+
+
+def test_list_fits_a_narrow_terminal(
+    hub: HubSim, env: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gpt2cli.cache
+    import gpt2cli.cli.output as output
+
+    assert gpt2(env, "models", "pull", REPO).code == 0
+    monkeypatch.setattr(gpt2cli.cache, "cache_dir", lambda: Path(env["HF_HOME"]) / "hub")
+    monkeypatch.setattr(output, "is_terminal", lambda stream: stream is not None and stream is sys.stdout)
+    monkeypatch.setenv("COLUMNS", "40")
+    result = run_inprocess(["models", "list"], capsys, monkeypatch)
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert len(lines) >= 3 and max(len(line) for line in lines) <= 40, result.out
+    assert "…" not in result.out  # columns left out, none cut
+    row = next(line for line in lines if "acme/" in line)
+    assert row.split()[0] == REPO and row.split()[-1] == "ok"

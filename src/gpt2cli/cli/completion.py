@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -60,4 +61,4 @@ def completion(
         raise Gpt2Error(f"cannot write {path}: {exc.strerror or exc}") from exc
     write(f"{path}\n")
     note = ZSH_NOTE if shell is Shell.zsh else "open a new shell to use it"
-    typer.echo(f"installed {shell.value} completion: {note}", err=True)
+    sys.stderr.write(f"installed {shell.value} completion: {note}\n")

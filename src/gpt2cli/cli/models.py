@@ -68,7 +68,7 @@ def list_models(output_format: FormatOpt = Format.text) -> None:
         ]
         for m in models
     ]
-    table(header, rows, right=_RIGHT)
+    table(header, rows, right=_RIGHT, drop=(1, 5, 2, 3))  # narrow: REPO, FILES, REVISION, PARAMS go
     for m in models:
         if not m.complete:
             missing = ", ".join(m.missing)

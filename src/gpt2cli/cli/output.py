@@ -86,38 +86,44 @@ def table(
     right: frozenset[int] = frozenset(),
     title: str | None = None,
     indent: str = "",
+    drop: tuple[int, ...] = (),
 ) -> None:
     """Write a table to stdout: a Rich table that fits the terminal's width, or, piped, plain
     aligned columns separated by two spaces (it reads the same in a file and greps well).
 
-    ``right`` holds the indexes of right-aligned (numeric) columns.
+    ``right`` holds the indexes of right-aligned (numeric) columns; on a terminal too narrow
+    for every column, the columns in ``drop`` are left out, in that order, until the rest fit,
+    and what still does not fit wraps inside its cell (never cut).
     """
-    if is_terminal(sys.stdout):
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-
-        grid = Table(
-            title=title,
-            title_justify="left",
-            show_header=header is not None,
-            box=box.SIMPLE_HEAD if header is not None else None,
-            pad_edge=False,
-        )
-        width = len(header) if header is not None else max((len(r) for r in rows), default=0)
-        for i in range(width):
-            grid.add_column(header[i] if header else "", justify="right" if i in right else "left")
-        for row in rows:
-            grid.add_row(*row)
-        console = Console(no_color=not color_allowed(sys.stdout), highlight=False, markup=False, emoji=False)
-        if indent:
-            from rich.padding import Padding
-
-            console.print(Padding(grid, (0, 0, 0, len(indent))))
-        else:
-            console.print(grid)
+    if not is_terminal(sys.stdout):
+        write(plain_table(([header] if header else []) + rows, right=right, indent=indent, title=title))
         return
-    write(plain_table(([header] if header else []) + rows, right=right, indent=indent, title=title))
+    from rich import box
+    from rich.console import Console
+    from rich.padding import Padding
+    from rich.table import Table
+
+    console = Console(no_color=not color_allowed(sys.stdout), highlight=False, markup=False, emoji=False)
+    shown = list(range(len(header) if header is not None else max((len(r) for r in rows), default=0)))
+    widths = [max([len(r[i]) for r in rows] + [len(header[i]) if header else 0]) for i in shown]
+    for column in drop:
+        # Rich's simple box: a padded divider of three characters between columns
+        if sum(widths[i] for i in shown) + 3 * (len(shown) - 1) + len(indent) <= console.width:
+            break
+        shown.remove(column)
+    grid = Table(
+        title=title,
+        title_justify="left",
+        show_header=header is not None,
+        box=box.SIMPLE_HEAD if header is not None else None,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for i in shown:
+        grid.add_column(header[i] if header else "", justify="right" if i in right else "left", overflow="fold")
+    for row in rows:
+        grid.add_row(*(row[i] for i in shown))
+    console.print(Padding(grid, (0, 0, 0, len(indent))) if indent else grid)
 
 
 def plain_table(

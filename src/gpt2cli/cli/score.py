@@ -341,7 +341,8 @@ class _TextRenderer(_Renderer):
         total = [self._cells(self.total(results))] if several and results else []
         if self.rich:
             if self.rows:
-                table(COLUMNS, self.rows + total, right=frozenset(range(1, len(COLUMNS))))
+                # narrow: words, bytes, word_perplexity, nll, tokens give way to perplexity and bpb
+                table(COLUMNS, self.rows + total, right=frozenset(range(1, len(COLUMNS))), drop=(3, 2, 7, 4, 1))
             return
         for cells in total:
             self._line(cells)
