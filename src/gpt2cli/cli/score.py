@@ -342,7 +342,8 @@ class _TextRenderer(_Renderer):
         if self.rich:
             if self.rows:
                 # narrow: words, bytes, word_perplexity, nll, tokens give way to perplexity and bpb
-                table(COLUMNS, self.rows + total, right=frozenset(range(1, len(COLUMNS))), drop=(3, 2, 7, 4, 1))
+                numeric = frozenset(range(1, len(COLUMNS)))
+                table(COLUMNS, self.rows + total, right=numeric, drop=(3, 2, 7, 4, 1))
             return
         for cells in total:
             self._line(cells)
