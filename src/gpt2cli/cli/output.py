@@ -120,8 +120,8 @@ def table(
         pad_edge=False,
     )
     for i in shown:
-        justify = "right" if i in right else "left"
-        grid.add_column(header[i] if header else "", justify=justify, overflow="fold")
+        name = header[i] if header else ""
+        grid.add_column(name, justify="right" if i in right else "left", overflow="fold")
     for row in rows:
         grid.add_row(*(row[i] for i in shown))
     console.print(Padding(grid, (0, 0, 0, len(indent))) if indent else grid)
