@@ -14,6 +14,9 @@ import pytest
 from gpt2cli.cli.app import run
 
 GPT2_BIN = Path(sys.executable).parent / "gpt2"
+# Seconds a subprocess may take before a test calls it hung. A guard only: no test waits for it
+# to pass or asserts on how long anything took, so a busy machine is slower, never failing.
+HANG_GUARD = 600
 
 
 @dataclass
@@ -48,7 +51,7 @@ def run_subprocess(
     *,
     input: bytes | None = None,
     env: dict[str, str] | None = None,
-    timeout: float = 120,
+    timeout: float = HANG_GUARD,
     cwd: Path | None = None,
     prefix: list[str] | None = None,
     encoding: str = "utf-8",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import make_checkpoint
-from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess, run_subprocess
+from cliutil import GPT2_BIN, HANG_GUARD, assert_one_line_error, run_inprocess, run_subprocess
 
 from gpt2cli import load
 
@@ -218,7 +218,7 @@ def test_closed_stdin_with_prompt(ckpt_h: Path) -> None:
         [str(GPT2_BIN), "generate", "-m", str(ckpt_h), "Hi", "-n", "3"],
         capture_output=True,
         preexec_fn=lambda: os.close(0),
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout
@@ -229,7 +229,7 @@ def test_closed_stdin_without_prompt(ckpt_h: Path) -> None:
         [str(GPT2_BIN), "generate", "-m", str(ckpt_h)],
         capture_output=True,
         preexec_fn=lambda: os.close(0),
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 2
     assert b"gpt2: error:" in proc.stderr and b"Traceback" not in proc.stderr
@@ -246,7 +246,7 @@ def test_broken_pipe_exits_quietly(ckpt_h: Path) -> None:
     head = proc.stdout.read(20)  # like `| head -c 20`
     proc.stdout.close()
     err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=HANG_GUARD) == 0
     assert len(head) == 20 and err == b""
 
 
@@ -261,7 +261,7 @@ def test_ctrl_c_keeps_output_and_exits_130(ckpt_h: Path) -> None:
     first = proc.stdout.read(30)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=60)
+    rest, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 130, err
     assert len(first) == 30 and b"Traceback" not in err
     assert (first + rest).endswith(b"\n")  # the line is finished, nothing cut off
@@ -418,13 +418,13 @@ def test_help_and_version_import_nothing_heavy(flag: str) -> None:
         " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr.decode()
 
 
 def test_python_dash_m(ckpt_h: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "gpt2cli", "--version"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "gpt2cli", "--version"], capture_output=True, text=True, timeout=HANG_GUARD
     )
     assert proc.returncode == 0 and proc.stdout.startswith("gpt2cli ")
 

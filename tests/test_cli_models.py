@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cliutil import GPT2_BIN, Result, assert_one_line_error, run_inprocess, run_subprocess
+from cliutil import GPT2_BIN, HANG_GUARD, Result, assert_one_line_error, run_inprocess, run_subprocess
 from hubsim import HubSim, git_blob_sha1
 
 from gpt2cli.cache import file_digest, safetensors_parameters
@@ -125,26 +125,30 @@ def _popen_pull(env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_for_weights_transfer(env: dict[str, str], ckpt: Path) -> Path:
-    """Wait until the weight file's temporary download file exists, then a little longer."""
+HELD_AT = (1 << 20) + 1  # the client writes 1 MiB at a time (hub.PROGRESS_CHUNK): one lands
+
+
+def _wait_for_weights_transfer(env: dict[str, str], ckpt: Path, proc: subprocess.Popen[bytes]) -> Path:
+    """Wait until the held transfer (``hub.pause_after``) has written its first MiB to the
+    temporary download file: an event, however busy the machine (the poll has no deadline but
+    the process's own end)."""
     sha = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
     blobs = repo_dir(env) / "blobs"
-    deadline = time.monotonic() + 60
-    while not list(blobs.glob(f"{sha}.*.incomplete")):
-        assert time.monotonic() < deadline, "the weights transfer never started"
+    while not any(p.stat().st_size > 0 for p in blobs.glob(f"{sha}.*.incomplete")):
+        assert proc.poll() is None, "the pull ended before its weights transfer started"
         time.sleep(0.05)
-    time.sleep(0.5)  # bytes in flight: huggingface_hub writes in 10 MiB chunks, so the file may be empty
     return blobs
 
 
 def test_killed_pull_leaves_no_loadable_partial_and_next_pull_completes(
     hub: HubSim, env: dict[str, str], ckpt_h: Path
 ) -> None:
-    hub.slow_bytes_per_second = 2_000_000  # the 6.6 MB weight file takes seconds
+    release = hub.pause_after("model.safetensors", HELD_AT)  # the transfer waits mid-way
     proc = _popen_pull(env)
-    blobs = _wait_for_weights_transfer(env, ckpt_h)
+    blobs = _wait_for_weights_transfer(env, ckpt_h, proc)
     proc.send_signal(signal.SIGKILL)  # no cleanup at all: the worst case
-    proc.wait(timeout=30)
+    proc.wait(timeout=HANG_GUARD)
+    release.set()
     (partial,) = blobs.glob("*.incomplete")
     assert not list(repo_dir(env).glob("snapshots/*/model.safetensors"))
     assert_snapshot_intact(env)
@@ -159,11 +163,12 @@ def test_killed_pull_leaves_no_loadable_partial_and_next_pull_completes(
 
 
 def test_interrupted_pull_exits_130_and_cleans_up(hub: HubSim, env: dict[str, str], ckpt_h: Path) -> None:
-    hub.slow_bytes_per_second = 2_000_000
+    release = hub.pause_after("model.safetensors", HELD_AT)
     proc = _popen_pull(env)
-    blobs = _wait_for_weights_transfer(env, ckpt_h)
+    blobs = _wait_for_weights_transfer(env, ckpt_h, proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=HANG_GUARD)
+    release.set()
     assert proc.returncode == 130, err
     assert b"Traceback" not in err
     assert not list(blobs.glob("*.incomplete"))
@@ -174,7 +179,7 @@ def test_concurrent_pulls_both_succeed_with_one_copy(hub: HubSim, env: dict[str,
     hub.slow_bytes_per_second = 4_000_000  # long enough for the two transfers to overlap
     procs = [_popen_pull(env), _popen_pull(env)]
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=HANG_GUARD)
         assert proc.returncode == 0, err
     gets = [p for m, p in hub.requests if m == "GET" and p.endswith("/model.safetensors")]
     assert len(gets) == 1  # the second process waited on the lock and found the blob
@@ -373,7 +378,10 @@ def test_models_commands_import_nothing_heavy(hub: HubSim, env: dict[str, str]) 
     )
     for args in (["models", "--help"], ["models", "pull", "--help"], ["models", "pull", REPO]):
         proc = subprocess.run(
-            [sys.executable, "-c", code, *args], capture_output=True, env={**os.environ, **env}, timeout=120
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            env={**os.environ, **env},
+            timeout=HANG_GUARD,
         )
         assert proc.returncode == 0, (args, proc.stderr.decode())
 

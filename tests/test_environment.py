@@ -10,7 +10,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cliutil import assert_one_line_error, needs_namespaces, read_only, run_inprocess, run_subprocess
+from cliutil import (
+    HANG_GUARD,
+    assert_one_line_error,
+    needs_namespaces,
+    read_only,
+    run_inprocess,
+    run_subprocess,
+)
 
 import gpt2cli
 
@@ -41,7 +48,7 @@ def test_read_only_install_and_home_compile_kernels_in_memory(ckpt_h: Path, tmp_
         capture_output=True,
         text=True,
         env={**os.environ, **env},
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert probe.stdout.split() == ["True", "None"], probe.stderr  # the numba kernels still run
     assert list(numba_dir.iterdir()) == [] and list(home.iterdir()) == []
@@ -50,10 +57,14 @@ def test_read_only_install_and_home_compile_kernels_in_memory(ckpt_h: Path, tmp_
 def test_a_writable_numba_cache_dir_is_used(tmp_path: Path) -> None:
     code = "from gpt2cli import kernels; print(kernels.writable_cache_dir())"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nb"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
-    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD
+    )
     assert out.stdout.strip() == str(tmp_path / "nb")
     env.pop("NUMBA_CACHE_DIR")
-    out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [os.sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD
+    )
     assert out.stdout.strip() == str(tmp_path / "xdg" / "gpt2cli" / "numba")
 
 
@@ -67,7 +78,7 @@ def latin1_locale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         ["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(where / "en_US.ISO-8859-1")],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     if built.returncode not in (0, 1) or not (where / "en_US.ISO-8859-1").exists():
         pytest.skip(f"localedef could not build en_US.ISO-8859-1: {built.stderr.strip()[:200]}")
@@ -77,7 +88,7 @@ def latin1_locale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         capture_output=True,
         text=True,
         env={**os.environ, **env},
-        timeout=60,
+        timeout=HANG_GUARD,
     )
     if "8859" not in check.stdout:
         pytest.skip(f"the built locale is not used by Python here (stdout encoding {check.stdout.strip()})")
@@ -186,7 +197,7 @@ def test_loading_shows_a_status_line_on_a_terminal(ckpt_h: Path) -> None:
         if not data:
             break
         chunks.append(data)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=HANG_GUARD) == 0
     os.close(master)
     terminal = b"".join(chunks).decode("utf-8", "replace")
     assert f"loading {ckpt_h}" in terminal

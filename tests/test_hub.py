@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 from checkpoints import make_checkpoint
-from cliutil import assert_one_line_error, in_namespace, needs_namespaces, read_only, run_subprocess
+from cliutil import (
+    HANG_GUARD,
+    assert_one_line_error,
+    in_namespace,
+    needs_namespaces,
+    read_only,
+    run_subprocess,
+)
 from hubsim import HubSim
 
 from gpt2cli.errors import BadInputError, ModelNotFoundError, UnsafeWeightsError
@@ -216,7 +223,7 @@ def test_download_progress_on_a_terminal(hub: HubSim, tmp_path: Path) -> None:
             break
         chunks.append(data)
     out = proc.stdout.read() if proc.stdout else b""
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=HANG_GUARD) == 0
     os.close(master)
     terminal = b"".join(chunks).decode("utf-8", "replace")
     assert "model.safetensors" in terminal and "config.json" in terminal
@@ -367,7 +374,7 @@ def test_download_progress_updates_in_small_steps(hub: HubSim, tmp_path: Path) -
         [sys.executable, "-c", script],
         capture_output=True,
         env={**os.environ, **hub_env(hub, tmp_path)},
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     steps = json.loads(proc.stdout)

@@ -10,11 +10,12 @@ import select
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess
+from cliutil import GPT2_BIN, HANG_GUARD, assert_one_line_error, run_inprocess
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
@@ -36,10 +37,14 @@ def drive(session: Session, keys: str, steps: list[tuple[Callable[[TerminalUI], 
         if steps:
 
             def feed() -> None:
+                # Each step waits for its condition, however long a busy machine takes: sending
+                # early (after a fixed time) would type into the wrong prompt.
+                hung = time.monotonic() + HANG_GUARD  # a guard only: a hang ends the UI (Ctrl-D)
                 for ready, text in steps:
-                    for _ in range(2000):
-                        if ready(ui):
-                            break
+                    while not ready(ui):
+                        if time.monotonic() > hung:
+                            pipe.send_text("\x04\x04")
+                            return
                         threading.Event().wait(0.01)
                     pipe.send_text(text)
 
@@ -161,11 +166,11 @@ def test_piped_subprocess_plain_text_and_ctrl_c_exits_130(ckpt_h: Path, tmp_path
             env=env,
         )
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
-    assert ready, "no reply within 120 s"
+    ready, _, _ = select.select([proc.stdout], [], [], HANG_GUARD)
+    assert ready, "no reply: the repl hung"
     first = proc.stdout.read1(64)  # the reply has begun
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_GUARD)
     text = (first + out).decode()
     assert proc.returncode == 130, err
     assert text.strip() and text.endswith("\n") and "\x1b" not in text
@@ -200,7 +205,7 @@ def test_pty_ctrl_c_while_streaming_and_at_prompt_ctrl_d_leaves(ckpt_h: Path, tm
         ["repl", "-m", str(ckpt_h), "--seed", "1", "-n", "100000"],
         env=env,
         encoding="utf-8",
-        timeout=120,
+        timeout=HANG_GUARD,
         dimensions=(24, 120),
     )
     log = io.StringIO()
@@ -239,7 +244,7 @@ def test_pty_stdout_redirected_gets_only_replies(ckpt_h: Path, tmp_path: Path) -
     out = tmp_path / "replies.txt"
     env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
     command = f"'{GPT2_BIN}' repl -m '{ckpt_h}' -t 0 -n 5 > '{out}'"
-    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, encoding="utf-8", timeout=120)
+    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, encoding="utf-8", timeout=HANG_GUARD)
     try:
         child.expect(">>>")
         child.sendline("hi")
