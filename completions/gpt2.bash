@@ -13,6 +13,7 @@ _gpt2_nargs() {
         'generate|--repetition-penalty') return 1 ;;
         'generate|--seed') return 1 ;;
         'generate|--stop') return 1 ;;
+        'generate|--stop-raw') return 1 ;;
         'generate|--num-samples') return 1 ;;
         'generate|--format') return 1 ;;
         'generate|--device') return 1 ;;
@@ -35,6 +36,7 @@ _gpt2_nargs() {
         'score|--format') return 1 ;;
         'score|--top') return 1 ;;
         'score|--errors') return 1 ;;
+        'score|--protocol') return 1 ;;
         'score|--device') return 1 ;;
         'score|--dtype') return 1 ;;
         'score|--quantize') return 1 ;;
@@ -72,6 +74,7 @@ _gpt2_nargs() {
         'serve|--quantize') return 1 ;;
         'finetune|--output'|'finetune|-o') return 1 ;;
         'finetune|--model'|'finetune|-m') return 1 ;;
+        'finetune|--data-format') return 1 ;;
         'finetune|--block-size') return 1 ;;
         'finetune|--val-fraction') return 1 ;;
         'finetune|--epochs') return 1 ;;
@@ -94,7 +97,7 @@ _gpt2_nargs() {
         'bench|--dtype') return 1 ;;
         'bench|--quantize') return 1 ;;
         'bench|--prompt-tokens') return 1 ;;
-        'bench|--new-tokens') return 1 ;;
+        'bench|--max-new-tokens'|'bench|--new-tokens'|'bench|-n') return 1 ;;
         'bench|--batch-size') return 1 ;;
         'bench|--repeats') return 1 ;;
         'bench|--warmup') return 1 ;;
@@ -116,7 +119,7 @@ _gpt2_nargs() {
 _gpt2_is_command() {
     # is $2 a subcommand of command path $1?
     case "$1|$2" in
-        '|generate'|'|score'|'|repl'|'|serve'|'|finetune'|'|bench'|'|models'|'models|list'|'models|pull'|'models|info'|'models|verify'|'models|rm') return 0 ;;
+        '|generate'|'|score'|'|repl'|'|serve'|'|finetune'|'|bench'|'|completion'|'|models'|'models|list'|'models|pull'|'models|info'|'models|verify'|'models|rm') return 0 ;;
     esac
     return 1
 }
@@ -125,12 +128,13 @@ _gpt2_complete_options() {
     # the options of command path $1
     case "$1" in
         '') _gpt2_add -W '--version -V --debug --help -h' ;;
-        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --num-samples --echo --ignore-eos --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --jsonl --output -o --prompt-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
-        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --device --dtype --offline --allow-pickle --quantize --jsonl --output -o --text-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
+        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --stop-raw --num-samples --ignore-eos --echo --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --jsonl --output -o --prompt-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
+        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --protocol --device --dtype --offline --allow-pickle --quantize --jsonl --output -o --text-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
         repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --quantize --help -h' ;;
         serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --device --dtype --quantize --offline --allow-pickle --help -h' ;;
-        finetune) _gpt2_add -W '--output -o --model -m --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
-        bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --new-tokens --batch-size --repeats --warmup --threads --format --compare --seed --offline --draft-model --draft-tokens --compile --help -h' ;;
+        finetune) _gpt2_add -W '--output -o --model -m --data-format --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
+        bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --max-new-tokens --new-tokens -n --batch-size --repeats --warmup --threads --format --compare --seed --offline --draft-model --draft-tokens --compile --help -h' ;;
+        completion) _gpt2_add -W '--install --help -h' ;;
         models) _gpt2_add -W '--help -h' ;;
         'models list') _gpt2_add -W '--format --help -h' ;;
         'models pull') _gpt2_add -W '--offline --allow-pickle --format --help -h' ;;
@@ -151,6 +155,7 @@ _gpt2_complete_value() {
         'score|--model'|'score|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'score|--format') _gpt2_add -W 'text json jsonl csv' ;;
         'score|--errors') _gpt2_add -W 'strict replace' ;;
+        'score|--protocol') _gpt2_add -W 'lm-eval hf' ;;
         'score|--jsonl') _gpt2_add_files ;;
         'score|--output'|'score|-o') _gpt2_add_files ;;
         'score|--on-error') _gpt2_add -W 'skip stop' ;;
@@ -160,6 +165,7 @@ _gpt2_complete_value() {
         'serve|--model'|'serve|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'finetune|--output'|'finetune|-o') _gpt2_add_files ;;
         'finetune|--model'|'finetune|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'finetune|--data-format') _gpt2_add -W 'auto text jsonl' ;;
         'finetune|--size') _gpt2_add -W 'tiny mini small gpt2' ;;
         'bench|--model'|'bench|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'bench|--format') _gpt2_add -W 'table json csv markdown' ;;
@@ -174,8 +180,9 @@ _gpt2_complete_value() {
 _gpt2_complete_argument() {
     # a subcommand or argument after command path $1
     case "$1" in
-        '') _gpt2_add -W 'generate score repl serve finetune bench models' ;;
+        '') _gpt2_add -W 'generate score repl serve finetune bench completion models' ;;
         score) _gpt2_add_files ;;
+        completion) _gpt2_add -W 'bash zsh fish' ;;
         models) _gpt2_add -W 'list pull info verify rm' ;;
     esac
 }

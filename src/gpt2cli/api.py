@@ -58,6 +58,7 @@ class GenerationResult:
     prompt_tokens_per_second: float
     prompt_truncated: int = 0
     stats: EngineStats = field(default_factory=EngineStats, repr=False)
+    seed: int | None = None  # the seed the sampling used (drawn when the request gave none)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` object."""
@@ -69,10 +70,19 @@ class GenerationResult:
             ],
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "seed": self.seed,
         }
 
     def stats_dict(self) -> dict[str, Any]:
         return asdict(self.stats)
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``LM.stream``: ``partial`` is the result of what was generated until then."""
+
+    def __init__(self, partial: GenerationResult) -> None:
+        super().__init__()
+        self.partial = partial
 
 
 class LM:
@@ -152,7 +162,7 @@ class LM:
                 identical to this model's alone; sampled output follows this model's distribution.
             logprobs: attach each token's log-probability and this many alternatives to the pieces.
         """
-        cfg = (cfg or GenerationConfig()).validate()
+        cfg = (cfg or GenerationConfig()).validate().with_seed()  # a drawn seed is reported
         ids, dropped = self.prepare_prompt(prompt, warn)
         use_draft = draft is not None and self._can_speculate(draft, ids, cfg, draft_tokens, warn)
         engine = self._engine(ids, cfg, cache, draft if use_draft else None, draft_tokens)
@@ -160,12 +170,16 @@ class LM:
         texts = RequestTexts(self.tokenizer, request)
         t0 = time.perf_counter()
         ttft: float | None = None
-        while not request.done:
-            for event in engine.step():
-                ttft = time.perf_counter() - t0 if ttft is None else ttft
-                piece = texts.push(engine, event)
-                if piece is not None:
-                    yield piece
+        try:
+            while not request.done:
+                for event in engine.step():
+                    ttft = time.perf_counter() - t0 if ttft is None else ttft
+                    piece = texts.push(engine, event)
+                    if piece is not None:
+                        yield piece
+        except KeyboardInterrupt:  # Ctrl-C: what was generated so far rides on the exception
+            partial = self._result(request, texts, dropped, time.perf_counter() - t0, ttft, "interrupted")
+            raise GenerationInterrupted(partial) from None
         engine.release()
         if request.error is not None:
             raise request.error
@@ -294,10 +308,14 @@ class LM:
         dropped: int,
         seconds: float,
         ttft: float | None,
+        unfinished: str = "length",
     ) -> GenerationResult:
+        """The result; samples still running are reported with the reason ``unfinished``."""
         stats = request.stats
+        if not stats.decode_seconds and unfinished != "length":  # interrupted before the engine set it
+            stats.decode_seconds = max(0.0, seconds - (ttft or 0.0))
         samples = [
-            SampleResult(t.text, len(t.ids), seq.finish_reason or "length", t.ids)
+            SampleResult(t.text, len(t.ids), seq.finish_reason or unfinished, t.ids)
             for t, seq in zip(texts.samples, request.sequences, strict=True)
         ]
         generated = sum(s.tokens for s in samples)
@@ -313,6 +331,7 @@ class LM:
             ),
             prompt_truncated=dropped,
             stats=stats,
+            seed=request.cfg.seed,
         )
 
     def generate(
@@ -347,15 +366,18 @@ class LM:
         name: str | None = None,
         on_token: Callable[[TokenScore], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        protocol: str = "lm-eval",
     ) -> ScoreResult:
         """Score text (``str``), UTF-8 ``bytes``, a file path or a binary stream (see ``scoring``).
 
         ``context`` defaults to the model's window and ``stride`` to half the context.
+        ``protocol``: "lm-eval" (the default reading) or "hf" (Hugging Face's perplexity guide).
 
         Raises:
-            BadInputError: bad window settings; ScoreInputError for unreadable or empty input.
+            BadInputError: bad window settings; ScoreInputError for unreadable or empty input;
+            ScoreInterrupted (a KeyboardInterrupt) on Ctrl-C, with the result so far.
         """
-        scorer = self.scorer(context, stride, batch_size)
+        scorer = self.scorer(context, stride, batch_size, protocol)
         if isinstance(source, str):
             source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
         elif isinstance(source, bytes):
@@ -398,13 +420,26 @@ class LM:
         )
         return packed.score_many(texts, errors=errors, per_token=per_token)
 
-    def scorer(self, context: int | None = None, stride: int | None = None, batch_size: int = 8) -> Scorer:
+    def scorer(
+        self,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        protocol: str = "lm-eval",
+    ) -> Scorer:
         """A ``Scorer`` over this model; ``context`` defaults to the window, ``stride`` to half of it."""
         from gpt2cli.scoring import Scorer
 
         context = self.window if context is None else context
         stride = max(1, context // 2) if stride is None else stride
-        return Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
+        return Scorer(
+            self.model,
+            self.tokenizer,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            protocol=protocol,
+        )
 
 
 class RequestTexts:

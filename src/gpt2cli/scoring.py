@@ -7,9 +7,17 @@ targets no earlier window scored, so every text token is scored exactly once, wi
 context its window gives (stride == context: disjoint windows). Perplexity is
 exp(total NLL / scored tokens); bits per byte and word perplexity are lm-evaluation-harness's.
 
+``protocol="hf"`` is instead Hugging Face's perplexity guide, to the letter, so that its
+published figures can be reproduced: no prefix (the text's first token is never predicted);
+windows of ``context`` tokens start every ``stride`` tokens; each predicts the tokens after
+the previous window's end (the first window ``context - 1`` of them), and its mean NLL counts
+for one token fewer than its new tokens (the guide subtracts the label shift per window), so
+perplexity = exp(sum of mean x (new - 1) / sum of (new - 1)). A window with nothing to predict
+counts for nothing.
+
 Input is read in chunks, decoded incrementally and tokenized at boundaries where tokenizing
 the pieces equals tokenizing the whole, and windows are scored as they fill: memory stays
-bounded however long the input is.
+bounded however long the input is. Ctrl-C raises ``ScoreInterrupted`` with the result so far.
 """
 
 from __future__ import annotations
@@ -38,11 +46,20 @@ LOGIT_ELEMENTS = 1 << 25  # logits computed at once: rows x vocab (128 MiB in fl
 CONTEXT_TOKENS = 12  # tokens of context shown either side of a --top token
 _WORD_BREAK = re.compile(r"\s+")
 
-Progress = Callable[[int, int], None]  # (bytes read so far, tokens scored so far)
+Progress = Callable[[int, int], None]  # (bytes of text scored so far, tokens scored so far)
+PROTOCOLS = ("lm-eval", "hf")  # the default reading, and Hugging Face's perplexity guide
 
 
 class ScoreInputError(BadInputError):
     """An input to score cannot be read: missing, a directory, empty, or not UTF-8."""
+
+
+class ScoreInterrupted(KeyboardInterrupt):
+    """Ctrl-C while scoring: ``partial`` is the result of the text scored until then."""
+
+    def __init__(self, partial: ScoreResult) -> None:
+        super().__init__()
+        self.partial = partial
 
 
 @dataclass(frozen=True)
@@ -100,6 +117,7 @@ class ScoreResult:
     seconds: float = 0.0
     token_scores: list[TokenScore] = field(default_factory=list, repr=False)
     top: list[Surprise] = field(default_factory=list, repr=False)
+    interrupted: bool = False  # Ctrl-C: the figures of the text scored until then
 
     @property
     def nll(self) -> float:
@@ -141,11 +159,18 @@ class ScoreResult:
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
         }
+        if self.interrupted:
+            obj["interrupted"] = True
         if self.top:
             obj["top"] = [s.to_json() for s in self.top]
         if self.token_scores:
             obj["per_token"] = [t.to_json() for t in self.token_scores]
         return obj
+
+
+def _window_sums(logprobs: torch.Tensor, counts: list[int]) -> list[float]:
+    """The sum (in float64) of each window's slice of the batch's log-probabilities."""
+    return [float(part.double().sum()) for part in torch.split(logprobs, counts)]
 
 
 def _safe_exp(x: float) -> float:
@@ -170,12 +195,14 @@ def total(results: list[ScoreResult], name: str = "total") -> ScoreResult:
     )
 
 
-def check_windows(context: int, stride: int, window: int) -> None:
-    """Validate the window settings against the model's window.
+def check_windows(context: int, stride: int, window: int, protocol: str = "lm-eval") -> None:
+    """Validate the window settings (and the protocol) against the model's window.
 
     Raises:
-        BadInputError: context outside 1..window, or stride outside 1..context.
+        BadInputError: context outside 1..window, stride outside 1..context, unknown protocol.
     """
+    if protocol not in PROTOCOLS:
+        raise BadInputError(f"unknown protocol {protocol!r}", hint=f"use one of {', '.join(PROTOCOLS)}")
     if context < 1 or context > window:
         raise BadInputError(
             f"--context {context} is outside 1..{window} (the model's window)",
@@ -263,20 +290,24 @@ def safe_cut(text: str) -> int:
 
 @dataclass
 class TextStats:
-    """Bytes and lm-eval words of the text read so far."""
+    """Bytes and lm-eval words of the text seen so far (given in pieces cut anywhere)."""
 
     bytes: int = 0
     breaks: int = 0  # runs of whitespace; lm-eval's words = len(re.split(r"\s+", text)) = breaks + 1
+    _in_space: bool = False  # the last piece ended inside a whitespace run
 
     @property
     def words(self) -> int:
         return self.breaks + 1 if self.bytes else 0
 
     def add(self, piece: str) -> None:
-        # Pieces are cut between a non-space and a space or after a lone newline, so a
-        # whitespace run is never split between two pieces.
+        if not piece:
+            return
         self.bytes += len(piece.encode("utf-8", "surrogatepass"))
         self.breaks += len(_WORD_BREAK.findall(piece))
+        if self._in_space and piece[0].isspace():
+            self.breaks -= 1  # a run split between two pieces is one run
+        self._in_space = piece[-1].isspace()
 
 
 def token_chunks(
@@ -305,12 +336,14 @@ class Window:
     """Model input ``ids`` (starting at absolute position ``begin``) scoring targets from ``first``.
 
     Input row j predicts absolute token ``begin + j + 1``; rows ``first..len(ids)-1`` are scored.
+    ``weight``: the tokens its mean NLL counts for (None: as many as it scores).
     """
 
     begin: int
     ids: list[int]
     targets: list[int]
     first: int
+    weight: int | None = None
 
 
 class WindowCutter:
@@ -348,6 +381,41 @@ class WindowCutter:
         return window
 
 
+class HFWindowCutter:
+    """Hugging Face's perplexity guide: windows [k*stride, k*stride + context) of the text's own ids.
+
+    Each window predicts the tokens after the previous window's end (``trg_len`` of them; the
+    first window, from position 0, predicts ``context - 1``) and counts for ``trg_len - 1``.
+    """
+
+    def __init__(self, context: int, stride: int) -> None:
+        self.context, self.stride = context, stride
+        self.buf: list[int] = []  # ids from absolute position self.begin on
+        self.begin = 0
+        self.prev_end = 0
+
+    def push(self, ids: list[int]) -> Iterator[Window]:
+        self.buf.extend(ids)
+        while len(self.buf) >= self.context:
+            yield from self._take(self.context)
+
+    def finish(self) -> Iterator[Window]:
+        while self.prev_end < self.begin + len(self.buf):
+            yield from self._take(len(self.buf))
+
+    def _take(self, length: int) -> Iterator[Window]:
+        end = self.begin + length
+        trg_len = end - self.prev_end
+        ids = self.buf[:length]
+        first = max(0, self.prev_end - self.begin - 1)  # input row predicting the first new token
+        if length >= 2:  # one token predicts nothing: the guide's loss would be empty
+            yield Window(self.begin, ids[:-1], ids[1:], first, weight=trg_len - 1)
+        self.prev_end = end
+        drop = min(self.stride, len(self.buf))
+        self.begin += drop
+        del self.buf[:drop]
+
+
 def windows(
     tokenizer: Tokenizer,
     stream: IO[bytes],
@@ -357,12 +425,17 @@ def windows(
     stride: int,
     stats: TextStats,
     read: list[int],
+    protocol: str = "lm-eval",
 ) -> Iterator[Window]:
-    """The method's windows over ``stream``, produced as the text is read (bounded memory).
+    """The method's (or ``protocol``'s) windows over ``stream``, as the text is read (bounded memory).
 
     ``stats`` and ``read[0]`` (bytes read) are updated as it goes.
     """
-    cutter = WindowCutter(tokenizer.eot_id, context, stride)
+    cutter: WindowCutter | HFWindowCutter
+    if protocol == "hf":
+        cutter = HFWindowCutter(context, stride)
+    else:
+        cutter = WindowCutter(tokenizer.eot_id, context, stride)
     for ids in token_chunks(tokenizer, decoded_chunks(stream, name, errors), stats, read):
         yield from cutter.push(ids)
     yield from cutter.finish()
@@ -398,11 +471,15 @@ class _Tracker:
             self._maybe_top(score)
         self.recent.append(text)
 
-    def add_windows(self, windows: list[Window], logprobs: torch.Tensor, ranks: torch.Tensor) -> None:
-        """Add the scored targets of ``windows`` (flat scores, as ``Scorer.window_logprobs`` gives)."""
-        positions = [
-            w.begin + j for w in windows for j in range(w.first, len(w.ids))
-        ]  # target j+1, text pos j
+    def add_windows(
+        self, windows: list[Window], logprobs: torch.Tensor, ranks: torch.Tensor, shift: int = 0
+    ) -> None:
+        """Add the scored targets of ``windows`` (flat scores, as ``Scorer.window_logprobs`` gives).
+
+        Input row j predicts token begin + j + 1: text position j after lm-eval's prefix
+        (``shift`` 0), or j + 1 under the hf protocol, whose windows have no prefix (``shift`` 1).
+        """
+        positions = [w.begin + j + shift for w in windows for j in range(w.first, len(w.ids))]
         targets = [t for w in windows for t in w.targets[w.first :]]
         for pos, tok, lp, rank in zip(positions, targets, logprobs.tolist(), ranks.tolist(), strict=True):
             self.add(pos, tok, lp, rank)
@@ -431,17 +508,41 @@ class _Tracker:
         return [entry for _, _, entry in sorted(self.heap, key=lambda item: (-item[0], -item[1]))]
 
 
+class _Scored:
+    """Sums over the targets scored so far: the NLL (windows weighted), tokens, and their text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.nll = 0.0
+        self.tokens = 0
+        self.text = TextStats()  # bytes and words of the scored targets (progress, partial results)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, nll: float, tokens: int, targets: list[int]) -> None:
+        self.nll += nll
+        self.tokens += tokens
+        self.text.add(self.decoder.decode(b"".join(self.tokenizer.token_bytes(t) for t in targets)))
+
+
 class Scorer:
     """Scores token streams with one model: batches full windows, lm_head on scored rows only."""
 
     def __init__(
-        self, model: GPT2, tokenizer: Tokenizer, *, context: int, stride: int, batch_size: int = 8
+        self,
+        model: GPT2,
+        tokenizer: Tokenizer,
+        *,
+        context: int,
+        stride: int,
+        batch_size: int = 8,
+        protocol: str = "lm-eval",
     ) -> None:
-        check_windows(context, stride, model.config.n_positions)
+        check_windows(context, stride, model.config.n_positions, protocol)
         if batch_size < 1:
             raise BadInputError(f"--batch-size {batch_size} is below 1", hint="use 1 or more")
         self.model, self.tokenizer = model, tokenizer
         self.context, self.stride, self.batch_size = context, stride, batch_size
+        self.protocol = protocol
         self.device = model.wte.weight.device
 
     def score(
@@ -464,13 +565,14 @@ class Scorer:
             per_token: keep every token's score in ``result.token_scores``.
             top: keep the ``top`` most surprising tokens with context in ``result.top``.
             on_token: called with each token's score, in order, as it is scored.
-            progress: called with (bytes read, tokens scored) after each batch.
+            progress: called with (bytes of text scored, tokens scored) after each batch.
 
         Returns:
             The file's ``ScoreResult``.
 
         Raises:
             ScoreInputError: unreadable, empty or invalid-UTF-8 input.
+            ScoreInterrupted: Ctrl-C; its ``partial`` holds the text scored until then.
         """
         if errors not in ("strict", "replace"):
             raise BadInputError(f"unknown --errors {errors!r}", hint="use strict or replace")
@@ -495,46 +597,77 @@ class Scorer:
         t0 = time.perf_counter()
         stats, read = TextStats(), [0]
         tracker = _Tracker(self.tokenizer, per_token, top, on_token)
-        sums = [0.0, 0]  # total NLL, scored tokens
-        batch: list[Window] = []
-        for window in windows(self.tokenizer, stream, name, errors, self.context, self.stride, stats, read):
-            # Full windows share a length and batch together; only the last may be shorter.
-            if batch and len(window.ids) != len(batch[0].ids):
-                self._run(batch, tracker, sums)
-                batch = []
-            batch.append(window)
-            if len(batch) == self.batch_size:
-                self._run(batch, tracker, sums)
-                batch = []
-                if progress:
-                    progress(read[0], int(sums[1]))
-        if batch:
-            self._run(batch, tracker, sums)
+        scored = _Scored(self.tokenizer)
+
+        def result(text: TextStats, interrupted: bool = False) -> ScoreResult:
+            return ScoreResult(
+                file=name,
+                tokens=scored.tokens,
+                bytes=text.bytes,
+                words=text.words,
+                total_nll=scored.nll,
+                context=self.context,
+                stride=self.stride,
+                seconds=time.perf_counter() - t0,
+                token_scores=tracker.tokens,
+                top=tracker.top(),
+                interrupted=interrupted,
+            )
+
+        try:
+            self._score_windows(stream, name, errors, stats, read, tracker, scored, progress)
+        except KeyboardInterrupt:
+            # the figures of the text scored until then (bytes and words of the scored tokens)
+            raise ScoreInterrupted(result(scored.text, interrupted=True)) from None
         if stats.bytes == 0:
             raise ScoreInputError(f"{name} is empty", hint="give some text to score")
         if progress:
-            progress(read[0], int(sums[1]))
-        return ScoreResult(
-            file=name,
-            tokens=int(sums[1]),
-            bytes=stats.bytes,
-            words=stats.words,
-            total_nll=sums[0],
-            context=self.context,
-            stride=self.stride,
-            seconds=time.perf_counter() - t0,
-            token_scores=tracker.tokens,
-            top=tracker.top(),
-        )
+            progress(stats.bytes, scored.tokens)
+        return result(stats)
 
-    def _run(self, windows: list[Window], tracker: _Tracker, sums: list[float]) -> None:
-        """Score a batch of windows; add to ``sums`` and the tracker."""
+    def _score_windows(
+        self,
+        stream: IO[bytes],
+        name: str,
+        errors: str,
+        stats: TextStats,
+        read: list[int],
+        tracker: _Tracker,
+        scored: _Scored,
+        progress: Progress | None,
+    ) -> None:
+        batch: list[Window] = []
+        source = windows(
+            self.tokenizer, stream, name, errors, self.context, self.stride, stats, read, self.protocol
+        )
+        for window in source:
+            # Full windows share a length and batch together; only the last may be shorter.
+            if batch and len(window.ids) != len(batch[0].ids):
+                self._run(batch, tracker, scored)
+                batch = []
+            batch.append(window)
+            if len(batch) == self.batch_size:
+                self._run(batch, tracker, scored)
+                batch = []
+                if progress:
+                    progress(scored.text.bytes, scored.tokens)
+        if batch:
+            self._run(batch, tracker, scored)
+
+    def _run(self, windows: list[Window], tracker: _Tracker, scored: _Scored) -> None:
+        """Score a batch of windows; add to ``scored`` and the tracker."""
         logprobs, ranks = self.window_logprobs(windows, tracker.active)
-        sums[0] += -float(logprobs.double().sum())
-        sums[1] += logprobs.numel()
+        counts = [len(w.ids) - w.first for w in windows]
+        targets = [t for w in windows for t in w.targets[w.first :]]
+        nll, counted = 0.0, 0
+        for w, n, total in zip(windows, counts, _window_sums(logprobs, counts), strict=True):
+            weight = n if w.weight is None else w.weight
+            nll -= total if weight == n else total / n * weight  # hf: the window's mean x its weight
+            counted += weight
+        scored.add(nll, counted, targets)
         if tracker.active:
             assert ranks is not None
-            tracker.add_windows(windows, logprobs, ranks)
+            tracker.add_windows(windows, logprobs, ranks, shift=1 if self.protocol == "hf" else 0)
 
     @torch.inference_mode()
     def window_logprobs(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 
 from gpt2cli.cli.output import is_terminal, warn
@@ -46,3 +48,21 @@ def read_prompt(prompt: str | None) -> str:
             hint="give some text; to generate unconditionally, use '<|endoftext|>' as the prompt",
         )
     return text
+
+
+def note_ignored_stdin() -> None:
+    """Say on stderr that piped text on stdin is not used when a PROMPT argument was given.
+
+    Only text already waiting counts: an empty or idle stdin is never read or waited for.
+    """
+    stream = sys.stdin
+    if stream is None or is_terminal(stream):
+        return
+    try:
+        fd = stream.fileno()
+        ready, _, _ = select.select([fd], [], [], 0)
+        pending = bool(ready) and bool(os.read(fd, 1))
+    except (OSError, ValueError):
+        return
+    if pending:
+        warn("stdin was ignored because a PROMPT was given (pass '-' as the prompt to read stdin)")
