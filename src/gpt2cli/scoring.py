@@ -47,7 +47,8 @@ class ScoreInputError(BadInputError):
 
 @dataclass(frozen=True)
 class TokenScore:
-    """One scored token: its position in the text (0-based), id, text, log-probability and rank.
+    """One scored token: its position in the text (0-based), id, text, log-probability, rank,
+    and the entropy (nats) of the model's prediction for it.
 
     ``text`` holds the characters completed by this token (a character split over several
     tokens appears with the last of them), so the texts concatenate to the input.
@@ -58,6 +59,7 @@ class TokenScore:
     text: str
     logprob: float
     rank: int
+    entropy: float = math.nan
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class TokenScore:
             "text": self.text,
             "logprob": self.logprob,
             "rank": self.rank,
+            "entropy": self.entropy,
         }
 
 
@@ -146,6 +149,21 @@ class ScoreResult:
         if self.token_scores:
             obj["per_token"] = [t.to_json() for t in self.token_scores]
         return obj
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of log-probabilities (..., V) -> (...); 0 log 0 counts as 0."""
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # -inf where p = 0: the product is 0
+    return -(logprobs.exp() * finite).sum(-1)
+
+
+# GLTR's rank buckets (Gehrmann et al., 2019): top-10, top-100, top-1000, beyond.
+RANK_BUCKETS = (10, 100, 1000)
+
+
+def rank_bucket(rank: int) -> int:
+    """0 for a top-10 token, 1 for top-100, 2 for top-1000, 3 beyond (GLTR's buckets)."""
+    return next((i for i, limit in enumerate(RANK_BUCKETS) if rank <= limit), len(RANK_BUCKETS))
 
 
 def _safe_exp(x: float) -> float:
@@ -386,9 +404,9 @@ class _Tracker:
         self.recent: deque[str] = deque(maxlen=CONTEXT_TOKENS)
         self.waiting: list[tuple[Surprise, int]] = []  # (entry, tokens of right context still wanted)
 
-    def add(self, position: int, token: int, logprob: float, rank: int) -> None:
+    def add(self, position: int, token: int, logprob: float, rank: int, entropy: float) -> None:
         text = self.decoder.decode(self.tokenizer.token_bytes(token))
-        score = TokenScore(position, token, text, logprob, rank)
+        score = TokenScore(position, token, text, logprob, rank, entropy)
         if self.keep_tokens:
             self.tokens.append(score)
         if self.on_token is not None:
@@ -528,30 +546,36 @@ class Scorer:
         targets = [t for w in windows for t in w.targets[w.first :]]
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         targets_t = torch.tensor(targets, dtype=torch.long, device=self.device)
-        logprobs, ranks = self._logprobs(hidden.index_select(0, rows_t), targets_t, tracker.active)
+        logprobs, ranks, entropies = self._logprobs(hidden.index_select(0, rows_t), targets_t, tracker.active)
         sums[0] += -float(logprobs.double().sum())
         sums[1] += len(targets)
         if tracker.active:
             positions = [w.begin + j for w in windows for j in range(w.first, T)]  # target j+1, text pos j
-            assert ranks is not None
-            for pos, tok, lp, rank in zip(positions, targets, logprobs.tolist(), ranks.tolist(), strict=True):
-                tracker.add(pos, tok, lp, rank)
+            assert ranks is not None and entropies is not None
+            for pos, tok, lp, rank, ent in zip(
+                positions, targets, logprobs.tolist(), ranks.tolist(), entropies.tolist(), strict=True
+            ):
+                tracker.add(pos, tok, lp, rank, ent)
 
     def _logprobs(
         self, hidden: torch.Tensor, targets: torch.Tensor, want_ranks: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probability (and rank) of each target under the lm_head, a few rows at a time.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probability (and rank and entropy) of each target under the lm_head, a few rows at a time.
 
         hidden: (N, C), targets: (N,). The logits (rows x vocab) are never all materialised.
         """
         step = max(1, LOGIT_ELEMENTS // self.model.config.vocab_size)
-        logprobs, ranks = [], []
+        logprobs, ranks, entropies = [], [], []
         for i in range(0, hidden.shape[0], step):
             logits = self.model.logits(hidden[i : i + step]).float()  # (n, V), log-softmax in fp32
             tgt = targets[i : i + step, None]
             picked = logits.gather(1, tgt)  # (n, 1)
-            logprobs.append((picked - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(1))
+            norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            logprobs.append((picked - norm).squeeze(1))
             if want_ranks:
                 ranks.append((logits > picked).sum(dim=1) + 1)
+                entropies.append(entropy(logits - norm))
         lp = torch.cat(logprobs).cpu()
-        return lp, torch.cat(ranks).cpu() if want_ranks else None
+        if not want_ranks:
+            return lp, None, None
+        return lp, torch.cat(ranks).cpu(), torch.cat(entropies).cpu()

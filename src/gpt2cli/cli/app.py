@@ -17,7 +17,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.exceptions import Abort, Exit
 
 from gpt2cli import __version__
-from gpt2cli.cli import bench, finetune, generate, score
+from gpt2cli.cli import activations, attention, bench, finetune, generate, lens, score
 from gpt2cli.cli import models as models_cmd
 from gpt2cli.cli import repl as repl_cmd
 from gpt2cli.cli.output import StdoutClosed, error_line
@@ -26,7 +26,7 @@ from gpt2cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, EXIT_USAGE, Gpt2Error
 
 app = typer.Typer(
     name="gpt2",
-    help="Run OpenAI's GPT-2 family locally: generate, chat, score, benchmark, fine-tune and serve.",
+    help="Run OpenAI's GPT-2 family locally: generate, chat, score, inspect, benchmark, fine-tune, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -48,7 +48,7 @@ def root(
     ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
-    """Run OpenAI's GPT-2 family locally: generate, chat, score, benchmark, fine-tune and serve."""
+    """Run OpenAI's GPT-2 family locally: generate, chat, score, inspect, benchmark, fine-tune, serve."""
 
 
 app.command("generate", no_args_is_help=False)(generate.generate)
@@ -58,6 +58,9 @@ app.command("repl")(repl_cmd.repl)
 app.command("serve")(serve_command)
 app.command("finetune")(finetune.finetune)
 app.command("bench")(bench.bench)
+app.command("lens", no_args_is_help=False)(lens.lens)
+app.command("attention", no_args_is_help=False)(attention.attention)
+app.command("activations", no_args_is_help=False)(activations.activations)
 
 
 def _wants_debug(args: Sequence[str]) -> bool:
