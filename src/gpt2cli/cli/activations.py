@@ -11,8 +11,9 @@ import typer
 
 from gpt2cli.cli import options as opt
 from gpt2cli.cli.output import is_terminal, stderr_console, warn, write
-from gpt2cli.cli.prompt_input import read_jsonl_texts, read_prompt
+from gpt2cli.cli.prompt_input import read_prompt
 from gpt2cli.errors import BadInputError
+from gpt2cli.jsonl import read_jsonl_texts
 
 DEFAULT_HOOKS = ["blocks.*.hook_resid_post"]
 

@@ -10,14 +10,14 @@ from typing import Any
 
 from gpt2cli.cli.output import (
     color_allowed,
-    error_line,
+    each_source,
     is_terminal,
     product_console,
     visible,
     write,
     write_json,
 )
-from gpt2cli.errors import EXIT_RUNTIME, Gpt2Error
+from gpt2cli.errors import EXIT_RUNTIME
 
 COLUMNS = [
     "file",
@@ -105,31 +105,24 @@ def run(
     lm_b = b.load()
     names = (a.label, b.label)
     renderer = _Renderer(output_format, per_token, names)
-    results, failed = [], 0
-    for source in sources:
+
+    def one(source: str) -> Any:
         stream, name, size = open_source(source)
-        try:
-            with progress(name, size) as on_progress:
-                result = lm_a.compare(
-                    lm_b,
-                    stream,
-                    name=name,
-                    context=context,
-                    stride=stride,
-                    errors=errors,
-                    per_token=per_token and output_format != "jsonl",
-                    on_token=renderer.token_sink(name),
-                    names=names,
-                    progress=on_progress,
-                )
-        except Gpt2Error as exc:
-            if len(sources) == 1:
-                raise
-            failed += 1
-            sys.stderr.write(error_line(exc.message, exc.hint))
-            continue
-        results.append(result)
-        renderer.file_done(result)
+        with progress(name, size) as on_progress:
+            return lm_a.compare(
+                lm_b,
+                stream,
+                name=name,
+                context=context,
+                stride=stride,
+                errors=errors,
+                per_token=per_token and output_format != "jsonl",
+                on_token=renderer.token_sink(name),
+                names=names,
+                progress=on_progress,
+            )
+
+    results, failed = each_source(sources, one, renderer.file_done)
     renderer.finish(results)
     return EXIT_RUNTIME if failed else 0
 

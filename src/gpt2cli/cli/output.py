@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import IO, Any
+
+from gpt2cli.errors import Gpt2Error
 
 
 def is_terminal(stream: IO[str] | None) -> bool:
@@ -117,3 +120,26 @@ def product_console(width: int | None = None) -> Any:
         emoji=False,
         width=width,
     )
+
+
+def each_source(
+    sources: list[str], run: Callable[[str], Any], done: Callable[[Any], None]
+) -> tuple[list[Any], int]:
+    """``run`` each source and hand its result to ``done``; returns (results, failures).
+
+    With several sources a failing one prints its error line and the others still run; a
+    single source's error propagates.
+    """
+    results, failed = [], 0
+    for source in sources:
+        try:
+            result = run(source)
+        except Gpt2Error as exc:
+            if len(sources) == 1:
+                raise
+            failed += 1
+            sys.stderr.write(error_line(exc.message, exc.hint))
+            continue
+        results.append(result)
+        done(result)
+    return results, failed

@@ -1,11 +1,8 @@
-"""Reading what the user gives: a prompt (the argument, ``-``, or piped stdin) or a JSONL of texts."""
+"""Reading a prompt: the PROMPT argument, ``-`` for stdin, or stdin when it is piped."""
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Iterator
-from typing import IO
 
 from gpt2cli.cli.output import is_terminal, warn
 from gpt2cli.errors import BadInputError
@@ -47,28 +44,3 @@ def read_prompt(prompt: str | None, example: str = 'gpt2 generate "Once upon a t
             hint="give some text; to generate unconditionally, use '<|endoftext|>' as the prompt",
         )
     return text
-
-
-def read_jsonl_texts(stream: IO[bytes], name: str, field: str = "text") -> Iterator[str]:
-    """The ``field`` string of each non-blank JSONL line, read lazily.
-
-    Raises:
-        BadInputError: a line that is not UTF-8 or JSON, or lacks the string field (with its number).
-    """
-    for number, raw in enumerate(stream, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadInputError(f"{name} line {number}: not valid UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise BadInputError(f"{name} line {number}: not valid JSON ({exc})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-            raise BadInputError(
-                f'{name} line {number}: no "{field}" string field',
-                hint=f'each line must be an object like {{"{field}": "..."}}',
-            )
-        yield obj[field]

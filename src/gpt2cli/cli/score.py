@@ -13,8 +13,8 @@ from typing import IO, Annotated, Any
 import typer
 
 from gpt2cli.cli import options as opt
-from gpt2cli.cli.output import color_allowed, error_line, is_terminal, stderr_console, write, write_json
-from gpt2cli.errors import EXIT_RUNTIME, BadInputError, Gpt2Error
+from gpt2cli.cli.output import color_allowed, each_source, is_terminal, stderr_console, write, write_json
+from gpt2cli.errors import EXIT_RUNTIME, BadInputError
 
 COLUMNS = ["file", "tokens", "bytes", "words", "nll", "perplexity", "bits_per_byte", "word_perplexity"]
 STDIN = "-"
@@ -140,18 +140,11 @@ def score(
         return
     renderer = _RENDERERS[output_format](per_token or color is not None, top)
     renderer.color = (color or Color.surprisal).value
-    results, failed = [], 0
-    for source in sources:
-        try:
-            result = _score_one(lm, source, context, stride, batch_size, errors.value, renderer)
-        except Gpt2Error as exc:
-            if len(sources) == 1:
-                raise
-            failed += 1
-            sys.stderr.write(error_line(exc.message, exc.hint))
-            continue
-        results.append(result)
-        renderer.file_done(result)
+    results, failed = each_source(
+        sources,
+        lambda source: _score_one(lm, source, context, stride, batch_size, errors.value, renderer),
+        renderer.file_done,
+    )
     renderer.finish(results, several=len(sources) > 1)
     if failed:
         raise typer.Exit(EXIT_RUNTIME)
