@@ -279,7 +279,18 @@ def test_compare_jsonl_csv_and_text(gpt2, text_file: Path, tmp_path: Path) -> No
     csv_out = gpt2("score", str(text_file), "--compare-quantize", "int8", "--format", "csv").out.splitlines()
     assert csv_out[0].startswith("model_a,model_b,file,tokens,mean_kl") and len(csv_out) == 2
     text = gpt2("score", str(text_file), "--compare-quantize", "int8", "--per-token").out
-    assert text.splitlines()[0].startswith("position\tid\tdelta_logprob") and "binoculars" in text
+    lines = text.splitlines()
+    assert lines[0].startswith("position\tid\tdelta_logprob")
+    rows = [line for line in lines[1:] if "\t" in line]
+    summary = lines[1 + len(rows) :]
+    assert summary[0].startswith("A = ") and summary[1] == f"{text_file}: {len(rows)} tokens"
+    assert [line.split()[0] for line in summary[2:]] == [
+        "mean",
+        "perplexity",
+        "same",
+        "cross-perplexity",
+        "binoculars",
+    ]
 
 
 def test_compare_bad_input(gpt2, text_file: Path, tmp_path: Path) -> None:

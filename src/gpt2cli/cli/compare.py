@@ -127,10 +127,6 @@ def run(
     return EXIT_RUNTIME if failed else 0
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 class _Renderer:
     """text: a table of totals (and, with --per-token, a heat map or TSV); json; jsonl; csv."""
 
@@ -167,11 +163,20 @@ class _Renderer:
         write(buf.getvalue())
 
     def _table_row(self, result: Any) -> None:
+        """A block per file: fits a narrow terminal, reads in a pipe."""
         if not self.header:
             write(f"A = {self.names[0]}, B = {self.names[1]}\n")
-            write("\t".join(COLUMNS) + "\n")
             self.header = True
-        write("\t".join(_fmt(v) for v in self._row(result)) + "\n")
+        r = result
+        write(
+            f"{r.file}: {r.tokens} tokens\n"
+            f"  mean KL(A||B)     {r.mean_kl:.4g} nats\n"
+            f"  perplexity A, B   {r.perplexity_a:.5g}, {r.perplexity_b:.5g} "
+            f"(delta {r.delta_perplexity:+.4g}, ratio {r.perplexity_ratio:.5g})\n"
+            f"  same top-1        {r.same_top1_fraction:.1%}\n"
+            f"  cross-perplexity  {r.cross_perplexity:.5g}\n"
+            f"  binoculars        {r.binoculars:.5g}\n"
+        )
 
     def finish(self, results: list[Any]) -> None:
         if not results:
