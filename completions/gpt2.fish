@@ -91,6 +91,14 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'score|--lookahead'
             echo 1; return
+        case 'score|--color'
+            echo 1; return
+        case 'score|--compare'
+            echo 1; return
+        case 'score|--compare-quantize'
+            echo 1; return
+        case 'score|--compare-dtype'
+            echo 1; return
         case 'repl|--model' 'repl|-m'
             echo 1; return
         case 'repl|--max-new-tokens' 'repl|-n'
@@ -209,6 +217,58 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'bench|--draft-tokens'
             echo 1; return
+        case 'lens|--model' 'lens|-m'
+            echo 1; return
+        case 'lens|--at'
+            echo 1; return
+        case 'lens|--layers'
+            echo 1; return
+        case 'lens|--positions'
+            echo 1; return
+        case 'lens|--top'
+            echo 1; return
+        case 'lens|--format'
+            echo 1; return
+        case 'lens|--device'
+            echo 1; return
+        case 'lens|--dtype'
+            echo 1; return
+        case 'lens|--quantize'
+            echo 1; return
+        case 'attention|--model' 'attention|-m'
+            echo 1; return
+        case 'attention|--layer'
+            echo 1; return
+        case 'attention|--head'
+            echo 1; return
+        case 'attention|--top'
+            echo 1; return
+        case 'attention|--format'
+            echo 1; return
+        case 'attention|--output' 'attention|-o'
+            echo 1; return
+        case 'attention|--device'
+            echo 1; return
+        case 'attention|--dtype'
+            echo 1; return
+        case 'attention|--quantize'
+            echo 1; return
+        case 'activations|--output' 'activations|-o'
+            echo 1; return
+        case 'activations|--jsonl'
+            echo 1; return
+        case 'activations|--text-field'
+            echo 1; return
+        case 'activations|--hook'
+            echo 1; return
+        case 'activations|--model' 'activations|-m'
+            echo 1; return
+        case 'activations|--device'
+            echo 1; return
+        case 'activations|--dtype'
+            echo 1; return
+        case 'activations|--quantize'
+            echo 1; return
         case 'models list|--format'
             echo 1; return
         case 'models pull|--format'
@@ -225,7 +285,7 @@ end
 
 function __gpt2_is_command --description 'Is $argv[2] a subcommand of command path $argv[1]?'
     switch "$argv[1]|$argv[2]"
-        case '|generate' '|score' '|repl' '|serve' '|finetune' '|bench' '|completion' '|models' 'models|list' 'models|pull' 'models|info' 'models|verify' 'models|rm'
+        case '|generate' '|score' '|repl' '|serve' '|finetune' '|bench' '|completion' '|lens' '|attention' '|activations' '|models' 'models|list' 'models|pull' 'models|info' 'models|verify' 'models|rm'
             return 0
     end
     return 1
@@ -267,6 +327,9 @@ complete -c gpt2 -n '__gpt2_at ""' -a serve -d 'Serve a model over OpenAI\'s HTT
 complete -c gpt2 -n '__gpt2_at ""' -a finetune -d 'Fine-tune a GPT-2 on DATA and write a Hugging Face-layout checkpoint to --output.'
 complete -c gpt2 -n '__gpt2_at ""' -a bench -d 'Benchmark generation: prefill and decode tokens/s, time to first token, latency, memory.'
 complete -c gpt2 -n '__gpt2_at ""' -a completion -d 'Print the completion script for SHELL (or install it with --install).'
+complete -c gpt2 -n '__gpt2_at ""' -a lens -d 'The logit lens: what each layer\'s residual stream predicts for the next token.'
+complete -c gpt2 -n '__gpt2_at ""' -a attention -d 'Attention patterns of chosen layers and heads over a text.'
+complete -c gpt2 -n '__gpt2_at ""' -a activations -d 'Save activations at TransformerLens-named hook points, with the token ids, to safetensors.'
 complete -c gpt2 -n '__gpt2_at ""' -a models -d 'Manage the models in the local Hugging Face cache: list, pull, info, verify, rm.'
 complete -c gpt2 -n '__gpt2_at ""' -l version -s V -d 'Show the version and exit.'
 complete -c gpt2 -n '__gpt2_at ""' -l debug -d 'Show full tracebacks on errors (also after the command, or GPT2_DEBUG=1).'
@@ -333,6 +396,10 @@ complete -c gpt2 -n '__gpt2_at score' -l workers -x -d '--jsonl: processes, each
 complete -c gpt2 -n '__gpt2_at score' -l ray -d '--jsonl: run as a Ray Data pipeline (extra \'ray\'); --workers actors.'
 complete -c gpt2 -n '__gpt2_at score' -l ray-address -x -d '--ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).'
 complete -c gpt2 -n '__gpt2_at score' -l lookahead -x -d '--jsonl: lines sorted and batched together (the unit of work).'
+complete -c gpt2 -n '__gpt2_at score' -l color -x -a 'surprisal rank entropy' -d 'Per-token colouring (implies --per-token): surprisal, rank (GLTR\'s top-10/100/1000 buckets) or entropy of the prediction.'
+complete -c gpt2 -n '__gpt2_at score' -l compare -x -d 'Compare with model B over the same tokens: per-token Δlogprob, KL(A‖B), top-1 agreement.'
+complete -c gpt2 -n '__gpt2_at score' -l compare-quantize -x -d 'Quantize B (int8 or none; default: as --quantize); B = A\'s model alone.'
+complete -c gpt2 -n '__gpt2_at score' -l compare-dtype -x -d 'B\'s dtype (default: as --dtype); B = A\'s model alone.'
 complete -c gpt2 -n '__gpt2_at score' -l help -s h -d 'Show this message and exit.'
 complete -c gpt2 -n '__gpt2_at score' -F -d 'files'
 
@@ -423,6 +490,52 @@ complete -c gpt2 -n '__gpt2_at bench' -l help -s h -d 'Show this message and exi
 complete -c gpt2 -n '__gpt2_at completion' -l install -d 'Write the script where the shell finds it, instead of printing it.'
 complete -c gpt2 -n '__gpt2_at completion' -l help -s h -d 'Show this message and exit.'
 complete -c gpt2 -n '__gpt2_at completion' -f -a 'bash zsh fish' -d 'shell'
+
+# gpt2 lens
+complete -c gpt2 -n '__gpt2_at lens' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at lens' -l at -x -a 'pre mid post' -d 'Residual stream read: pre (block input), mid (after attention), post.'
+complete -c gpt2 -n '__gpt2_at lens' -l layers -x -d 'Layers: all, or numbers and slices such as 0,6:9,-1.'
+complete -c gpt2 -n '__gpt2_at lens' -l positions -x -d 'Positions (0 is <|endoftext|>): all, or e.g. -8: or 1,4:6.'
+complete -c gpt2 -n '__gpt2_at lens' -l top -x -d 'Candidate tokens kept per cell.'
+complete -c gpt2 -n '__gpt2_at lens' -l format -x -a 'text json jsonl' -d 'text (a grid on a terminal, TSV in a pipe), json or jsonl (one cell a line).'
+complete -c gpt2 -n '__gpt2_at lens' -l bos -l no-bos -d 'Start the text with <|endoftext|> (as TransformerLens\' prepend_bos), so that its first token is predicted too.'
+complete -c gpt2 -n '__gpt2_at lens' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at lens' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at lens' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at lens' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at lens' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at lens' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 attention
+complete -c gpt2 -n '__gpt2_at attention' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at attention' -l layer -x -d 'Layers: all, or numbers and slices such as 0,5:8,-1.'
+complete -c gpt2 -n '__gpt2_at attention' -l head -x -d 'Heads: all, or numbers and slices such as 0,3.'
+complete -c gpt2 -n '__gpt2_at attention' -l top -x -d 'List each query\'s K most attended keys (the view for long texts; default 3).'
+complete -c gpt2 -n '__gpt2_at attention' -l format -x -a 'text json npy safetensors' -d 'text (heat maps or lists), json, npy or safetensors (layer, head, query, key).'
+complete -c gpt2 -n '__gpt2_at attention' -l output -s o -r -F -d 'Write the data to this file instead of stdout.'
+complete -c gpt2 -n '__gpt2_at attention' -l overwrite -d 'Replace the output file if it exists.'
+complete -c gpt2 -n '__gpt2_at attention' -l bos -l no-bos -d 'Start the text with <|endoftext|> (as TransformerLens\' prepend_bos), so that its first token is predicted too.'
+complete -c gpt2 -n '__gpt2_at attention' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at attention' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at attention' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at attention' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at attention' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at attention' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 activations
+complete -c gpt2 -n '__gpt2_at activations' -l output -s o -r -F -d 'The safetensors file to write.'
+complete -c gpt2 -n '__gpt2_at activations' -l jsonl -x -d 'Read many texts: a JSONL file (or - for stdin) with a "text" field a line.'
+complete -c gpt2 -n '__gpt2_at activations' -l text-field -x -d 'The JSONL field holding the text.'
+complete -c gpt2 -n '__gpt2_at activations' -l hook -x -d 'Hook points to save, TransformerLens names or globs (repeatable); default blocks.*.hook_resid_post.'
+complete -c gpt2 -n '__gpt2_at activations' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at activations' -l overwrite -d 'Replace the output file if it exists.'
+complete -c gpt2 -n '__gpt2_at activations' -l bos -l no-bos -d 'Start the text with <|endoftext|> (as TransformerLens\' prepend_bos), so that its first token is predicted too.'
+complete -c gpt2 -n '__gpt2_at activations' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at activations' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at activations' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at activations' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at activations' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at activations' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 models
 complete -c gpt2 -n '__gpt2_at models' -a list -d 'List the GPT-2-family models in the Hugging Face cache (alias: ls); partial ones say so.'

@@ -124,7 +124,7 @@ def test_per_token_text_off_a_terminal_is_tsv_and_top_listing(score, files) -> N
     result = score([str(files["a"]), "--per-token", "--top", "2"])
     assert result.code == 0, result.err
     lines = result.out.splitlines()
-    assert lines[0] == "position\tid\tlogprob\trank\ttext"
+    assert lines[0] == "position\tid\tlogprob\trank\tentropy\ttext"
     assert "\\n" in result.out and "\x1b" not in result.out
     assert "most surprising tokens" in result.out and result.out.count(" nats ") == 2
 

@@ -28,7 +28,9 @@ from gpt2cli.tokenizer import Tokenizer
 from gpt2cli.weights import read_state_dict, weight_files
 
 if TYPE_CHECKING:
+    from gpt2cli.comparison import CompareResult, TokenDiff
     from gpt2cli.fastpath import StaticDecoder
+    from gpt2cli.inspection import ActivationsFile, AttentionResult, LensResult, Spec
     from gpt2cli.scoring import ScoreInputError, Scorer, ScoreResult, TokenScore
 
 Warn = Callable[[str], None]
@@ -378,10 +380,7 @@ class LM:
             ScoreInterrupted (a KeyboardInterrupt) on Ctrl-C, with the result so far.
         """
         scorer = self.scorer(context, stride, batch_size, protocol)
-        if isinstance(source, str):
-            source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
-        elif isinstance(source, bytes):
-            source, name = io.BytesIO(source), name or "<bytes>"
+        source, name = _byte_source(source, name)
         return scorer.score(
             source,
             name=name,
@@ -441,6 +440,147 @@ class LM:
             protocol=protocol,
         )
 
+    # --- looking inside (inspection.py, comparison.py; docs/inspect.md) ---------------------------
+
+    def _inspect_ids(self, text: str | list[int], prepend_bos: bool) -> list[int]:
+        from gpt2cli.inspection import text_ids
+
+        return text_ids(self.tokenizer, text, self.window, prepend_bos=prepend_bos)
+
+    def lens(
+        self,
+        text: str | list[int],
+        *,
+        at: str = "post",
+        layers: Spec = None,
+        positions: Spec = None,
+        top: int = 5,
+        prepend_bos: bool = True,
+    ) -> LensResult:
+        """The logit lens: what each layer's residual stream predicts at each position.
+
+        Args:
+            at: ``post`` (a block's output), ``mid`` (after its attention) or ``pre`` (its input).
+            layers, positions: None (all), an index, a list, or a string such as ``"0,5:8,-1"``.
+            top: candidates per cell.
+            prepend_bos: start the text with ``<|endoftext|>`` (so its first token is predicted).
+
+        Raises:
+            BadInputError: a text longer than the window, or a selection out of range.
+        """
+        from gpt2cli.inspection import logit_lens
+
+        ids = self._inspect_ids(text, prepend_bos)
+        return logit_lens(
+            self.model,
+            self.tokenizer,
+            ids,
+            name=self.name,
+            at=at,
+            layers=layers,
+            positions=positions,
+            top=top,
+        )
+
+    def attention(
+        self, text: str | list[int], *, layers: Spec = None, heads: Spec = None, prepend_bos: bool = True
+    ) -> AttentionResult:
+        """Attention weights (layer, head, query, key) of the chosen layers and heads (see ``lens``)."""
+        from gpt2cli.inspection import attention
+
+        ids = self._inspect_ids(text, prepend_bos)
+        return attention(self.model, self.tokenizer, ids, name=self.name, layers=layers, heads=heads)
+
+    def activations(
+        self, text: str | list[int], hooks: Iterable[str] = ("*",), *, prepend_bos: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Activations of one text at the hook points matching the globs ``hooks``, token axis first.
+
+        Names are TransformerLens' (``blocks.{L}.hook_resid_pre|mid|post``, ``blocks.{L}.attn.hook_z``,
+        ``blocks.{L}.attn.hook_pattern``, ``blocks.{L}.mlp.hook_post``, ``ln_final.hook_normalized``);
+        shapes as in ``inspection.activations``. ``"tokens"`` holds the ids.
+
+        Raises:
+            BadInputError: a glob that matches no hook point, or a text longer than the window.
+        """
+        from gpt2cli.inspection import activations, match_hooks
+
+        names = match_hooks(list(hooks), self.config.n_layer)
+        ids = self._inspect_ids(text, prepend_bos)
+        return {"tokens": torch.tensor(ids), **activations(self.model, ids, names)}
+
+    def save_activations(
+        self,
+        texts: Iterable[str | list[int]],
+        path: str | os.PathLike[str],
+        hooks: Iterable[str] = ("blocks.*.hook_resid_post",),
+        *,
+        overwrite: bool = False,
+        prepend_bos: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ActivationsFile:
+        """Write the activations of many texts to one safetensors file as they are computed.
+
+        See ``inspection.save_activations`` for the layout (``tokens``, ``offsets``, one tensor
+        per hook point). ``progress`` gets (texts done, tokens done).
+        """
+        from gpt2cli.inspection import save_activations
+
+        return save_activations(
+            self.model,
+            self.tokenizer,
+            texts,
+            path,
+            hooks=list(hooks),
+            model_name=self.name,
+            overwrite=overwrite,
+            prepend_bos=prepend_bos,
+            progress=progress,
+        )
+
+    def compare(
+        self,
+        other: LM,
+        source: str | bytes | os.PathLike[str] | IO[bytes],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        errors: str = "strict",
+        per_token: bool = False,
+        name: str | None = None,
+        names: tuple[str, str] | None = None,
+        on_token: Callable[[TokenDiff], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> CompareResult:
+        """Compare this model (A) with ``other`` (B) over the same tokens of a text, as ``score`` reads it.
+
+        ``context`` defaults to the smaller window and ``stride`` to half the context; ``names``
+        (default: the two models' names) label A and B in the result.
+
+        Raises:
+            BadInputError: different vocabularies, bad window settings, or unreadable input.
+        """
+        from gpt2cli.comparison import Comparer, check_same_tokenizer
+
+        names = names or (self.name, other.name)
+        check_same_tokenizer(
+            self.tokenizer, other.tokenizer, self.config.vocab_size, other.config.vocab_size, names
+        )
+        context = min(self.window, other.window) if context is None else context
+        stride = max(1, context // 2) if stride is None else stride
+        comparer = Comparer(
+            self.model,
+            other.model,
+            self.tokenizer,
+            names=names,
+            context=context,
+            stride=stride,
+        )
+        source, name = _byte_source(source, name)
+        return comparer.compare(
+            source, name=name, errors=errors, per_token=per_token, on_token=on_token, progress=progress
+        )
+
 
 class RequestTexts:
     """The text side of one engine request: a ``SampleText`` per sample, stop strings acted on."""
@@ -465,6 +605,17 @@ class RequestTexts:
             piece = text.close()
             if piece is not None and (piece.text or piece.logprobs):
                 yield piece
+
+
+def _byte_source(
+    source: str | bytes | os.PathLike[str] | IO[bytes], name: str | None
+) -> tuple[os.PathLike[str] | IO[bytes], str | None]:
+    """Text (``str``) and ``bytes`` as a binary stream with a display name; paths and streams as given."""
+    if isinstance(source, str):
+        return io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
+    if isinstance(source, bytes):
+        return io.BytesIO(source), name or "<bytes>"
+    return source, name
 
 
 def load(

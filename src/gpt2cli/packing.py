@@ -40,6 +40,7 @@ class _Doc:
     stats: TextStats
     logprobs: list[torch.Tensor | None] = field(default_factory=list)
     ranks: list[torch.Tensor | None] = field(default_factory=list)
+    entropies: list[torch.Tensor | None] = field(default_factory=list)
     pending: int = 0
 
 
@@ -81,7 +82,7 @@ class PackedScorer:
         if stats.bytes == 0:
             return ScoreInputError(f"{name} is empty", hint="give some text to score")
         n = len(cut)
-        return _Doc(name, cut, stats, [None] * n, [None] * n, pending=n)
+        return _Doc(name, cut, stats, [None] * n, [None] * n, [None] * n, pending=n)
 
     def _score_group(
         self, docs: list[_Doc | ScoreInputError], per_token: bool
@@ -91,12 +92,14 @@ class PackedScorer:
         items.sort(key=lambda item: -_length(item))
         done = 0  # documents yielded so far
         for batch in self._batches(items):
-            logprobs, ranks = self.scorer.window_logprobs([d.windows[k] for d, k in batch], per_token)
+            scored = self.scorer.window_logprobs([d.windows[k] for d, k in batch], per_token)
+            logprobs, ranks, entropies = scored
             sizes = [len(d.windows[k].ids) - d.windows[k].first for d, k in batch]
             lp_parts = logprobs.split(sizes)
             rank_parts = ranks.split(sizes) if ranks is not None else [None] * len(batch)
-            for (doc, k), lp, rank in zip(batch, lp_parts, rank_parts, strict=True):
-                doc.logprobs[k], doc.ranks[k] = lp, rank
+            ent_parts = entropies.split(sizes) if entropies is not None else [None] * len(batch)
+            for (doc, k), lp, rank, ent in zip(batch, lp_parts, rank_parts, ent_parts, strict=True):
+                doc.logprobs[k], doc.ranks[k], doc.entropies[k] = lp, rank, ent
                 doc.pending -= 1
             while done < len(docs) and _ready(docs[done]):
                 yield self._result(docs[done], per_token)
@@ -123,13 +126,13 @@ class PackedScorer:
             return doc
         total_nll, tokens = 0.0, 0
         tracker = _Tracker(self.scorer.tokenizer, per_token, 0, None)
-        for window, lp, rank in zip(doc.windows, doc.logprobs, doc.ranks, strict=True):
+        for window, lp, rank, ent in zip(doc.windows, doc.logprobs, doc.ranks, doc.entropies, strict=True):
             assert lp is not None
             total_nll += -float(lp.double().sum())
             tokens += lp.numel()
             if per_token:
-                assert rank is not None
-                tracker.add_windows([window], lp, rank)
+                assert rank is not None and ent is not None
+                tracker.add_windows([window], lp, rank, ent)
         return ScoreResult(
             file=doc.name,
             tokens=tokens,

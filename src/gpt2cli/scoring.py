@@ -64,7 +64,8 @@ class ScoreInterrupted(KeyboardInterrupt):
 
 @dataclass(frozen=True)
 class TokenScore:
-    """One scored token: its position in the text (0-based), id, text, log-probability and rank.
+    """One scored token: its position in the text (0-based), id, text, log-probability, rank,
+    and the entropy (nats) of the model's prediction for it.
 
     ``text`` holds the characters completed by this token (a character split over several
     tokens appears with the last of them), so the texts concatenate to the input.
@@ -75,6 +76,7 @@ class TokenScore:
     text: str
     logprob: float
     rank: int
+    entropy: float = math.nan
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +85,7 @@ class TokenScore:
             "text": self.text,
             "logprob": self.logprob,
             "rank": self.rank,
+            "entropy": self.entropy,
         }
 
 
@@ -171,6 +174,21 @@ class ScoreResult:
 def _window_sums(logprobs: torch.Tensor, counts: list[int]) -> list[float]:
     """The sum (in float64) of each window's slice of the batch's log-probabilities."""
     return [float(part.double().sum()) for part in torch.split(logprobs, counts)]
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of log-probabilities (..., V) -> (...); 0 log 0 counts as 0."""
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # -inf where p = 0: the product is 0
+    return -(logprobs.exp() * finite).sum(-1)
+
+
+# GLTR's rank buckets (Gehrmann et al., 2019): top-10, top-100, top-1000, beyond.
+RANK_BUCKETS = (10, 100, 1000)
+
+
+def rank_bucket(rank: int) -> int:
+    """0 for a top-10 token, 1 for top-100, 2 for top-1000, 3 beyond (GLTR's buckets)."""
+    return next((i for i, limit in enumerate(RANK_BUCKETS) if rank <= limit), len(RANK_BUCKETS))
 
 
 def _safe_exp(x: float) -> float:
@@ -459,9 +477,9 @@ class _Tracker:
         self.recent: deque[str] = deque(maxlen=CONTEXT_TOKENS)
         self.waiting: list[tuple[Surprise, int]] = []  # (entry, tokens of right context still wanted)
 
-    def add(self, position: int, token: int, logprob: float, rank: int) -> None:
+    def add(self, position: int, token: int, logprob: float, rank: int, entropy: float) -> None:
         text = self.decoder.decode(self.tokenizer.token_bytes(token))
-        score = TokenScore(position, token, text, logprob, rank)
+        score = TokenScore(position, token, text, logprob, rank, entropy)
         if self.keep_tokens:
             self.tokens.append(score)
         if self.on_token is not None:
@@ -472,7 +490,12 @@ class _Tracker:
         self.recent.append(text)
 
     def add_windows(
-        self, windows: list[Window], logprobs: torch.Tensor, ranks: torch.Tensor, shift: int = 0
+        self,
+        windows: list[Window],
+        logprobs: torch.Tensor,
+        ranks: torch.Tensor,
+        entropies: torch.Tensor,
+        shift: int = 0,
     ) -> None:
         """Add the scored targets of ``windows`` (flat scores, as ``Scorer.window_logprobs`` gives).
 
@@ -481,8 +504,9 @@ class _Tracker:
         """
         positions = [w.begin + j + shift for w in windows for j in range(w.first, len(w.ids))]
         targets = [t for w in windows for t in w.targets[w.first :]]
-        for pos, tok, lp, rank in zip(positions, targets, logprobs.tolist(), ranks.tolist(), strict=True):
-            self.add(pos, tok, lp, rank)
+        scores = zip(positions, targets, logprobs.tolist(), ranks.tolist(), entropies.tolist(), strict=True)
+        for pos, tok, lp, rank, ent in scores:
+            self.add(pos, tok, lp, rank, ent)
 
     def _right_context(self, text: str) -> None:
         still = []
@@ -656,7 +680,7 @@ class Scorer:
 
     def _run(self, windows: list[Window], tracker: _Tracker, scored: _Scored) -> None:
         """Score a batch of windows; add to ``scored`` and the tracker."""
-        logprobs, ranks = self.window_logprobs(windows, tracker.active)
+        logprobs, ranks, entropies = self.window_logprobs(windows, tracker.active)
         counts = [len(w.ids) - w.first for w in windows]
         targets = [t for w in windows for t in w.targets[w.first :]]
         nll, counted = 0.0, 0
@@ -666,14 +690,15 @@ class Scorer:
             counted += weight
         scored.add(nll, counted, targets)
         if tracker.active:
-            assert ranks is not None
-            tracker.add_windows(windows, logprobs, ranks, shift=1 if self.protocol == "hf" else 0)
+            assert ranks is not None and entropies is not None
+            shift = 1 if self.protocol == "hf" else 0
+            tracker.add_windows(windows, logprobs, ranks, entropies, shift=shift)
 
     @torch.inference_mode()
     def window_logprobs(
         self, windows: list[Window], want_ranks: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probabilities (and ranks) of the scored targets of a batch of windows.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probabilities (and ranks and entropies) of the scored targets of a batch of windows.
 
         Windows may differ in length: shorter ones are right-padded, and since attention is
         causal no real position sees a pad, so each window scores as it would alone.
@@ -694,19 +719,23 @@ class Scorer:
 
     def _logprobs(
         self, hidden: torch.Tensor, targets: torch.Tensor, want_ranks: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probability (and rank) of each target under the lm_head, a few rows at a time.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probability (and rank and entropy) of each target under the lm_head, a few rows at a time.
 
         hidden: (N, C), targets: (N,). The logits (rows x vocab) are never all materialised.
         """
         step = max(1, LOGIT_ELEMENTS // self.model.config.vocab_size)
-        logprobs, ranks = [], []
+        logprobs, ranks, entropies = [], [], []
         for i in range(0, hidden.shape[0], step):
             logits = self.model.logits(hidden[i : i + step]).float()  # (n, V), log-softmax in fp32
             tgt = targets[i : i + step, None]
             picked = logits.gather(1, tgt)  # (n, 1)
-            logprobs.append((picked - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(1))
+            norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            logprobs.append((picked - norm).squeeze(1))
             if want_ranks:
                 ranks.append((logits > picked).sum(dim=1) + 1)
+                entropies.append(entropy(logits - norm))
         lp = torch.cat(logprobs).cpu()
-        return lp, torch.cat(ranks).cpu() if want_ranks else None
+        if not want_ranks:
+            return lp, None, None
+        return lp, torch.cat(ranks).cpu(), torch.cat(entropies).cpu()

@@ -18,7 +18,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 from typer.exceptions import Abort, Exit
 
 from gpt2cli import __version__
-from gpt2cli.cli import bench, completion, finetune, generate, score
+from gpt2cli.cli import activations, attention, bench, completion, finetune, generate, lens, score
 from gpt2cli.cli import models as models_cmd
 from gpt2cli.cli import options as opt
 from gpt2cli.cli import repl as repl_cmd
@@ -39,7 +39,7 @@ DEBUG = "--debug"
 app = typer.Typer(
     name="gpt2",
     cls=HelpGroup,
-    help="Run OpenAI's GPT-2 family locally: generate, chat, score, benchmark, fine-tune and serve.",
+    help="Run OpenAI's GPT-2 family locally: generate, chat, score, inspect, benchmark, fine-tune, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -63,7 +63,7 @@ def root(
         False, DEBUG, help="Show full tracebacks on errors (also after the command, or GPT2_DEBUG=1)."
     ),
 ) -> None:
-    """Run OpenAI's GPT-2 family locally: generate, chat, score, benchmark, fine-tune and serve."""
+    """Run OpenAI's GPT-2 family locally: generate, chat, score, inspect, benchmark, fine-tune, serve."""
 
 
 app.command("generate", no_args_is_help=False, cls=HelpCommand, epilog=generate.EXAMPLES)(generate.generate)
@@ -74,6 +74,9 @@ app.command("serve", cls=HelpCommand)(serve_command)
 app.command("finetune", cls=HelpCommand)(finetune.finetune)
 app.command("bench", cls=HelpCommand)(bench.bench)
 app.command("completion", cls=HelpCommand)(completion.completion)
+app.command("lens", no_args_is_help=False, cls=HelpCommand)(lens.lens)
+app.command("attention", no_args_is_help=False, cls=HelpCommand)(attention.attention)
+app.command("activations", no_args_is_help=False, cls=HelpCommand)(activations.activations)
 
 
 def _wants_debug(args: Sequence[str]) -> bool:

@@ -200,3 +200,14 @@ class TextFormat(str, Enum):
     text = "text"
     json = "json"
     jsonl = "jsonl"
+
+
+PrependBos = Annotated[
+    bool,
+    typer.Option(
+        "--bos/--no-bos",
+        help="Start the text with <|endoftext|> (as TransformerLens' prepend_bos), "
+        "so that its first token is predicted too.",
+    ),
+]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the output file if it exists.")]

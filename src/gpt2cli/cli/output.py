@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import IO, Any
+
+from gpt2cli.errors import Gpt2Error
 
 
 def is_terminal(stream: IO[str] | None) -> bool:
@@ -141,3 +144,66 @@ def plain_table(
             ]
             lines.append(indent + "  ".join(cells).rstrip())
     return "".join(f"{line}\n" for line in lines)
+
+
+def visible(text: str) -> str:
+    """Token text on one line: escapes for newlines, tabs and other control characters."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# A value in [0, 1] (a probability, an attention weight) as a shade and a colour, so the terminal
+# views read without colour too (NO_COLOR, or text copied from a terminal).
+SHADES = [(0.05, " ", "grey42"), (0.25, "░", "blue"), (0.5, "▒", "cyan"), (0.75, "▓", "green")]
+SHADE_TOP = ("█", "bold yellow")
+
+
+def shade(value: float) -> tuple[str, str]:
+    """(character, Rich style) of a value in [0, 1]."""
+    return next(((char, style) for limit, char, style in SHADES if value < limit), SHADE_TOP)
+
+
+def shade_legend(title: str) -> Any:
+    """The shade scale's legend as Rich text: ``title:  ' '<0.05  ░<0.25 ... █>=0.75``."""
+    from rich.text import Text
+
+    legend = Text(f"{title}: ")
+    for limit, char, style in SHADES:
+        legend.append(f" {char}<{limit:g} ", style=style)
+    legend.append(f" {SHADE_TOP[0]}>={SHADES[-1][0]:g} ", style=SHADE_TOP[1])
+    return legend
+
+
+def product_console(width: int | None = None) -> Any:
+    """A Rich console for product output on stdout: colour unless NO_COLOR, never markup."""
+    from rich.console import Console
+
+    return Console(
+        no_color=not color_allowed(sys.stdout),
+        highlight=False,
+        markup=False,
+        emoji=False,
+        width=width,
+    )
+
+
+def each_source(
+    sources: list[str], run: Callable[[str], Any], done: Callable[[Any], None]
+) -> tuple[list[Any], int]:
+    """``run`` each source and hand its result to ``done``; returns (results, failures).
+
+    With several sources a failing one prints its error line and the others still run; a
+    single source's error propagates.
+    """
+    results, failed = [], 0
+    for source in sources:
+        try:
+            result = run(source)
+        except Gpt2Error as exc:
+            if len(sources) == 1:
+                raise
+            failed += 1
+            sys.stderr.write(error_line(exc.message, exc.hint))
+            continue
+        results.append(result)
+        done(result)
+    return results, failed

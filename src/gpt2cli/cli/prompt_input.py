@@ -27,8 +27,8 @@ def read_stdin_text() -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def read_prompt(prompt: str | None) -> str:
-    """The prompt to use.
+def read_prompt(prompt: str | None, example: str = 'gpt2 generate "Once upon a time"') -> str:
+    """The prompt to use (``example`` shows how to pass one, in the error's hint).
 
     Raises:
         BadInputError: no prompt given and none on stdin, or the prompt is empty.
@@ -37,9 +37,7 @@ def read_prompt(prompt: str | None) -> str:
         text = read_stdin_text()
         source = "stdin"
     elif prompt is None:
-        raise BadInputError(
-            "no prompt given", hint='pass one: gpt2 generate "Once upon a time", or pipe text on stdin'
-        )
+        raise BadInputError("no prompt given", hint=f"pass one: {example}, or pipe text on stdin")
     else:
         text, source = prompt, "the prompt"
     if not text.strip() and not text:

@@ -43,6 +43,12 @@ class Protocol(str, Enum):
     hf = "hf"
 
 
+class Color(str, Enum):
+    surprisal = "surprisal"
+    rank = "rank"
+    entropy = "entropy"
+
+
 class Errors(str, Enum):
     strict = "strict"
     replace = "replace"  # type: ignore[assignment]  # shadows str.replace, harmlessly
@@ -105,6 +111,32 @@ def score(
     ray: batch.Ray = False,
     ray_address: batch.RayAddress = None,
     lookahead: batch.Lookahead = LOOKAHEAD,
+    color: Annotated[
+        Color | None,
+        typer.Option(
+            "--color",
+            help="Per-token colouring (implies --per-token): surprisal, rank (GLTR's top-10/100/1000 "
+            "buckets) or entropy of the prediction.",
+        ),
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            help="Compare with model B over the same tokens: per-token Δlogprob, KL(A‖B), top-1 agreement.",
+        ),
+    ] = None,
+    compare_quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--compare-quantize",
+            help="Quantize B (int8 or none; default: as --quantize); B = A's model alone.",
+        ),
+    ] = None,
+    compare_dtype: Annotated[
+        str | None,
+        typer.Option("--compare-dtype", help="B's dtype (default: as --dtype); B = A's model alone."),
+    ] = None,
 ) -> None:
     """Score FILEs (or stdin) under a GPT-2 model: perplexity, bits per byte, word perplexity.
 
@@ -120,6 +152,9 @@ def score(
     line per input line (id, tokens, bytes, nll, perplexity, bits_per_byte...) to --output.
     """
     _check_options(context, stride, batch_size, top)
+    comparing = compare is not None or compare_quantize is not None or compare_dtype is not None
+    if comparing and (top or color is not None):
+        raise BadInputError("--top and --color do not apply to --compare", hint="--per-token shows Δlogprob")
     job = batch.job_options(jsonl, output, id_field, resume, on_error, workers, ray, ray_address, lookahead)
     if job is not None:
         for option, given in (
@@ -147,7 +182,20 @@ def score(
     from gpt2cli.scoring import check_windows
 
     check_windows(context, stride, lm.window, protocol.value)
-    renderer = _RENDERERS[output_format](per_token, top)
+    if comparing:
+        from gpt2cli.cli import compare as compare_cli
+
+        a = compare_cli.Settings(model, quantize, dtype, device, offline, allow_pickle)
+        b = a.other(compare, compare_quantize, compare_dtype)
+        failed = compare_cli.run(
+            lm, a, b, sources, open_source=_open, progress=_progress, context=context, stride=stride,
+            errors=errors.value, per_token=per_token, output_format=output_format.value,
+        )  # fmt: skip
+        if failed:
+            raise typer.Exit(failed)
+        return
+    renderer = _RENDERERS[output_format](per_token or color is not None, top)
+    renderer.color = (color or Color.surprisal).value
     results: list[Any] = []
     failed = 0
     try:
@@ -212,6 +260,14 @@ def _sources(files: list[str]) -> list[str]:
     return files
 
 
+def _open(source: str) -> tuple[IO[bytes] | Path, str, int | None]:
+    """A source as the library reads it: (stdin's bytes or a path, its name, its size if known)."""
+    if source == STDIN:
+        return sys.stdin.buffer, "<stdin>", None
+    path = Path(source)
+    return path, source, path.stat().st_size if path.is_file() else None
+
+
 def _score_one(
     lm: Any,
     source: str,
@@ -222,13 +278,7 @@ def _score_one(
     protocol: str,
     renderer: _Renderer,
 ) -> Any:
-    stream: IO[bytes] | Path
-    size: int | None = None
-    if source == STDIN:
-        stream, name = sys.stdin.buffer, "<stdin>"
-    else:
-        stream, name = Path(source), source
-        size = stream.stat().st_size if stream.is_file() else None
+    stream, name, size = _open(source)
     with _progress(name, size) as progress:
         return lm.score(
             stream,
@@ -307,6 +357,7 @@ class _Renderer:
     """Turns results into output; per-file results are written as soon as each file is done."""
 
     keep_tokens = False
+    color = "surprisal"  # --per-token colouring on a terminal
 
     def __init__(self, per_token: bool, top: int) -> None:
         self.per_token, self.top = per_token, top
@@ -358,7 +409,7 @@ class _TextRenderer(_Renderer):
 
     def file_done(self, result: Any) -> None:
         if self.per_token:
-            _per_token_text(result)
+            _per_token_text(result, self.color)
         if self.rich:
             self.rows.append(self._cells(result))
         else:
@@ -479,29 +530,48 @@ HEAT = [(1.0, "green"), (2.5, "bright_green"), (4.0, "yellow"), (6.0, "dark_oran
 HEAT_TOP = "bold white on red"
 
 
-def _heat_style(nll: float) -> str:
-    return next((style for limit, style in HEAT if nll < limit), HEAT_TOP)
+# GLTR's colours for its rank buckets (top-10, top-100, top-1000, beyond).
+RANK_STYLES = ["black on green", "black on yellow", "black on red", "white on magenta"]
 
 
-def _per_token_text(result: Any) -> None:
-    """The text coloured by surprisal on a colour terminal; otherwise one TSV line per token."""
+def _legend_buckets(color: str) -> tuple[list[str], list[str], Any]:
+    """(labels, styles, token -> bucket index) of a --color scheme."""
+    if color == "rank":
+        from gpt2cli.scoring import RANK_BUCKETS, rank_bucket
+
+        labels = [f"top-{n}" for n in RANK_BUCKETS] + [f">{RANK_BUCKETS[-1]}"]
+        return labels, RANK_STYLES, lambda t: rank_bucket(t.rank)
+    limits = [limit for limit, _ in HEAT]
+    labels = [f"{lo:g}-{hi:g}" for lo, hi in zip([0.0, *limits], limits, strict=False)] + [
+        f">={limits[-1]:g}"
+    ]
+    styles = [style for _, style in HEAT] + [HEAT_TOP]
+    value = (lambda t: t.entropy) if color == "entropy" else (lambda t: -t.logprob)
+    return labels, styles, lambda t: next((i for i, lim in enumerate(limits) if value(t) < lim), len(limits))
+
+
+def _per_token_text(result: Any, color: str = "surprisal") -> None:
+    """The text coloured by ``color`` on a colour terminal, with a legend giving each colour's
+    share of the tokens; otherwise one TSV line per token."""
     if not color_allowed(sys.stdout):
-        write("position\tid\tlogprob\trank\ttext\n")
+        write("position\tid\tlogprob\trank\tentropy\ttext\n")
         for t in result.token_scores:
-            write(f"{t.position}\t{t.id}\t{t.logprob:.6g}\t{t.rank}\t{_visible(t.text)}\n")
+            write(f"{t.position}\t{t.id}\t{t.logprob:.6g}\t{t.rank}\t{t.entropy:.6g}\t{_visible(t.text)}\n")
         return
     from rich.console import Console
     from rich.text import Text
 
+    labels, styles, bucket = _legend_buckets(color)
+    counts = [0] * len(labels)
     text = Text()
     for t in result.token_scores:
-        text.append(t.text, style=_heat_style(-t.logprob))
-    legend = Text("\nsurprisal (nats): ")
-    lower = 0.0
-    for limit, style in HEAT:
-        legend.append(f" {lower:g}-{limit:g} ", style=style)
-        lower = limit
-    legend.append(f" >={lower:g} ", style=HEAT_TOP)
+        i = bucket(t)
+        counts[i] += 1
+        text.append(t.text, style=styles[i])
+    unit = {"rank": "rank (GLTR)", "entropy": "entropy (nats)"}.get(color, "surprisal (nats)")
+    legend = Text(f"\n{unit}: ")
+    for label, style, n in zip(labels, styles, counts, strict=True):
+        legend.append(f" {label} {n / max(1, len(result.token_scores)):.0%} ", style=style)
     console = Console(force_terminal=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
     console.print(text)
     console.print(legend)

@@ -9,7 +9,6 @@ the data is fully described by the global step: resuming needs no other data sta
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from gpt2cli.errors import BadInputError
+from gpt2cli.jsonl import read_jsonl_texts
 from gpt2cli.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
@@ -112,21 +112,7 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, text: str) -> list[str]:
-    docs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise BadInputError(f"{path} line {number}: not valid JSON ({exc})") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise BadInputError(
-                f'{path} line {number}: no "text" string field',
-                hint='each JSONL line must be an object like {"text": "..."}',
-            )
-        docs.append(obj["text"])
-    return docs
+    return list(read_jsonl_texts(text.splitlines(), str(path)))
 
 
 def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:
