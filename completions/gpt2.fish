@@ -314,7 +314,7 @@ complete -c gpt2 -n '__gpt2_at serve' -l model -s m -x -a 'gpt2 gpt2-medium gpt2
 complete -c gpt2 -n '__gpt2_at serve' -l host -x -d 'Address to listen on (127.0.0.1: this machine only).'
 complete -c gpt2 -n '__gpt2_at serve' -l port -x -d 'Port to listen on.'
 complete -c gpt2 -n '__gpt2_at serve' -l api-key -x -d 'Require \'Authorization: Bearer KEY\' on every request but /health.'
-complete -c gpt2 -n '__gpt2_at serve' -l max-queue -x -d 'Requests that may wait for the engine; more get 503 with Retry-After.'
+complete -c gpt2 -n '__gpt2_at serve' -l max-queue -x -d 'Prompts that may wait for a place; more get 503 with Retry-After.'
 complete -c gpt2 -n '__gpt2_at serve' -l max-batch -x -d 'Most sequences decoding at once (requests join and leave between steps).'
 complete -c gpt2 -n '__gpt2_at serve' -l served-model-name -x -d 'Name the model is served under (repeatable; the first is listed first).'
 complete -c gpt2 -n '__gpt2_at serve' -l cache-tokens -x -d 'Tokens of recent sequences kept to reuse their prompts (0: off).'

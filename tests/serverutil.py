@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -41,6 +42,11 @@ class ServerThread:
 
     def health(self) -> dict[str, Any]:
         return httpx.get(self.url + "/health").json()
+
+    def queued(self) -> int:
+        """Prompts the server holds: waiting, or admitted to the (possibly held) engine."""
+        health = self.health()
+        return health["waiting"] + health["running"]
 
     def metrics(self) -> dict[str, float]:
         """``GET /metrics`` parsed: sample name (with its labels) -> value."""
@@ -84,6 +90,40 @@ class EngineGate:
 
     def open(self) -> None:
         self._open.set()
+
+
+class Background(threading.Thread):
+    """Runs ``fn`` in a thread at once; ``result()`` joins it and returns (or raises) its outcome."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.value, self.error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self.error = exc
+
+    def result(self, timeout: float = 300) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), "timed out"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def together(srv: ServerThread, gate: EngineGate, fns: list[Callable[[], Any]]) -> list[Any]:
+    """Call ``fns`` (one request each) at once, the engine held until every request is queued,
+    so they start in one batch; their results, in order."""
+    gate.close()
+    try:
+        calls = [Background(fn) for fn in fns]
+        wait_for(lambda: srv.queued() == len(fns))
+    finally:
+        gate.open()
+    return [call.result() for call in calls]
 
 
 def wait_for(predicate: Any, timeout: float = 120) -> None:

@@ -18,7 +18,7 @@ import torch
 import uvicorn  # noqa: F401
 from checkpoints import make_checkpoint  # noqa: E402
 from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess  # noqa: E402
-from serverutil import EngineGate, ServerThread, wait_for  # noqa: E402
+from serverutil import Background, EngineGate, ServerThread, wait_for  # noqa: E402
 
 from gpt2cli import load  # noqa: E402
 from gpt2cli.chat import pick_template  # noqa: E402
@@ -373,14 +373,8 @@ def test_full_queue_503_and_a_disconnect_frees_its_slot(ckpt_long: Path) -> None
                 assert next(lines).startswith("data: ")  # the engine is now busy with it
                 gate.close()
                 assert gate.held.wait(60)  # ... and parked between two of its steps
-                waiting: dict = {}
                 small = {"model": model, "prompt": "hi", "max_tokens": 2}
-                t = threading.Thread(
-                    target=lambda: waiting.update(
-                        r=httpx.post(srv.url + "/v1/completions", json=small, timeout=120)
-                    )
-                )
-                t.start()
+                waiting = Background(lambda: httpx.post(srv.url + "/v1/completions", json=small, timeout=120))
                 wait_for(lambda: srv.health()["waiting"] == 1)
                 full = httpx.post(srv.url + "/v1/completions", json=small, timeout=60)
                 assert full.status_code == 503
@@ -388,8 +382,7 @@ def test_full_queue_503_and_a_disconnect_frees_its_slot(ckpt_long: Path) -> None
                 assert full.json()["error"]["code"] == "queue_full"
             # leaving the block closed the stream mid-generation
             gate.open()
-            t.join(120)
-        assert waiting["r"].status_code == 200
+        assert waiting.result().status_code == 200
         wait_for(lambda: srv.health()["running"] == 0)
         health = srv.health()
         assert health["cancelled"] == 1 and health["waiting"] == 0
@@ -441,21 +434,14 @@ def test_shutdown_fails_queued_and_running_requests_with_shutting_down(ckpt_long
             assert next(lines).startswith("data: ")
             gate.close()
             assert gate.held.wait(60)
-            queued: dict = {}
             small = {"model": model, "prompt": "hi", "max_tokens": 2}
-            t = threading.Thread(
-                target=lambda: queued.update(
-                    r=httpx.post(srv.url + "/v1/completions", json=small, timeout=120)
-                )
-            )
-            t.start()
+            queued = Background(lambda: httpx.post(srv.url + "/v1/completions", json=small, timeout=120))
             wait_for(lambda: srv.health()["waiting"] == 1)
             srv.scheduler.begin_close()
             gate.open()
-            t.join(120)
             rest = [line for line in lines if line]
-        assert queued["r"].status_code == 503
-        assert queued["r"].json()["error"]["code"] == "shutting_down"
+        assert queued.result().status_code == 503
+        assert queued.result().json()["error"]["code"] == "shutting_down"
         assert rest[-1] == "data: [DONE]"
         error = json.loads(rest[-2][6:])["error"]
         assert error["code"] == "shutting_down" and error["type"] == "server_error"
@@ -475,7 +461,8 @@ def _free_port() -> int:
 def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen(
-        [str(GPT2_BIN), "serve", "-m", str(ckpt_long), "--port", str(port), "--device", "cpu"],
+        [str(GPT2_BIN), "serve", "-m", str(ckpt_long), "--port", str(port), "--device", "cpu"]
+        + ["--served-model-name", "long-one", "--served-model-name", "l1", "--cache-tokens", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "NO_COLOR": "1"},
@@ -491,6 +478,7 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
                 return False
 
         wait_for(up)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["long-one", "l1"]
         received: list[str] = []
         with httpx.stream(
             "POST", url + "/v1/completions", json={"model": str(ckpt_long), **LONG}, timeout=120
@@ -539,3 +527,8 @@ def test_port_in_use_is_one_line(ckpt_h: Path, capsys, monkeypatch) -> None:
 def test_empty_api_key_is_a_usage_error(ckpt_h: Path, capsys, monkeypatch) -> None:
     result = run_inprocess(["serve", "-m", str(ckpt_h), "--api-key", " "], capsys, monkeypatch)
     assert_one_line_error(result, 2, "API key")
+
+
+def test_empty_served_model_name_is_a_usage_error(ckpt_h: Path, capsys, monkeypatch) -> None:
+    result = run_inprocess(["serve", "-m", str(ckpt_h), "--served-model-name", ""], capsys, monkeypatch)
+    assert_one_line_error(result, 2, "served model name")

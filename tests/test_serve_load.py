@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from checkpoints import make_checkpoint
-from serverutil import EngineGate, ServerThread, wait_for
+from serverutil import Background, EngineGate, ServerThread, together, wait_for
 
 from gpt2cli import load
 from gpt2cli.chat import pick_template
@@ -42,12 +42,6 @@ def client_for(srv: ServerThread) -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
 
 
-def queued(srv: ServerThread) -> int:
-    """Prompts the server holds: waiting, or admitted to the (held) engine."""
-    health = srv.health()
-    return health["waiting"] + health["running"]
-
-
 def greedy(lm, prompt, n: int, **options) -> str:
     return lm.complete(prompt, max_new_tokens=n, temperature=0, **options).samples[0].text
 
@@ -66,36 +60,27 @@ def test_mixed_concurrent_requests_batch_and_equal_the_serial_replies(lm, ckpt_h
     expected = [greedy(lm, ids, n) for ids, n in specs]
     srv = ServerThread(lm, max_batch=8).start()
     gate = EngineGate(srv.scheduler)
-    results: dict[int, list[str]] = {k: [] for k in range(8)}
-    errors: list[str] = []
+    c = client_for(srv)
 
-    def client_loop(k: int) -> None:
-        c = client_for(srv)
+    def ask(k: int, stream: bool) -> str:
         ids, n = specs[k]
-        for r in range(3):
-            try:
-                args = {"model": ckpt_h.name, "prompt": ids, "max_tokens": n, "temperature": 0}
-                if (k + r) % 2:
-                    results[k].append(streamed_text(c.completions.create(stream=True, **args)))
-                else:
-                    results[k].append(c.completions.create(**args).choices[0].text)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(repr(exc))
+        args = {"model": ckpt_h.name, "prompt": ids, "max_tokens": n, "temperature": 0}
+        if stream:
+            return streamed_text(c.completions.create(stream=True, **args))
+        return c.completions.create(**args).choices[0].text
+
+    def client_loop(k: int) -> list[str]:
+        return [ask(k, stream=(k + r) % 2 == 1) for r in range(2)]
 
     try:
-        gate.close()  # the first wave queues up in full, then joins the batch together
-        threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(8)]
-        for t in threads:
-            t.start()
-        wait_for(lambda: queued(srv) == 8)
-        gate.open()
-        for t in threads:
-            t.join()
+        # the first wave queues up in full and starts as one batch; then clients come and go
+        first = together(srv, gate, [lambda k=k: ask(k, stream=k % 2 == 0) for k in range(8)])
+        rest = [Background(lambda k=k: client_loop(k)) for k in range(8)]
+        results = {k: [first[k], *rest[k].result()] for k in range(8)}
         metrics = srv.metrics()
     finally:
         gate.open()
         srv.stop()
-    assert errors == []
     assert all(results[k] == [expected[k]] * 3 for k in range(8)), (results, expected)
     assert metrics["gpt2_active_rows_max"] > 1  # the batching really happened
     assert metrics["gpt2_batched_steps_total"] > 0
@@ -128,17 +113,15 @@ def test_a_short_request_gets_its_first_token_before_a_long_one_ends(lm_long, ck
     long_body = {"prompt": [50256], "max_tokens": 1000, "temperature": 0}
     short_body = {"prompt": "Hi", "max_tokens": 4, "temperature": 0}
     try:
-        long = threading.Thread(target=run, args=("long", long_body))
-        long.start()
+        long = Background(lambda: run("long", long_body))
         assert long_started.wait(120)
         gate.close()
         assert gate.held.wait(60)  # the long generation is parked mid-way
-        short = threading.Thread(target=run, args=("short", short_body))
-        short.start()
+        short = Background(lambda: run("short", short_body))
         wait_for(lambda: srv.health()["waiting"] == 1)
         gate.open()
-        short.join()
-        long.join()
+        short.result()
+        long.result()
     finally:
         gate.open()
         srv.stop()
@@ -234,27 +217,19 @@ def test_requests_borrowing_a_cache_entry_leave_it_unchanged(lm, ckpt_h: Path) -
     srv = ServerThread(lm, max_batch=8).start()
     gate = EngineGate(srv.scheduler)
     c = client_for(srv)
-    answers: dict[int, object] = {}
 
-    def ask(k: int, prompt: list[int]) -> None:
-        answers[k] = c.completions.create(model=ckpt_h.name, prompt=prompt, max_tokens=8, temperature=0)
+    def ask(prompt: list[int]):
+        return c.completions.create(model=ckpt_h.name, prompt=prompt, max_tokens=8, temperature=0)
 
     try:
-        ask(-1, x + y)  # the entry
-        gate.close()
-        threads = [threading.Thread(target=ask, args=(k, p)) for k, p in enumerate(borrowers)]
-        for t in threads:
-            t.start()
-        wait_for(lambda: queued(srv) == 4)
-        gate.open()
-        for t in threads:
-            t.join()
-        ask(4, last)
+        ask(x + y)  # the entry
+        answers = together(srv, gate, [lambda p=p: ask(p) for p in borrowers])
+        answers.append(ask(last))
     finally:
         gate.open()
         srv.stop()
-    texts = [answers[k].choices[0].text for k in range(5)]  # type: ignore[attr-defined]
-    cached = [answers[k].usage.prompt_tokens_details.cached_tokens for k in range(5)]  # type: ignore[attr-defined]
+    texts = [out.choices[0].text for out in answers]
+    cached = [out.usage.prompt_tokens_details.cached_tokens for out in answers]
     assert texts == expected
     assert all(n >= 30 for n in cached[:4]) and cached[4] >= 40, cached
 
@@ -337,27 +312,17 @@ def test_a_request_failing_in_the_engine_fails_alone(
     alone = lm_long.complete("Once upon a time", max_new_tokens=12, temperature=0)
     srv = ServerThread(lm_long).start()
     gate = EngineGate(srv.scheduler)
-    answers: dict = {}
+
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(srv.url + "/v1/completions", json=body, timeout=300)
+
     try:
-        gate.close()  # both join the same batch
-        threads = [
-            threading.Thread(
-                target=lambda k=k, body=body: answers.update(
-                    {k: httpx.post(srv.url + "/v1/completions", json=body, timeout=300)}
-                )
-            )
-            for k, body in (("good", good), ("bad", bad))
-        ]
-        for t in threads:
-            t.start()
-        wait_for(lambda: queued(srv) == 2)
-        gate.open()
-        for t in threads:
-            t.join()
+        good_answer, bad_answer = together(srv, gate, [lambda: post(good), lambda: post(bad)])
         metrics = srv.metrics()
     finally:
         gate.open()
         srv.stop()
+    answers = {"good": good_answer, "bad": bad_answer}
     assert metrics["gpt2_batched_steps_total"] > 0  # they did share the engine's steps
     assert answers["good"].status_code == 200
     choice = answers["good"].json()["choices"][0]
@@ -405,7 +370,7 @@ def _read_all(sock: socket.socket) -> bytes:
 
 
 def test_partial_headers_and_a_short_body_get_408_and_close(lm_h, ckpt_h: Path) -> None:
-    srv = ServerThread(lm_h, timeouts=Timeouts(header=0.5, body=0.5)).start()
+    srv = ServerThread(lm_h, timeouts=Timeouts(header=2, body=2)).start()
     try:
         slow = socket.create_connection(("127.0.0.1", srv.port), timeout=120)
         slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")  # and nothing more

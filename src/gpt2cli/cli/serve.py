@@ -28,7 +28,7 @@ def serve(
         ),
     ] = None,
     max_queue: Annotated[
-        int, typer.Option(min=1, help="Requests that may wait for the engine; more get 503 with Retry-After.")
+        int, typer.Option(min=1, help="Prompts that may wait for a place; more get 503 with Retry-After.")
     ] = 64,
     max_batch: Annotated[
         int,
@@ -70,7 +70,9 @@ def serve(
 ) -> None:
     """Serve a model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models).
 
-    Stop it with Ctrl-C or SIGTERM: running streams end cleanly and the exit status is 0.
+    Also /tokenize, /detokenize, /metrics (Prometheus) and /health. Requests batch
+    continuously and reuse cached prompt prefixes. Stop it with Ctrl-C or SIGTERM: running
+    streams end with a shutting_down error event and the exit status is 0.
     """
     _require_extra()
     if api_key is not None and not api_key.strip():
