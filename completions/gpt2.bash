@@ -73,6 +73,13 @@ _gpt2_nargs() {
         'serve|--api-key') return 1 ;;
         'serve|--max-queue') return 1 ;;
         'serve|--max-batch') return 1 ;;
+        'serve|--served-model-name') return 1 ;;
+        'serve|--cache-tokens') return 1 ;;
+        'serve|--default-max-tokens') return 1 ;;
+        'serve|--timeout-keep-alive') return 1 ;;
+        'serve|--timeout-header') return 1 ;;
+        'serve|--timeout-body') return 1 ;;
+        'serve|--timeout-write') return 1 ;;
         'serve|--device') return 1 ;;
         'serve|--dtype') return 1 ;;
         'serve|--quantize') return 1 ;;
@@ -161,7 +168,7 @@ _gpt2_complete_options() {
         generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --stop-raw --num-samples --ignore-eos --echo --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --jsonl --output -o --prompt-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
         score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --protocol --device --dtype --offline --allow-pickle --quantize --jsonl --output -o --text-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --color --compare --compare-quantize --compare-dtype --help -h' ;;
         repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --quantize --help -h' ;;
-        serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --device --dtype --quantize --offline --allow-pickle --help -h' ;;
+        serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --served-model-name --cache-tokens --default-max-tokens --timeout-keep-alive --timeout-header --timeout-body --timeout-write --device --dtype --quantize --offline --allow-pickle --help -h' ;;
         finetune) _gpt2_add -W '--output -o --model -m --data-format --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
         bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --max-new-tokens --new-tokens -n --batch-size --repeats --warmup --threads --format --compare --seed --offline --draft-model --draft-tokens --compile --help -h' ;;
         completion) _gpt2_add -W '--install --help -h' ;;

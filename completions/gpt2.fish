@@ -141,6 +141,20 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'serve|--max-batch'
             echo 1; return
+        case 'serve|--served-model-name'
+            echo 1; return
+        case 'serve|--cache-tokens'
+            echo 1; return
+        case 'serve|--default-max-tokens'
+            echo 1; return
+        case 'serve|--timeout-keep-alive'
+            echo 1; return
+        case 'serve|--timeout-header'
+            echo 1; return
+        case 'serve|--timeout-body'
+            echo 1; return
+        case 'serve|--timeout-write'
+            echo 1; return
         case 'serve|--device'
             echo 1; return
         case 'serve|--dtype'
@@ -428,8 +442,15 @@ complete -c gpt2 -n '__gpt2_at serve' -l model -s m -x -a 'gpt2 gpt2-medium gpt2
 complete -c gpt2 -n '__gpt2_at serve' -l host -x -d 'Address to listen on (127.0.0.1: this machine only).'
 complete -c gpt2 -n '__gpt2_at serve' -l port -x -d 'Port to listen on.'
 complete -c gpt2 -n '__gpt2_at serve' -l api-key -x -d 'Require \'Authorization: Bearer KEY\' on every request but /health.'
-complete -c gpt2 -n '__gpt2_at serve' -l max-queue -x -d 'Requests that may wait for the engine; more get 503 with Retry-After.'
-complete -c gpt2 -n '__gpt2_at serve' -l max-batch -x -d 'Most sequences generated together in one batch.'
+complete -c gpt2 -n '__gpt2_at serve' -l max-queue -x -d 'Prompts that may wait for a place; more get 503 with Retry-After.'
+complete -c gpt2 -n '__gpt2_at serve' -l max-batch -x -d 'Most sequences decoding at once (requests join and leave between steps).'
+complete -c gpt2 -n '__gpt2_at serve' -l served-model-name -x -d 'Name the model is served under (repeatable; the first is listed first).'
+complete -c gpt2 -n '__gpt2_at serve' -l cache-tokens -x -d 'Tokens of recent sequences kept to reuse their prompts (0: off).'
+complete -c gpt2 -n '__gpt2_at serve' -l default-max-tokens -x -d 'Tokens a chat request without max_tokens may generate.'
+complete -c gpt2 -n '__gpt2_at serve' -l timeout-keep-alive -x -d 'Seconds an idle keep-alive connection stays open.'
+complete -c gpt2 -n '__gpt2_at serve' -l timeout-header -x -d 'Seconds a request\'s headers may take to arrive (then 408).'
+complete -c gpt2 -n '__gpt2_at serve' -l timeout-body -x -d 'Seconds a request body may pause between reads (then 408).'
+complete -c gpt2 -n '__gpt2_at serve' -l timeout-write -x -d 'Seconds a client may read nothing of a waiting response (then dropped).'
 complete -c gpt2 -n '__gpt2_at serve' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
 complete -c gpt2 -n '__gpt2_at serve' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
 complete -c gpt2 -n '__gpt2_at serve' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'

@@ -1,9 +1,11 @@
-"""Running `gpt2 serve`'s app in a thread on a free 127.0.0.1 port, for tests."""
+"""Running `gpt2 serve`'s app in a thread on a free 127.0.0.1 port, for tests; and a gate that
+holds its engine thread between steps, so a test can line up requests without racing it."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,11 +23,9 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
+        wait_for(lambda: self.server.started or not self.thread.is_alive())
+        if not self.thread.is_alive():
+            raise RuntimeError("the test server did not start")
         return self
 
     @property
@@ -43,7 +43,92 @@ class ServerThread:
     def health(self) -> dict[str, Any]:
         return httpx.get(self.url + "/health").json()
 
+    def queued(self) -> int:
+        """Prompts the server holds: waiting, or admitted to the (possibly held) engine."""
+        health = self.health()
+        return health["waiting"] + health["running"]
+
+    def metrics(self) -> dict[str, float]:
+        """``GET /metrics`` parsed: sample name (with its labels) -> value."""
+        text = httpx.get(self.url + "/metrics").text
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
     def stop(self) -> None:
         self.scheduler.begin_close()
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class EngineGate:
+    """Holds the engine thread before its next step while closed (a test hook on one scheduler).
+
+    ``close()`` then ``held.wait()``: the engine thread is parked between two steps, requests
+    queue up behind it; ``open()`` lets it go on.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self.held = threading.Event()
+        step = scheduler._step
+
+        def gated_step() -> None:
+            if not self._open.is_set():
+                self.held.set()
+                self._open.wait()
+                self.held.clear()
+            step()
+
+        scheduler._step = gated_step
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+class Background(threading.Thread):
+    """Runs ``fn`` in a thread at once; ``result()`` joins it and returns (or raises) its outcome."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.value, self.error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self.error = exc
+
+    def result(self, timeout: float = 300) -> Any:
+        self.join(timeout)
+        assert not self.is_alive(), "timed out"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def together(srv: ServerThread, gate: EngineGate, fns: list[Callable[[], Any]]) -> list[Any]:
+    """Call ``fns`` (one request each) at once, the engine held until every request is queued,
+    so they start in one batch; their results, in order."""
+    gate.close()
+    try:
+        calls = [Background(fn) for fn in fns]
+        wait_for(lambda: srv.queued() == len(fns))
+    finally:
+        gate.open()
+    return [call.result() for call in calls]
+
+
+def wait_for(predicate: Any, timeout: float = 120) -> None:
+    """Poll ``predicate`` until true; the timeout only stops a broken test from hanging."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import fastapi  # noqa: F401  (the test extra: never a silent skip)
@@ -19,7 +18,7 @@ import torch
 import uvicorn  # noqa: F401
 from checkpoints import make_checkpoint  # noqa: E402
 from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess  # noqa: E402
-from serverutil import ServerThread  # noqa: E402
+from serverutil import Background, EngineGate, ServerThread, wait_for  # noqa: E402
 
 from gpt2cli import load  # noqa: E402
 from gpt2cli.chat import pick_template  # noqa: E402
@@ -40,7 +39,7 @@ def served(ckpt_h: Path):
 
 @pytest.fixture(scope="module")
 def model_id(ckpt_h: Path) -> str:
-    return str(ckpt_h)
+    return ckpt_h.name  # a local directory is served under its name
 
 
 @pytest.fixture
@@ -55,10 +54,13 @@ def greedy(lm, prompt, n: int, **options) -> str:
 # --- happy paths ------------------------------------------------------------------------------
 
 
-def test_models_and_health(served: ServerThread, client, model_id: str) -> None:
+def test_models_and_health(served: ServerThread, client, model_id: str, ckpt_h: Path) -> None:
     assert [m.id for m in client.models.list().data] == [model_id]
     health = httpx.get(served.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == model_id
+    # the path as typed to -m still names it
+    out = client.completions.create(model=str(ckpt_h), prompt="hi", max_tokens=1)
+    assert out.model == str(ckpt_h)
 
 
 def test_completion_equals_the_library(client, model_id: str, lm_h) -> None:
@@ -291,7 +293,6 @@ def _bad_cases(model: str) -> list[tuple[str, object, int, str | None, str | Non
         (c, {**ok, "n": 1000}, 400, "n", "invalid_value"),
         (c, {**ok, "logprobs": 21}, 400, "logprobs", "invalid_value"),
         (c, {**ok, "prompt": [99999999]}, 400, "prompt", None),
-        (c, {**ok, "prompt": []}, 400, "prompt", None),
         (c, {**ok, "stop": [""]}, 400, "stop", None),
         (c, {**ok, "model": "gpt-4"}, 404, "model", "model_not_found"),
         ("/v1/chat/completions", {"model": model, "messages": []}, 400, "messages", "invalid_value"),
@@ -361,53 +362,93 @@ def ckpt_long(tmp_path_factory: pytest.TempPathFactory) -> Path:
 LONG = {"prompt": [50256], "max_tokens": 1000, "n": 4, "temperature": 1.0, "seed": 1, "stream": True}
 
 
-def _wait_for(predicate, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_full_queue_503_and_a_disconnect_frees_its_slot(ckpt_long: Path) -> None:
     srv = ServerThread(load(str(ckpt_long), device="cpu"), max_queue=1, max_batch=1).start()
-    model = str(ckpt_long)
+    gate = EngineGate(srv.scheduler)
+    model = ckpt_long.name
     try:
         with httpx.Client(timeout=120) as http:
             with http.stream("POST", srv.url + "/v1/completions", json={"model": model, **LONG}) as stream:
                 lines = stream.iter_lines()
                 assert next(lines).startswith("data: ")  # the engine is now busy with it
-                waiting: dict = {}
+                gate.close()
+                assert gate.held.wait(60)  # ... and parked between two of its steps
                 small = {"model": model, "prompt": "hi", "max_tokens": 2}
-                t = threading.Thread(
-                    target=lambda: waiting.update(
-                        r=httpx.post(srv.url + "/v1/completions", json=small, timeout=120)
-                    )
-                )
-                t.start()
-                _wait_for(lambda: srv.health()["waiting"] == 1)
+                waiting = Background(lambda: httpx.post(srv.url + "/v1/completions", json=small, timeout=120))
+                wait_for(lambda: srv.health()["waiting"] == 1)
                 full = httpx.post(srv.url + "/v1/completions", json=small, timeout=60)
                 assert full.status_code == 503
                 assert full.headers["retry-after"] == "1"
                 assert full.json()["error"]["code"] == "queue_full"
             # leaving the block closed the stream mid-generation
-            t.join(120)
-        assert waiting["r"].status_code == 200
+            gate.open()
+        assert waiting.result().status_code == 200
+        wait_for(lambda: srv.health()["running"] == 0)
         health = srv.health()
-        assert health["cancelled"] == 1 and health["running"] == 0 and health["waiting"] == 0
+        assert health["cancelled"] == 1 and health["waiting"] == 0
+        # the stream's 200 status line was sent, but its client left: logged as 499
+        wait_for(lambda: sum('"POST /v1/completions" 499' in line for line in srv.lines) == 1)
     finally:
+        gate.open()
         srv.stop()
+
+
+def _raw_request(port: int, body: dict) -> socket.socket:
+    """A POST /v1/completions sent on a raw socket (so the test decides when the client leaves)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
 
 
 def test_a_waiting_client_that_leaves_cancels_its_job(ckpt_long: Path) -> None:
     srv = ServerThread(load(str(ckpt_long), device="cpu")).start()
+    gate = EngineGate(srv.scheduler)
     try:
-        body = {"model": str(ckpt_long), **LONG, "n": 8, "stream": False}
-        with pytest.raises(httpx.TimeoutException):
-            httpx.post(srv.url + "/v1/completions", json=body, timeout=1.0)
-        _wait_for(lambda: srv.health()["running"] == 0)
-        assert srv.health()["cancelled"] == 1, (srv.health(), srv.lines)
-        assert any('"POST /v1/completions" 499' in line for line in srv.lines)
+        sock = _raw_request(srv.port, {"model": ckpt_long.name, **LONG, "n": 8, "stream": False})
+        wait_for(lambda: srv.health()["running"] == 1)  # the engine is generating for it
+        gate.close()
+        assert gate.held.wait(60)  # and cannot finish while the client leaves
+        sock.close()
+        wait_for(lambda: srv.health()["cancelled"] == 1)
+        gate.open()
+        wait_for(lambda: srv.health()["running"] == 0)
+        assert srv.health()["completed"] == 0, (srv.health(), srv.lines)
+        wait_for(lambda: any('"POST /v1/completions" 499' in line for line in srv.lines))
     finally:
+        gate.open()
+        srv.stop()
+
+
+def test_shutdown_fails_queued_and_running_requests_with_shutting_down(ckpt_long: Path) -> None:
+    """What SIGTERM does (``begin_close``): no finish_reason is invented for a cut stream."""
+    srv = ServerThread(load(str(ckpt_long), device="cpu"), max_batch=1).start()
+    gate = EngineGate(srv.scheduler)
+    model = ckpt_long.name
+    try:
+        with httpx.stream(
+            "POST", srv.url + "/v1/completions", json={"model": model, **LONG, "n": 1}, timeout=120
+        ) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            gate.close()
+            assert gate.held.wait(60)
+            small = {"model": model, "prompt": "hi", "max_tokens": 2}
+            queued = Background(lambda: httpx.post(srv.url + "/v1/completions", json=small, timeout=120))
+            wait_for(lambda: srv.health()["waiting"] == 1)
+            srv.scheduler.begin_close()
+            gate.open()
+            rest = [line for line in lines if line]
+        assert queued.result().status_code == 503
+        assert queued.result().json()["error"]["code"] == "shutting_down"
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][6:])["error"]
+        assert error["code"] == "shutting_down" and error["type"] == "server_error"
+        reasons = [c["finish_reason"] for line in rest[:-2] for c in json.loads(line[6:])["choices"]]
+        assert set(reasons) <= {None}  # no "length": the generation did not reach max_tokens
+    finally:
+        gate.open()
         srv.stop()
 
 
@@ -420,7 +461,8 @@ def _free_port() -> int:
 def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen(
-        [str(GPT2_BIN), "serve", "-m", str(ckpt_long), "--port", str(port), "--device", "cpu"],
+        [str(GPT2_BIN), "serve", "-m", str(ckpt_long), "--port", str(port), "--device", "cpu"]
+        + ["--served-model-name", "long-one", "--served-model-name", "l1", "--cache-tokens", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "NO_COLOR": "1"},
@@ -435,7 +477,8 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
             except httpx.TransportError:
                 return False
 
-        _wait_for(up, timeout=120)
+        wait_for(up)
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["long-one", "l1"]
         received: list[str] = []
         with httpx.stream(
             "POST", url + "/v1/completions", json={"model": str(ckpt_long), **LONG}, timeout=120
@@ -452,8 +495,9 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert code == 0, err
     assert received[-1] == "data: [DONE]"
-    reasons = [c["finish_reason"] for line in received[:-1] for c in json.loads(line[6:])["choices"]]
-    assert reasons.count("length") == 4
+    assert json.loads(received[-2][6:])["error"]["code"] == "shutting_down"
+    reasons = [c["finish_reason"] for line in received[:-2] for c in json.loads(line[6:])["choices"]]
+    assert "length" not in reasons
     assert "Traceback" not in err and "stopped" in err
 
 
@@ -483,3 +527,8 @@ def test_port_in_use_is_one_line(ckpt_h: Path, capsys, monkeypatch) -> None:
 def test_empty_api_key_is_a_usage_error(ckpt_h: Path, capsys, monkeypatch) -> None:
     result = run_inprocess(["serve", "-m", str(ckpt_h), "--api-key", " "], capsys, monkeypatch)
     assert_one_line_error(result, 2, "API key")
+
+
+def test_empty_served_model_name_is_a_usage_error(ckpt_h: Path, capsys, monkeypatch) -> None:
+    result = run_inprocess(["serve", "-m", str(ckpt_h), "--served-model-name", ""], capsys, monkeypatch)
+    assert_one_line_error(result, 2, "served model name")

@@ -19,7 +19,8 @@ Shape of one engine (see docs/design.md):
 - GPT-2's positions are learned and absolute: a sequence whose window is full keeps its most
   recent half and prefills it again from position 0 in its own row (the window slide).
 - ``PromptCache``: a request may bring the caller's cache. Its longest shared prefix is
-  reused, and at the end it holds sample 0's ids and keys/values. An engine made with
+  reused, and at the end it holds sample 0's ids and new keys/values (the old ones are never
+  written, so callers may share a cache's contents between requests). An engine made with
   ``kv=cache.kv`` works in that cache directly (no copies; ``LM.stream`` of one sample).
 """
 
@@ -255,14 +256,18 @@ class Engine:
             request.stats.decode_seconds = time.perf_counter() - request._t_first
 
     def _save(self, seq: Sequence, row: int) -> None:
-        """Sample 0 has ended: copy its ids and keys/values (in ``row``) to the request's prompt cache."""
+        """Sample 0 has ended: copy its ids and keys/values (in ``row``) to the request's prompt cache.
+
+        The cache gets new keys/values rather than having its old ones overwritten: a caller
+        may share one cache's contents between requests (the server's pool does), and a
+        request that only read them must not change them under the others.
+        """
         cache = seq.request.cache
         if cache is None or cache.kv is self.kv:
             return  # no cache, or it works in place
         assert self.kv is not None
         length = len(seq.kv_ids)
-        kv = cache.kv if cache.kv is not None else self.model.new_cache(1, length)
-        kv.ensure(1, length)
+        kv = self.model.new_cache(1, length)
         kv.copy_row(row, 0, length, source=self.kv)
         cache.kv, cache.ids = kv, list(seq.kv_ids)
 

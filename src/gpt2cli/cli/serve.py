@@ -1,4 +1,4 @@
-"""`gpt2 serve`: an OpenAI-compatible local server (completions, chat, models, health)."""
+"""`gpt2 serve`: an OpenAI-compatible local server (completions, chat, models, tokenize, metrics)."""
 
 from __future__ import annotations
 
@@ -28,11 +28,40 @@ def serve(
         ),
     ] = None,
     max_queue: Annotated[
-        int, typer.Option(min=1, help="Requests that may wait for the engine; more get 503 with Retry-After.")
+        int, typer.Option(min=1, help="Prompts that may wait for a place; more get 503 with Retry-After.")
     ] = 64,
     max_batch: Annotated[
-        int, typer.Option(min=1, help="Most sequences generated together in one batch.")
+        int,
+        typer.Option(min=1, help="Most sequences decoding at once (requests join and leave between steps)."),
     ] = 8,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--served-model-name",
+            metavar="NAME",
+            help="Name the model is served under (repeatable; the first is listed first).",
+        ),
+    ] = None,
+    cache_tokens: Annotated[
+        int,
+        typer.Option(min=0, help="Tokens of recent sequences kept to reuse their prompts (0: off)."),
+    ] = 4096,
+    default_max_tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens a chat request without max_tokens may generate.")
+    ] = 256,
+    timeout_keep_alive: Annotated[
+        float, typer.Option(min=0.1, help="Seconds an idle keep-alive connection stays open.")
+    ] = 5.0,
+    timeout_header: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request's headers may take to arrive (then 408).")
+    ] = 10.0,
+    timeout_body: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request body may pause between reads (then 408).")
+    ] = 30.0,
+    timeout_write: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a client may read nothing of a waiting response (then dropped)."),
+    ] = 60.0,
     device: opt.Device = "auto",
     dtype: opt.Dtype = "auto",
     quantize: opt.Quantize = None,
@@ -41,21 +70,40 @@ def serve(
 ) -> None:
     """Serve a model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models).
 
-    Stop it with Ctrl-C or SIGTERM: running streams end cleanly and the exit status is 0.
+    Also /tokenize, /detokenize, /metrics (Prometheus) and /health. Requests batch
+    continuously and reuse cached prompt prefixes. Stop it with Ctrl-C or SIGTERM: running
+    streams end with a shutting_down error event and the exit status is 0.
     """
     _require_extra()
     if api_key is not None and not api_key.strip():
         raise BadInputError("the API key cannot be empty", hint="pass --api-key KEY or unset GPT2_API_KEY")
     _check_port(host, port)
 
+    names = [n.strip() for n in served_model_name or []]
+    if any(not n for n in names):
+        raise BadInputError("a served model name cannot be empty", hint="pass --served-model-name NAME")
+
     from gpt2cli.api import load
+    from gpt2cli.server.http import Timeouts
     from gpt2cli.server.run import serve as run_server
 
     lm = load(
         model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, quantize=quantize
     )
     _log(f"serving {lm.name} on http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)")
-    run_server(lm, host=host, port=port, api_key=api_key, max_queue=max_queue, max_batch=max_batch, log=_log)
+    run_server(
+        lm,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        served_model_names=names,
+        cache_tokens=cache_tokens,
+        default_max_tokens=default_max_tokens,
+        timeouts=Timeouts(timeout_keep_alive, timeout_header, timeout_body, timeout_write),
+        log=_log,
+    )
     _log("stopped")
 
 

@@ -1,26 +1,30 @@
 """A request's prompt as the server's engine thread sees it: a ``Job``, and the events it emits.
 
-Each job becomes one engine ``Request`` with its own sampler, seeded generator, stop strings
-and token limit, so its result does not depend on what it runs beside. The job's text side is
-the shared text layer (``text.SampleText`` per sample); this module only turns engine events
-into the server's events (``Piece``, ``Done``, ``Failed``).
+Each job becomes one engine ``Request`` with its own sampler, seeded generator, stop strings,
+token limit and prompt-cache lease, so its result does not depend on what it runs beside. The
+job's text side is the shared text layer (``text.SampleText`` per sample); this module only
+turns engine events into the server's events (``Piece``, ``Done``, ``Failed``).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpt2cli.config import GenerationConfig
 from gpt2cli.engine import Engine, Request, TokenEvent
+from gpt2cli.kvcache import PromptCache
 from gpt2cli.logprobs import TokenLogprob, sequence_logprobs
 from gpt2cli.model import GPT2
 from gpt2cli.text import Piece, SampleText
 from gpt2cli.tokenizer import Tokenizer
 
-# The OpenAI finish reasons for the engine's: EOS and stop strings are both "stop".
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "length"}
+# The OpenAI finish reasons for the engine's: EOS and stop strings are both "stop". A sample
+# cancelled by a server shutdown is no finish at all: the job fails with "shutting_down".
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -31,17 +35,25 @@ class SampleOutput:
 
 
 @dataclass
+class StopPiece(Piece):
+    """The last piece of a sample that a stop string ended: its text stops inside the last
+    token's text, or before it (the log-probabilities still list every token it took)."""
+
+
+@dataclass
 class Done:
     """A job has finished: every sample's text, and the prompt's own logprobs when echo asked."""
 
     samples: list[SampleOutput]
     prompt_tokens: int
     prompt_logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prompt cache, not prefilled
 
 
 @dataclass
 class Failed:
     message: str
+    code: str | None = None  # "shutting_down", or None for an internal error
 
 
 Event = Piece | Done | Failed
@@ -63,6 +75,9 @@ class Job:
     request: Request | None = field(default=None, repr=False)
     texts: list[SampleText] = field(default_factory=list, repr=False)
     prompt_logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
+    cache: PromptCache | None = field(default=None, repr=False)  # the prompt-cache lease
+    queued_at: float = field(default_factory=time.perf_counter)
+    token_at: list[float] = field(default_factory=list, repr=False)  # each sample's latest token
 
     @property
     def scores_only(self) -> bool:
@@ -73,12 +88,28 @@ class Job:
     def rows(self) -> int:
         return self.cfg.num_samples
 
-    def start(self, engine: Engine, model: GPT2, tokenizer: Tokenizer) -> None:
-        """Submit this job to ``engine`` (after scoring the prompt when echo asks for it)."""
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the engine did not prefill (they came from the prompt cache)."""
+        if self.request is None or self.request.prefilled < len(self.prompt):
+            return 0
+        stats = self.request.stats
+        return stats.prompt_tokens - stats.prefill_tokens
+
+    def start(
+        self, engine: Engine, model: GPT2, tokenizer: Tokenizer, cache: PromptCache | None = None
+    ) -> None:
+        """Submit this job to ``engine`` (after scoring the prompt when echo asks for it).
+
+        ``cache``: a prompt-cache lease whose prefix the engine reuses and which holds sample
+        0's ids and keys/values at the end.
+        """
         if self.echo:
             self.prompt_logprobs = sequence_logprobs(model, self.prompt, self.logprobs or 0)
         self.texts = [SampleText(tokenizer, self.cfg.stop, i) for i in range(self.rows)]
-        self.request = engine.submit(Request(self.prompt, self.cfg, self.eos_id, self.logprobs))
+        self.cache = cache
+        request = Request(self.prompt, self.cfg, self.eos_id, self.logprobs, cache)
+        self.request = engine.submit(request)
 
     def push(self, engine: Engine, event: TokenEvent) -> None:
         """One token of one of this job's samples: emit the text it completes."""
@@ -87,7 +118,7 @@ class Job:
             return
         piece = text.push(event.token, event.logprob, is_eos=event.token == self.eos_id)
         if piece is not None:
-            self.emit(piece)
+            self.emit(StopPiece(piece.sample, piece.text, piece.logprobs) if text.stopped else piece)
         if text.stopped:
             engine.stop(event.seq, "stop")
 
@@ -99,6 +130,9 @@ class Job:
         if self.request.error is not None:
             self.emit(Failed(f"internal error: {type(self.request.error).__name__}"))
             return
+        if any(seq.finish_reason == "cancelled" for seq in self.request.sequences):
+            self.emit(Failed(SHUTTING_DOWN, "shutting_down"))  # only a shutdown cancels a live job
+            return
         for text in self.texts:
             piece = text.close()
             if piece is not None and (piece.text or piece.logprobs):
@@ -107,7 +141,7 @@ class Job:
             SampleOutput(t.text, FINISH_REASONS.get(seq.finish_reason or "length", "length"), len(t.ids))
             for t, seq in zip(self.texts, self.request.sequences, strict=True)
         ]
-        self.emit(Done(samples, len(self.prompt), self.prompt_logprobs))
+        self.emit(Done(samples, len(self.prompt), self.prompt_logprobs, self.cached_tokens))
 
 
 def run_scores(model: GPT2, job: Job) -> None:

@@ -1,19 +1,28 @@
-"""The OpenAI wire format: request models (strictly typed) and the error shape.
+"""The OpenAI wire format: request models (strictly typed, every value range-checked) and errors.
 
 Fields we do not know are ignored, as OpenAI-compatible servers do; fields we know are checked
-for type (strict: no "5" for 5) and range, and every failure becomes an ``ApiError`` that the
-app renders as ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
+for type (strict: no "5" for 5) and range here, at the edge, so a value that could fail inside
+the engine (a seed past 64 bits, a temperature so small that logits overflow, a penalty that
+divides by almost zero, NaN) is a 400 naming its field. The ranges are those of
+``GenerationConfig.validate`` (the CLI's), which the app still calls. Every failure becomes an
+``ApiError`` that the app renders as ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOPS = 16
+MAX_JSON_DEPTH = 64  # the deepest a request body may nest (OpenAI's deepest field is ~5)
+# The sampling ranges of GenerationConfig.validate, named here for the 400s.
+MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows float32 into inf and nan
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
+SEED_MAX = 2**64 - 1  # torch.Generator takes 64-bit seeds; -1 means a random one (llama.cpp)
 
 
 class ApiError(Exception):
@@ -37,21 +46,94 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, at most ``MAX_JSON_DEPTH`` levels deep.
 
+    Raises:
+        ApiError: not JSON, not an object, or nested too deeply (the field is named).
+    """
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        raise _too_deep(None) from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_type")
+    for key, value in obj.items():
+        if _deeper_than(value, MAX_JSON_DEPTH - 1):
+            raise _too_deep(str(key))
+    return obj
+
+
+def _too_deep(param: str | None) -> ApiError:
+    where = f"{param} nests" if param else "the request body nests"
+    return ApiError(400, f"{where} deeper than {MAX_JSON_DEPTH} levels", param=param, code="invalid_value")
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` has containers nested more than ``limit`` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Request(_Strict):
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
+    # OpenAI's additive penalties: accepted at 0 (clients send their defaults), else refused.
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     # Our extra sampling controls, as in `gpt2 generate`.
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _unsupported_penalty(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("is not supported (only 0); use repetition_penalty")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def seed_value(self) -> int | None:
+        """The seed to use: None (random) for none or -1."""
+        return None if self.seed in (None, -1) else self.seed
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -74,11 +156,42 @@ class CompletionRequest(_Request):
     echo: bool = False
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+class ChatMessage(_Strict):
+    """One message; ``content`` is a string or a list of text parts (what the openai client sends)."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = None
+
+    def text(self, index: int) -> str:
+        """The content as one string (``developer`` is OpenAI's new name for ``system``).
+
+        Raises:
+            ApiError: content that is neither a string nor a list of text parts.
+        """
+        param = f"messages.{index}.content"
+        content = self.content
+        if content is None and self.role == "assistant":
+            return ""  # an assistant turn that only called tools
+        if isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ApiError(400, f"{param} must be a string or a list of text parts", param=param)
+        texts = []
+        for j, part in enumerate(content):
+            is_text = isinstance(part, dict) and part.get("type") == "text"
+            if not is_text or not isinstance(part.get("text"), str):
+                raise ApiError(
+                    400,
+                    f"{param}.{j} must be a text part {{'type': 'text', 'text': ...}}; "
+                    "this model reads text only",
+                    param=f"{param}.{j}",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+
+    @property
+    def template_role(self) -> Literal["system", "user", "assistant"]:
+        return "system" if self.role == "developer" else self.role
 
 
 class ChatRequest(_Request):
@@ -88,6 +201,23 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize: vLLM's shape (``prompt`` or ``messages``) or llama.cpp's (``content``)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    with_pieces: bool = False  # llama.cpp: each token as {"id", "piece"}
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's and llama.cpp's shape)."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def validation_error(errors: list[Any]) -> ApiError:
@@ -104,5 +234,5 @@ def validation_error(errors: list[Any]) -> ApiError:
         return ApiError(400, f"missing required field {param!r}", param=param, code="missing_field")
     if kind == "model_attributes_type":
         return ApiError(400, "the request body must be a JSON object", code="invalid_type")
-    message = str(first.get("msg", "invalid value"))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return ApiError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")

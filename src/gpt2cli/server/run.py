@@ -1,8 +1,10 @@
 """Running the app under uvicorn, and stopping it: SIGTERM or Ctrl-C is the normal end (exit 0).
 
 On the signal the server stops accepting, the engine ends every running generation at its next
-step (streams finish with ``finish_reason`` "length" and ``data: [DONE]``), waiting requests
-get 503, and the process returns normally.
+step (a stream gets an error event with code ``shutting_down``, then ``data: [DONE]``; a
+non-streamed request gets 503 ``shutting_down``, as do waiting ones), and the process returns
+normally. HTTP runs on ``http.protocol_class``: uvicorn's h11 protocol with header, body and
+write deadlines.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import uvicorn
 
 from gpt2cli.api import LM
 from gpt2cli.server.app import create_app
+from gpt2cli.server.http import Timeouts, protocol_class
 
 Log = Callable[[str], None]
 
@@ -54,20 +57,25 @@ def make_server(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    api_key: str | None = None,
-    max_queue: int = 64,
-    max_batch: int = 8,
+    timeouts: Timeouts | None = None,
     log: Log = lambda line: None,
+    **app_options: Any,
 ) -> uvicorn.Server:
-    """A uvicorn server for ``lm``; ``server.run()`` blocks until it is told to stop."""
-    app = create_app(lm, api_key=api_key, max_queue=max_queue, max_batch=max_batch, log=log)
+    """A uvicorn server for ``lm``; ``server.run()`` blocks until it is told to stop.
+
+    ``app_options`` are ``create_app``'s (api_key, max_queue, max_batch, cache_tokens, ...).
+    """
+    timeouts = timeouts or Timeouts()
+    app = create_app(lm, log=log, **app_options)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=protocol_class(timeouts, log),
         log_level="warning",
         access_log=False,  # our own middleware logs one line per request
         lifespan="on",
+        timeout_keep_alive=timeouts.keep_alive,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=10,
     )
     scheduler: Any = app.state.gpt2.scheduler

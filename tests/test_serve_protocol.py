@@ -1,0 +1,219 @@
+"""`gpt2 serve`'s OpenAI protocol where real clients (the official `openai` client, `llm`,
+LangChain, lm-eval) need it: usage in streams, message shapes, model names, auth, 405s, empty
+prompts, logprobs cut by a stop string, /tokenize and /detokenize, the chat token default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+from serverutil import ServerThread
+
+from gpt2cli import load
+from gpt2cli.chat import pick_template
+from gpt2cli.hub import parse_spec
+from gpt2cli.server.app import model_names
+
+
+@pytest.fixture(scope="module")
+def served(ckpt_h: Path):
+    srv = ServerThread(load(str(ckpt_h), device="cpu"), served_model_names=["my-gpt", "other-name"]).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(served: ServerThread):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+MODEL = "my-gpt"
+
+
+def greedy(lm, prompt, n: int, **options) -> str:
+    return lm.complete(prompt, max_new_tokens=n, temperature=0, **options).samples[0].text
+
+
+def test_include_usage_adds_a_last_chunk_with_the_usage(client, lm_h) -> None:
+    messages = [{"role": "user", "content": "Hello"}]
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.choices == []
+    prompt = lm_h.encode(pick_template(MODEL).render(messages))
+    assert last.usage.prompt_tokens == len(prompt)
+    assert last.usage.completion_tokens >= 1
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    plain = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, stream=True))
+    assert all(getattr(c, "usage", None) is None for c in plain) and all(c.choices for c in plain)
+    with_usage = list(
+        client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=3, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == 3
+
+
+def test_developer_role_and_text_parts_read_as_system_and_text(client) -> None:
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]},
+    ]
+    want = client.chat.completions.create(model=MODEL, messages=plain, max_tokens=6, temperature=0)
+    got = client.chat.completions.create(model=MODEL, messages=parts, max_tokens=6, temperature=0)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": [image]}], max_tokens=2
+        )
+    assert err.value.body["param"] == "messages.0.content.0"
+
+
+def test_models_retrieve_and_every_name_of_the_model(client, ckpt_h: Path) -> None:
+    assert [m.id for m in client.models.list().data] == ["my-gpt", "other-name"]
+    for name in ("my-gpt", "other-name", ckpt_h.name, str(ckpt_h)):
+        assert client.models.retrieve(name).id == name
+        out = client.completions.create(model=name, prompt="hi", max_tokens=1)
+        assert out.model == name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=1)
+
+
+def test_an_alias_and_its_repository_name_each_other() -> None:
+    def names(spec: str, served=()):
+        lm = SimpleNamespace(resolved=SimpleNamespace(spec=parse_spec(spec)))
+        return model_names(lm, served)  # type: ignore[arg-type]
+
+    by_repo = names("openai-community/gpt2")
+    assert by_repo.listed == ["openai-community/gpt2"] and "gpt2" in by_repo.accepted  # lm-eval's tiktoken
+    by_alias = names("gpt2")
+    assert by_alias.listed == ["gpt2", "openai-community/gpt2"]
+    pinned = names("openai-community/gpt2@main", served=["g"])
+    assert pinned.listed == ["g"]
+    assert {"openai-community/gpt2@main", "openai-community/gpt2", "gpt2"} <= pinned.accepted
+
+
+def test_405_names_the_allowed_methods(served: ServerThread) -> None:
+    r = httpx.post(served.url + "/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.get(served.url + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_the_bearer_scheme_is_case_insensitive(lm_h) -> None:
+    srv = ServerThread(lm_h, api_key="sekret").start()
+    try:
+        for header, status in (
+            ("Bearer sekret", 200),
+            ("bearer sekret", 200),
+            ("BEARER  sekret", 200),
+            ("Basic sekret", 401),
+            ("bearer wrong", 401),
+            ("sekret", 401),
+        ):
+            r = httpx.get(srv.url + "/v1/models", headers={"Authorization": header})
+            assert r.status_code == status, header
+        assert httpx.get(srv.url + "/metrics").status_code == 401
+    finally:
+        srv.stop()
+
+
+def test_an_empty_prompt_means_endoftext_in_every_form(client, lm_h) -> None:
+    want = greedy(lm_h, [lm_h.tokenizer.eot_id], 5)
+    for prompt in ("", [], [""], [[]]):
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
+        assert out.choices[0].text == want, prompt
+        assert out.usage.prompt_tokens == 1
+
+
+def _inside_token_stop(lm, prompt: str, n: int) -> tuple[str, str]:
+    """A stop string that starts inside a generated token (not at its start): (stop, text before it)."""
+    ids = lm.complete(prompt, max_new_tokens=n, temperature=0).samples[0].token_ids
+    texts = [lm.tokenizer.decode([t]) for t in ids]
+    full = "".join(texts)
+    start = 0
+    for text in texts:
+        if len(text) >= 2 and text.isprintable():
+            stop = text[1:]
+            if full.find(stop) == start + 1:
+                return stop, full[: start + 1]
+        start += len(text)
+    raise AssertionError(f"no token to cut in {texts}")
+
+
+def test_logprobs_end_where_a_stop_string_cuts_the_text(client, lm_h) -> None:
+    prompt = "The meaning of life is"
+    stop, text = _inside_token_stop(lm_h, prompt, 12)
+    args = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 12,
+        "temperature": 0,
+        "stop": [stop],
+        "logprobs": 1,
+    }
+    out = client.completions.create(**args).choices[0]
+    assert out.text == text and out.finish_reason == "stop"
+    assert "".join(out.logprobs.tokens) == text
+    assert len(out.logprobs.tokens) == len(out.logprobs.token_logprobs) == len(out.logprobs.text_offset)
+    streamed = [c.choices[0] for c in client.completions.create(stream=True, **args)]
+    tokens = [t for c in streamed if c.logprobs for t in c.logprobs.tokens]
+    assert "".join(tokens) == "".join(c.text for c in streamed) == text
+
+
+def test_tokenize_and_detokenize(served: ServerThread, lm_h) -> None:
+    url = served.url
+    text = "Hello world, café"
+    ids = lm_h.encode(text)
+    vllm = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert vllm == {"tokens": ids, "count": len(ids), "max_model_len": lm_h.window}
+    llama = httpx.post(url + "/tokenize", json={"content": text, "with_pieces": True}).json()
+    assert [t["id"] for t in llama["tokens"]] == ids
+    assert [t["piece"] for t in llama["tokens"]] == [lm_h.tokenizer.decode([i]) for i in ids]
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == lm_h.encode(pick_template(MODEL).render(messages))
+    back = httpx.post(url + "/detokenize", json={"model": MODEL, "tokens": ids}).json()
+    assert back == {"prompt": text, "content": text}
+    bad = httpx.post(url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    missing = httpx.post(url + "/tokenize", json={})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
+    unknown = httpx.post(url + "/tokenize", json={"model": "gpt-4", "prompt": "x"})
+    assert unknown.status_code == 404
+
+
+def test_chat_without_max_tokens_gets_the_default(ckpt_h: Path, lm_h) -> None:
+    template = pick_template(ckpt_h.name)
+    # a conversation whose greedy reply runs on (no turn marker, no EOS) for 20 tokens
+    for k in range(20):
+        messages = [{"role": "user", "content": f"Tell me about {k}"}]
+        result = lm_h.complete(
+            template.render(messages), max_new_tokens=20, temperature=0, stop=template.stop
+        )
+        if result.samples[0].finish_reason == "length":
+            break
+    else:
+        raise AssertionError("no long-running reply found")
+    srv = ServerThread(lm_h, default_max_tokens=7).start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        out = c.chat.completions.create(model=ckpt_h.name, messages=messages, temperature=0)
+        asked = c.chat.completions.create(model=ckpt_h.name, messages=messages, temperature=0, max_tokens=12)
+    finally:
+        srv.stop()
+    assert out.usage.completion_tokens == 7 and out.choices[0].finish_reason == "length"
+    assert asked.usage.completion_tokens == 12  # an explicit max_tokens is the client's to set
