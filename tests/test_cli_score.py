@@ -229,8 +229,8 @@ def test_piped_per_token_writes_only_the_tsv(score, files) -> None:
     result = score([str(files["a"]), "--per-token"])
     assert result.code == 0, result.err
     lines = result.out.splitlines()
-    assert lines[0] == "position\tid\tlogprob\trank\ttext"
-    assert all(line.count("\t") == 4 for line in lines)  # nothing but the TSV on stdout
+    assert lines[0] == "position\tid\tlogprob\trank\tentropy\ttext"
+    assert all(line.count("\t") == 5 for line in lines)  # nothing but the TSV on stdout
     assert "perplexity" in result.err  # the table went to stderr
 
 
