@@ -85,7 +85,7 @@ def test_bad_lines_and_bad_settings(gen, lm_h, tmp_path: Path) -> None:
     assert [g["id"] for g in got] == [line["id"] for line in lines]
     errors = {g["id"]: g["error"] for g in got if "error" in g}
     assert errors == {
-        "t": "line 2: temperature must be >= 0, got -1",
+        "t": "line 2: --temperature must be 0 (greedy) or at least 0.001, got -1",
         "k": 'line 3: "top_k" has the wrong type: "many"',
         "s": 'line 4: "stop" must be a string or a list of strings',
         "e": 'line 5: "ignore_eos" has the wrong type: 1',
