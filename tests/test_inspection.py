@@ -185,7 +185,7 @@ def test_attention_selects_layers_and_heads(lm_h) -> None:
 
 def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict, f.metadata()
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 - safe_open is no dict
 
 
 def test_save_activations_many_texts(lm_h, tmp_path: Path) -> None:
