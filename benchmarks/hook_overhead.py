@@ -4,9 +4,10 @@ The hooks (model.py: ``GPT2.hooks``, used by ``gpt2 lens/attention/activations``
 nothing when unused. This runs ``gpt2 bench`` (one 124M random GPT-2, greedy, batch 1, fp32 on
 the CPU) alternately from this tree and from a checkout of the commit before the hooks
 (``--before``), round after round, so that both see the same machine load, and prints each
-round and the medians. Then, in this process, it decodes alternately with the hook table empty
-and with one entry that matches no hook point: that walks every hook check and lookup, an upper
-bound on what an empty table could cost. The figures are in docs/inspect.md.
+round and the medians. Then, in this process (one thread, timed in CPU seconds), it decodes
+alternately with the hook table empty and with one entry that matches no hook point: that
+walks every hook check and lookup, an upper bound on what an empty table could cost. The
+figures are in docs/inspect.md.
 
     python benchmarks/hook_overhead.py --rounds 5
 """
@@ -48,13 +49,19 @@ def decode_rate(src: Path, ckpt: Path, args: argparse.Namespace) -> float:
 
 
 def in_process(ckpt: Path, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Decode tok/s with the hook table empty, and with an entry that matches nothing."""
+    """Decode tokens per CPU-second with the hook table empty, and with an entry matching nothing.
+
+    CPU time of this process (one thread) rather than the wall clock: on a shared machine it
+    does not count the time other processes hold the cores.
+    """
+    import time
+
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
     from gpt2cli import load
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     lm = load(str(ckpt), device="cpu")
     prompt = list(range(1000, 1000 + args.prompt_tokens))
     rates: dict[str, list[float]] = {"hooks empty": [], "hooks set, none matching": []}
@@ -63,9 +70,11 @@ def in_process(ckpt: Path, args: argparse.Namespace) -> dict[str, list[float]]:
         for name in rates:
             if name != "hooks empty":
                 lm.model.hooks["unmatched"] = lambda x: None
+            t0 = time.process_time()
             result = lm.complete(prompt, max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+            cpu = time.process_time() - t0
             lm.model.hooks.clear()
-            rates[name].append(result.tokens_per_second)
+            rates[name].append(result.samples[0].tokens / cpu)
     return rates
 
 
@@ -76,6 +85,7 @@ def report(rates: dict[str, list[float]]) -> None:
         )
     first, second = (statistics.median(v) for v in rates.values())
     print(f"ratio (second / first): {second / first:.3f}")
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -86,8 +96,17 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", choices=["both", "commits", "in-process"], default="both")
     args = parser.parse_args()
     ckpt = make_124m()
+    if args.part != "in-process":
+        report(compare_commits(ckpt, args))
+    if args.part != "commits":
+        report(in_process(ckpt, args))
+
+
+def compare_commits(ckpt: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Decode tok/s of ``--before`` and of this tree, alternating, ``--rounds`` times each."""
     with tempfile.TemporaryDirectory() as tmp:
         trees = {
             f"before ({args.before})": checkout(args.before, Path(tmp)),
@@ -100,12 +119,7 @@ def main() -> None:
                 print(
                     f"round {r + 1}: {name}: {rates[name][-1]:.1f} decode tok/s", file=sys.stderr, flush=True
                 )
-    for name, values in rates.items():
-        print(
-            f"{name}: median {statistics.median(values):.1f} decode tok/s (min {min(values):.1f}, max {max(values):.1f})"
-        )
-    before, after = (statistics.median(v) for v in rates.values())
-    print(f"after / before: {after / before:.3f}")
+    return rates
 
 
 if __name__ == "__main__":
