@@ -12,7 +12,7 @@ from bpe import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, _sha256, bpe_files, copy_
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gpt2cli.errors import BadInputError, CorruptWeightsError
+from gpt2cli.errors import BadInputError, CorruptWeightsError, MissingTokenizerError
 from gpt2cli.tokenizer import StreamDecoder, Tokenizer
 
 SETTINGS = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -201,7 +201,7 @@ def test_invalid_json_names_the_file(tmp_path: Path) -> None:
 def test_missing_file_names_the_file(tmp_path: Path, missing: str) -> None:
     copy_bpe_files(tmp_path)
     (tmp_path / missing).unlink()
-    with pytest.raises(CorruptWeightsError, match=missing.replace(".", r"\.")):
+    with pytest.raises(MissingTokenizerError, match=missing.replace(".", r"\.")):
         Tokenizer.from_dir(tmp_path)
 
 
