@@ -17,13 +17,13 @@ import torch
 
 from gpt2cli.config import GenerationConfig, GPT2Config
 from gpt2cli.device import pick_device, pick_dtype
-from gpt2cli.engine import Engine, EngineStats, Request, TokenEvent
+from gpt2cli.engine import Engine, EngineStats, Request
 from gpt2cli.errors import BadInputError, CorruptWeightsError
 from gpt2cli.hub import ResolvedModel, resolve
 from gpt2cli.kvcache import PromptCache
 from gpt2cli.loader import build_model, load_tokenizer
 from gpt2cli.model import GPT2
-from gpt2cli.text import Piece, SampleText
+from gpt2cli.text import Piece, RequestTexts
 from gpt2cli.tokenizer import Tokenizer
 from gpt2cli.weights import read_state_dict, weight_files
 
@@ -206,6 +206,7 @@ class LM:
         source = iter(prompts)
         running: dict[int, tuple[Request, RequestTexts, int, float]] = {}
         finished: dict[int, GenerationResult] = {}
+        first_token_at: dict[int, float] = {}  # id(request) -> when its first token came
         submitted = emitted = 0
         exhausted = False
         while True:
@@ -231,18 +232,20 @@ class LM:
                 submitted += 1
             if engine.idle and exhausted:
                 break
-            t_step = time.perf_counter()
             events = engine.step()
+            now = time.perf_counter()
             texts_of = {id(r): t for r, t, _, _ in running.values()}
             for event in events:
                 texts_of[id(event.seq.request)].push(engine, event)
+                first_token_at.setdefault(id(event.seq.request), now)
             engine.release()
             for index in [i for i, (r, _, _, _) in running.items() if r.done]:
                 request, texts, dropped, t0 = running.pop(index)
                 if request.error is not None:
                     raise request.error
                 list(texts.close())
-                finished[index] = self._result(request, texts, dropped, time.perf_counter() - t0, t_step - t0)
+                ttft = first_token_at.pop(id(request), t0) - t0
+                finished[index] = self._result(request, texts, dropped, time.perf_counter() - t0, ttft)
             while emitted in finished:
                 yield finished.pop(emitted)
                 emitted += 1
@@ -580,31 +583,6 @@ class LM:
         return comparer.compare(
             source, name=name, errors=errors, per_token=per_token, on_token=on_token, progress=progress
         )
-
-
-class RequestTexts:
-    """The text side of one engine request: a ``SampleText`` per sample, stop strings acted on."""
-
-    def __init__(self, tokenizer: Tokenizer, request: Request) -> None:
-        self.request = request
-        self.eot = None if request.cfg.ignore_eos else tokenizer.eot_id
-        self.samples = [SampleText(tokenizer, request.cfg.stop, i) for i in range(request.rows)]
-
-    def push(self, engine: Engine, event: TokenEvent) -> TextPiece | None:
-        """A token of one sample into its text; a matched stop string ends that sample."""
-        text = self.samples[event.seq.sample]
-        if text.stopped or text.closed:
-            return None  # tokens of a round that ran past the stop (speculative): never shown
-        piece = text.push(event.token, event.logprob, is_eos=event.token == self.eot)
-        if text.stopped:
-            engine.stop(event.seq, "stop")
-        return piece
-
-    def close(self) -> Iterator[TextPiece]:
-        for text in self.samples:
-            piece = text.close()
-            if piece is not None and (piece.text or piece.logprobs):
-                yield piece
 
 
 def _byte_source(

@@ -1,19 +1,25 @@
 """The one text layer above the engine: token ids of one sample in, text pieces out.
 
 ``SampleText`` is a sample's streaming UTF-8 decoder, its stop matcher and the
-log-probabilities of tokens whose text is still held back; ``LM.stream``, the REPL and the
-server all use it. ``ReplyTrimmer`` streams a chat reply without the whitespace that opens
-or closes it (what ``ChatTemplate.clean_reply`` does to a whole reply).
+log-probabilities of tokens whose text is still held back; ``RequestTexts`` holds one per
+sample of an engine request and ends a sample at its stop string. ``LM.stream``,
+``LM.generate_many``, the REPL and the server all use them. ``ReplyTrimmer`` streams a chat
+reply without the whitespace that opens or closes it (what ``ChatTemplate.clean_reply`` does
+to a whole reply).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gpt2cli.logprobs import TokenLogprob
 from gpt2cli.stopping import StopMatcher
 from gpt2cli.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2cli.engine import Engine, Request, TokenEvent
 
 
 @dataclass
@@ -68,6 +74,31 @@ class SampleText:
         piece = Piece(self.sample, text, self.pending)
         self.pending = []
         return piece
+
+
+class RequestTexts:
+    """The text side of one engine request: a ``SampleText`` per sample, stop strings acted on."""
+
+    def __init__(self, tokenizer: Tokenizer, request: Request) -> None:
+        self.request = request
+        self.eos = None if request.cfg.ignore_eos else request.eos_id  # the engine's own EOS rule
+        self.samples = [SampleText(tokenizer, request.cfg.stop, i) for i in range(request.rows)]
+
+    def push(self, engine: Engine, event: TokenEvent) -> Piece | None:
+        """A token of one sample into its text; a matched stop string ends that sample."""
+        text = self.samples[event.seq.sample]
+        if text.stopped or text.closed:
+            return None  # tokens of a round that ran past the stop (speculative): never shown
+        piece = text.push(event.token, event.logprob, is_eos=event.token == self.eos)
+        if text.stopped:
+            engine.stop(event.seq, "stop")
+        return piece
+
+    def close(self) -> Iterator[Piece]:
+        for text in self.samples:
+            piece = text.close()
+            if piece is not None and (piece.text or piece.logprobs):
+                yield piece
 
 
 class ReplyTrimmer:

@@ -18,7 +18,7 @@ from gpt2cli.engine import Engine, Request, TokenEvent
 from gpt2cli.kvcache import PromptCache
 from gpt2cli.logprobs import TokenLogprob, sequence_logprobs
 from gpt2cli.model import GPT2
-from gpt2cli.text import Piece, SampleText
+from gpt2cli.text import Piece, RequestTexts
 from gpt2cli.tokenizer import Tokenizer
 
 # The OpenAI finish reasons for the engine's: EOS and stop strings are both "stop". A sample
@@ -73,7 +73,7 @@ class Job:
     stopping: threading.Event = field(default_factory=threading.Event)  # server stopping: finish now
     done: bool = False
     request: Request | None = field(default=None, repr=False)
-    texts: list[SampleText] = field(default_factory=list, repr=False)
+    texts: RequestTexts | None = field(default=None, repr=False)
     prompt_logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
     cache: PromptCache | None = field(default=None, repr=False)  # the prompt-cache lease
     queued_at: float = field(default_factory=time.perf_counter)
@@ -106,21 +106,20 @@ class Job:
         """
         if self.echo:
             self.prompt_logprobs = sequence_logprobs(model, self.prompt, self.logprobs or 0)
-        self.texts = [SampleText(tokenizer, self.cfg.stop, i) for i in range(self.rows)]
         self.cache = cache
         request = Request(self.prompt, self.cfg, self.eos_id, self.logprobs, cache)
         self.request = engine.submit(request)
+        self.texts = RequestTexts(tokenizer, self.request)
 
     def push(self, engine: Engine, event: TokenEvent) -> None:
         """One token of one of this job's samples: emit the text it completes."""
-        text = self.texts[event.seq.sample]
-        if self.cancelled.is_set() or text.stopped or text.closed:
+        assert self.texts is not None
+        if self.cancelled.is_set():
             return
-        piece = text.push(event.token, event.logprob, is_eos=event.token == self.eos_id)
+        piece = self.texts.push(engine, event)
         if piece is not None:
-            self.emit(StopPiece(piece.sample, piece.text, piece.logprobs) if text.stopped else piece)
-        if text.stopped:
-            engine.stop(event.seq, "stop")
+            stopped = self.texts.samples[event.seq.sample].stopped
+            self.emit(StopPiece(piece.sample, piece.text, piece.logprobs) if stopped else piece)
 
     def finish(self) -> None:
         """The engine is done with this job: flush every sample and emit ``Done`` (or ``Failed``)."""
@@ -133,13 +132,12 @@ class Job:
         if any(seq.finish_reason == "cancelled" for seq in self.request.sequences):
             self.emit(Failed(SHUTTING_DOWN, "shutting_down"))  # only a shutdown cancels a live job
             return
-        for text in self.texts:
-            piece = text.close()
-            if piece is not None and (piece.text or piece.logprobs):
-                self.emit(piece)
+        assert self.texts is not None
+        for piece in self.texts.close():
+            self.emit(piece)
         samples = [
             SampleOutput(t.text, FINISH_REASONS.get(seq.finish_reason or "length", "length"), len(t.ids))
-            for t, seq in zip(self.texts, self.request.sequences, strict=True)
+            for t, seq in zip(self.texts.samples, self.request.sequences, strict=True)
         ]
         self.emit(Done(samples, len(self.prompt), self.prompt_logprobs, self.cached_tokens))
 
