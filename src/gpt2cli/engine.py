@@ -285,7 +285,7 @@ class Engine:
         if self.kv is not None and rows > self.kv.rows:
             rows = min(self.max_rows, max(rows, 2 * self.kv.rows))
         if self.decode_fn is not None:
-            rows = max(rows, _bucket(rows))
+            rows = max(rows, batch_bucket(rows))
             capacity = self.window  # one shape for the compiled step: never grows
         if self.kv is None:
             self.kv = self.model.new_cache(rows, max(capacity, self.capacity))
@@ -437,7 +437,7 @@ class Engine:
         return TokenEvent(seq, token, entry)
 
 
-def _bucket(rows: int) -> int:
+def batch_bucket(rows: int) -> int:
     """The compiled step's batch size for ``rows`` rows: the next power of two."""
     size = 1
     while size < rows:

@@ -15,6 +15,7 @@ from typing import cast
 import torch
 
 from gpt2cli import kernels
+from gpt2cli.engine import batch_bucket
 from gpt2cli.kvcache import KVCache
 from gpt2cli.model import GPT2, Linear
 from gpt2cli.quantize import check_method, quantize_model
@@ -81,9 +82,7 @@ class StaticDecoder:
         rows = ids.shape[0]
         if self.failed:
             return _eager_step(self.model, ids, pos, cache)
-        bucket = 1
-        while bucket < rows:
-            bucket *= 2
+        bucket = batch_bucket(rows)
         if bucket > rows:  # padding rows: token 0 at the scratch position
             ids = torch.cat([ids, ids.new_zeros(bucket - rows, ids.shape[1])])
             pos = torch.cat([pos, pos.new_full((bucket - rows, pos.shape[1]), cache.capacity)])

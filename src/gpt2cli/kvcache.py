@@ -81,6 +81,15 @@ class KVCache:
         self.v[:, dst, :, :length] = source.v[:, src, :, :length]
 
 
+def reusable_prefix(cached: list[int], ids: list[int], capacity: int | None = None) -> int:
+    """Length of the prefix ``ids`` shares with ``cached``, leaving at least one id of ``ids`` to run."""
+    limit = min(len(cached), len(ids) - 1, len(cached) if capacity is None else capacity)
+    n = 0
+    while n < limit and cached[n] == ids[n]:
+        n += 1
+    return n
+
+
 @dataclass
 class PromptCache:
     """One sequence's token ids and their keys/values, owned by the caller (mlx-lm's prompt cache).
@@ -98,11 +107,7 @@ class PromptCache:
         """How many leading ids are reusable for a prompt ``ids`` (at least one is always run)."""
         if self.kv is None:
             return 0
-        limit = min(len(self.ids), len(ids) - 1, self.kv.capacity)
-        n = 0
-        while n < limit and self.ids[n] == ids[n]:
-            n += 1
-        return n
+        return reusable_prefix(self.ids, ids, self.kv.capacity)
 
     def clear(self) -> None:
         self.ids = []

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gpt2cli.kvcache import KVCache
+from gpt2cli.kvcache import KVCache, reusable_prefix
 from gpt2cli.logprobs import TokenLogprob, step_logprobs
 from gpt2cli.model import GPT2
 from gpt2cli.sampling import process_logits
@@ -51,10 +51,7 @@ class Speculator:
 
     def _sync(self, ids: list[int]) -> torch.Tensor | None:
         """Feed the draft whatever of ``ids`` its cache lacks; the last position's logits."""
-        common = 0
-        limit = min(len(self.kv_ids), len(ids) - 1)
-        while common < limit and self.kv_ids[common] == ids[common]:
-            common += 1
+        common = reusable_prefix(self.kv_ids, ids)
         del self.kv_ids[common:]
         feed = ids[common:]
         if self.kv is None or self.kv.capacity < len(ids):
