@@ -246,9 +246,9 @@ class Engine:
         for target, (source, length) in enumerate(zip(moves, lengths, strict=True)):
             self.kv.copy_row(source, target, length)  # sources only ever move up: safe in order
         self.active = [s for _, s in survivors]
-        for seq in left:
-            if seq.request.done:
-                self._close(seq.request)
+        for request in {id(s.request): s.request for s in left}.values():
+            if request.done:
+                self._close(request)
 
     def _close(self, request: Request) -> None:
         """A request has ended: its decode time."""

@@ -310,10 +310,9 @@ class GPT2(nn.Module):
         last = int(pos.max()) + 1
         if last > min(cache.capacity, self.config.n_positions):
             raise ValueError(f"position {last - 1} is beyond the cache ({cache.capacity}) or the window")
-        first = int(pos[0, 0])
         if B == 1 and T == 1:
             return AttentionPlan(last, None, False)  # one query sees every key so far
-        if B == 1 and first == 0 and last == T:
+        if B == 1 and last == T and int(pos[0, 0]) == 0:
             return AttentionPlan(T, None, T > 1)  # a fresh prompt: plain causal
         keys = torch.arange(last, device=pos.device)
         return AttentionPlan(last, (keys <= pos[:, :, None]).unsqueeze(1), False)  # (B, 1, T, kv)
