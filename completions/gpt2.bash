@@ -13,6 +13,7 @@ _gpt2_nargs() {
         'generate|--repetition-penalty') return 1 ;;
         'generate|--seed') return 1 ;;
         'generate|--stop') return 1 ;;
+        'generate|--stop-raw') return 1 ;;
         'generate|--num-samples') return 1 ;;
         'generate|--format') return 1 ;;
         'generate|--device') return 1 ;;
@@ -20,6 +21,14 @@ _gpt2_nargs() {
         'generate|--quantize') return 1 ;;
         'generate|--draft-model') return 1 ;;
         'generate|--draft-tokens') return 1 ;;
+        'generate|--jsonl') return 1 ;;
+        'generate|--output'|'generate|-o') return 1 ;;
+        'generate|--prompt-field') return 1 ;;
+        'generate|--id-field') return 1 ;;
+        'generate|--on-error') return 1 ;;
+        'generate|--workers') return 1 ;;
+        'generate|--ray-address') return 1 ;;
+        'generate|--lookahead') return 1 ;;
         'score|--model'|'score|-m') return 1 ;;
         'score|--context') return 1 ;;
         'score|--stride') return 1 ;;
@@ -27,9 +36,22 @@ _gpt2_nargs() {
         'score|--format') return 1 ;;
         'score|--top') return 1 ;;
         'score|--errors') return 1 ;;
+        'score|--protocol') return 1 ;;
         'score|--device') return 1 ;;
         'score|--dtype') return 1 ;;
         'score|--quantize') return 1 ;;
+        'score|--jsonl') return 1 ;;
+        'score|--output'|'score|-o') return 1 ;;
+        'score|--text-field') return 1 ;;
+        'score|--id-field') return 1 ;;
+        'score|--on-error') return 1 ;;
+        'score|--workers') return 1 ;;
+        'score|--ray-address') return 1 ;;
+        'score|--lookahead') return 1 ;;
+        'score|--color') return 1 ;;
+        'score|--compare') return 1 ;;
+        'score|--compare-quantize') return 1 ;;
+        'score|--compare-dtype') return 1 ;;
         'repl|--model'|'repl|-m') return 1 ;;
         'repl|--max-new-tokens'|'repl|-n') return 1 ;;
         'repl|--temperature'|'repl|-t') return 1 ;;
@@ -63,6 +85,7 @@ _gpt2_nargs() {
         'serve|--quantize') return 1 ;;
         'finetune|--output'|'finetune|-o') return 1 ;;
         'finetune|--model'|'finetune|-m') return 1 ;;
+        'finetune|--data-format') return 1 ;;
         'finetune|--block-size') return 1 ;;
         'finetune|--val-fraction') return 1 ;;
         'finetune|--epochs') return 1 ;;
@@ -85,7 +108,7 @@ _gpt2_nargs() {
         'bench|--dtype') return 1 ;;
         'bench|--quantize') return 1 ;;
         'bench|--prompt-tokens') return 1 ;;
-        'bench|--new-tokens') return 1 ;;
+        'bench|--max-new-tokens'|'bench|--new-tokens'|'bench|-n') return 1 ;;
         'bench|--batch-size') return 1 ;;
         'bench|--repeats') return 1 ;;
         'bench|--warmup') return 1 ;;
@@ -95,6 +118,32 @@ _gpt2_nargs() {
         'bench|--seed') return 1 ;;
         'bench|--draft-model') return 1 ;;
         'bench|--draft-tokens') return 1 ;;
+        'lens|--model'|'lens|-m') return 1 ;;
+        'lens|--at') return 1 ;;
+        'lens|--layers') return 1 ;;
+        'lens|--positions') return 1 ;;
+        'lens|--top') return 1 ;;
+        'lens|--format') return 1 ;;
+        'lens|--device') return 1 ;;
+        'lens|--dtype') return 1 ;;
+        'lens|--quantize') return 1 ;;
+        'attention|--model'|'attention|-m') return 1 ;;
+        'attention|--layer') return 1 ;;
+        'attention|--head') return 1 ;;
+        'attention|--top') return 1 ;;
+        'attention|--format') return 1 ;;
+        'attention|--output'|'attention|-o') return 1 ;;
+        'attention|--device') return 1 ;;
+        'attention|--dtype') return 1 ;;
+        'attention|--quantize') return 1 ;;
+        'activations|--output'|'activations|-o') return 1 ;;
+        'activations|--jsonl') return 1 ;;
+        'activations|--text-field') return 1 ;;
+        'activations|--hook') return 1 ;;
+        'activations|--model'|'activations|-m') return 1 ;;
+        'activations|--device') return 1 ;;
+        'activations|--dtype') return 1 ;;
+        'activations|--quantize') return 1 ;;
         'models list|--format') return 1 ;;
         'models pull|--format') return 1 ;;
         'models info|--format') return 1 ;;
@@ -107,7 +156,7 @@ _gpt2_nargs() {
 _gpt2_is_command() {
     # is $2 a subcommand of command path $1?
     case "$1|$2" in
-        '|generate'|'|score'|'|repl'|'|serve'|'|finetune'|'|bench'|'|models'|'models|list'|'models|pull'|'models|info'|'models|verify'|'models|rm') return 0 ;;
+        '|generate'|'|score'|'|repl'|'|serve'|'|finetune'|'|bench'|'|completion'|'|lens'|'|attention'|'|activations'|'|models'|'models|list'|'models|pull'|'models|info'|'models|verify'|'models|rm') return 0 ;;
     esac
     return 1
 }
@@ -116,12 +165,16 @@ _gpt2_complete_options() {
     # the options of command path $1
     case "$1" in
         '') _gpt2_add -W '--version -V --debug --help -h' ;;
-        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --num-samples --echo --ignore-eos --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --help -h' ;;
-        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --device --dtype --offline --allow-pickle --quantize --help -h' ;;
+        generate) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --stop --stop-raw --num-samples --ignore-eos --echo --format --stats --device --dtype --offline --allow-pickle --quantize --compile --draft-model --draft-tokens --jsonl --output -o --prompt-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --help -h' ;;
+        score) _gpt2_add -W '--model -m --context --stride --batch-size --format --per-token --top --errors --protocol --device --dtype --offline --allow-pickle --quantize --jsonl --output -o --text-field --id-field --resume --on-error --workers --ray --ray-address --lookahead --color --compare --compare-quantize --compare-dtype --help -h' ;;
         repl) _gpt2_add -W '--model -m --max-new-tokens -n --temperature -t --top-k --top-p --min-p --repetition-penalty --seed --mode --template --user-name --bot-name --device --dtype --offline --allow-pickle --quantize --help -h' ;;
         serve) _gpt2_add -W '--model -m --host --port --api-key --max-queue --max-batch --served-model-name --cache-tokens --default-max-tokens --timeout-keep-alive --timeout-header --timeout-body --timeout-write --device --dtype --quantize --offline --allow-pickle --help -h' ;;
-        finetune) _gpt2_add -W '--output -o --model -m --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
-        bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --new-tokens --batch-size --repeats --warmup --threads --format --compare --seed --offline --draft-model --draft-tokens --compile --help -h' ;;
+        finetune) _gpt2_add -W '--output -o --model -m --data-format --block-size --val-fraction --epochs --max-steps --batch-size --grad-accum --lr --warmup-steps --weight-decay --grad-clip --seed --eval-every --save-every --lora --lora-alpha --from-scratch --size --gradient-checkpointing --resume --overwrite --device --offline --allow-pickle --help -h' ;;
+        bench) _gpt2_add -W '--model -m --device --dtype --quantize --prompt-tokens --max-new-tokens --new-tokens -n --batch-size --repeats --warmup --threads --format --compare --seed --offline --draft-model --draft-tokens --compile --help -h' ;;
+        completion) _gpt2_add -W '--install --help -h' ;;
+        lens) _gpt2_add -W '--model -m --at --layers --positions --top --format --bos --no-bos --device --dtype --offline --allow-pickle --quantize --help -h' ;;
+        attention) _gpt2_add -W '--model -m --layer --head --top --format --output -o --overwrite --bos --no-bos --device --dtype --offline --allow-pickle --quantize --help -h' ;;
+        activations) _gpt2_add -W '--output -o --jsonl --text-field --hook --model -m --overwrite --bos --no-bos --device --dtype --offline --allow-pickle --quantize --help -h' ;;
         models) _gpt2_add -W '--help -h' ;;
         'models list') _gpt2_add -W '--format --help -h' ;;
         'models pull') _gpt2_add -W '--offline --allow-pickle --format --help -h' ;;
@@ -136,18 +189,35 @@ _gpt2_complete_value() {
     case "$1|$2" in
         'generate|--model'|'generate|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'generate|--format') _gpt2_add -W 'text json jsonl' ;;
+        'generate|--jsonl') _gpt2_add_files ;;
+        'generate|--output'|'generate|-o') _gpt2_add_files ;;
+        'generate|--on-error') _gpt2_add -W 'skip stop' ;;
         'score|--model'|'score|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'score|--format') _gpt2_add -W 'text json jsonl csv' ;;
         'score|--errors') _gpt2_add -W 'strict replace' ;;
+        'score|--protocol') _gpt2_add -W 'lm-eval hf' ;;
+        'score|--jsonl') _gpt2_add_files ;;
+        'score|--output'|'score|-o') _gpt2_add_files ;;
+        'score|--on-error') _gpt2_add -W 'skip stop' ;;
+        'score|--color') _gpt2_add -W 'surprisal rank entropy' ;;
         'repl|--model'|'repl|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'repl|--mode') _gpt2_add -W 'chat complete' ;;
         'repl|--template') _gpt2_add -W 'transcript dialogpt' ;;
         'serve|--model'|'serve|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'finetune|--output'|'finetune|-o') _gpt2_add_files ;;
         'finetune|--model'|'finetune|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'finetune|--data-format') _gpt2_add -W 'auto text jsonl' ;;
         'finetune|--size') _gpt2_add -W 'tiny mini small gpt2' ;;
         'bench|--model'|'bench|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'bench|--format') _gpt2_add -W 'table json csv markdown' ;;
+        'lens|--model'|'lens|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'lens|--at') _gpt2_add -W 'pre mid post' ;;
+        'lens|--format') _gpt2_add -W 'text json jsonl' ;;
+        'attention|--model'|'attention|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
+        'attention|--format') _gpt2_add -W 'text json npy safetensors' ;;
+        'attention|--output'|'attention|-o') _gpt2_add_files ;;
+        'activations|--output'|'activations|-o') _gpt2_add_files ;;
+        'activations|--model'|'activations|-m') _gpt2_add -W 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2'; _gpt2_add_dirs ;;
         'models list|--format') _gpt2_add -W 'text json' ;;
         'models pull|--format') _gpt2_add -W 'text json' ;;
         'models info|--format') _gpt2_add -W 'text json' ;;
@@ -159,8 +229,9 @@ _gpt2_complete_value() {
 _gpt2_complete_argument() {
     # a subcommand or argument after command path $1
     case "$1" in
-        '') _gpt2_add -W 'generate score repl serve finetune bench models' ;;
+        '') _gpt2_add -W 'generate score repl serve finetune bench completion lens attention activations models' ;;
         score) _gpt2_add_files ;;
+        completion) _gpt2_add -W 'bash zsh fish' ;;
         models) _gpt2_add -W 'list pull info verify rm' ;;
     esac
 }

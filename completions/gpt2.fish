@@ -21,6 +21,8 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'generate|--stop'
             echo 1; return
+        case 'generate|--stop-raw'
+            echo 1; return
         case 'generate|--num-samples'
             echo 1; return
         case 'generate|--format'
@@ -34,6 +36,22 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
         case 'generate|--draft-model'
             echo 1; return
         case 'generate|--draft-tokens'
+            echo 1; return
+        case 'generate|--jsonl'
+            echo 1; return
+        case 'generate|--output' 'generate|-o'
+            echo 1; return
+        case 'generate|--prompt-field'
+            echo 1; return
+        case 'generate|--id-field'
+            echo 1; return
+        case 'generate|--on-error'
+            echo 1; return
+        case 'generate|--workers'
+            echo 1; return
+        case 'generate|--ray-address'
+            echo 1; return
+        case 'generate|--lookahead'
             echo 1; return
         case 'score|--model' 'score|-m'
             echo 1; return
@@ -49,11 +67,37 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'score|--errors'
             echo 1; return
+        case 'score|--protocol'
+            echo 1; return
         case 'score|--device'
             echo 1; return
         case 'score|--dtype'
             echo 1; return
         case 'score|--quantize'
+            echo 1; return
+        case 'score|--jsonl'
+            echo 1; return
+        case 'score|--output' 'score|-o'
+            echo 1; return
+        case 'score|--text-field'
+            echo 1; return
+        case 'score|--id-field'
+            echo 1; return
+        case 'score|--on-error'
+            echo 1; return
+        case 'score|--workers'
+            echo 1; return
+        case 'score|--ray-address'
+            echo 1; return
+        case 'score|--lookahead'
+            echo 1; return
+        case 'score|--color'
+            echo 1; return
+        case 'score|--compare'
+            echo 1; return
+        case 'score|--compare-quantize'
+            echo 1; return
+        case 'score|--compare-dtype'
             echo 1; return
         case 'repl|--model' 'repl|-m'
             echo 1; return
@@ -121,6 +165,8 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'finetune|--model' 'finetune|-m'
             echo 1; return
+        case 'finetune|--data-format'
+            echo 1; return
         case 'finetune|--block-size'
             echo 1; return
         case 'finetune|--val-fraction'
@@ -165,7 +211,7 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'bench|--prompt-tokens'
             echo 1; return
-        case 'bench|--new-tokens'
+        case 'bench|--max-new-tokens' 'bench|--new-tokens' 'bench|-n'
             echo 1; return
         case 'bench|--batch-size'
             echo 1; return
@@ -185,6 +231,58 @@ function __gpt2_nargs --description 'How many values option $argv[2] of command 
             echo 1; return
         case 'bench|--draft-tokens'
             echo 1; return
+        case 'lens|--model' 'lens|-m'
+            echo 1; return
+        case 'lens|--at'
+            echo 1; return
+        case 'lens|--layers'
+            echo 1; return
+        case 'lens|--positions'
+            echo 1; return
+        case 'lens|--top'
+            echo 1; return
+        case 'lens|--format'
+            echo 1; return
+        case 'lens|--device'
+            echo 1; return
+        case 'lens|--dtype'
+            echo 1; return
+        case 'lens|--quantize'
+            echo 1; return
+        case 'attention|--model' 'attention|-m'
+            echo 1; return
+        case 'attention|--layer'
+            echo 1; return
+        case 'attention|--head'
+            echo 1; return
+        case 'attention|--top'
+            echo 1; return
+        case 'attention|--format'
+            echo 1; return
+        case 'attention|--output' 'attention|-o'
+            echo 1; return
+        case 'attention|--device'
+            echo 1; return
+        case 'attention|--dtype'
+            echo 1; return
+        case 'attention|--quantize'
+            echo 1; return
+        case 'activations|--output' 'activations|-o'
+            echo 1; return
+        case 'activations|--jsonl'
+            echo 1; return
+        case 'activations|--text-field'
+            echo 1; return
+        case 'activations|--hook'
+            echo 1; return
+        case 'activations|--model' 'activations|-m'
+            echo 1; return
+        case 'activations|--device'
+            echo 1; return
+        case 'activations|--dtype'
+            echo 1; return
+        case 'activations|--quantize'
+            echo 1; return
         case 'models list|--format'
             echo 1; return
         case 'models pull|--format'
@@ -201,7 +299,7 @@ end
 
 function __gpt2_is_command --description 'Is $argv[2] a subcommand of command path $argv[1]?'
     switch "$argv[1]|$argv[2]"
-        case '|generate' '|score' '|repl' '|serve' '|finetune' '|bench' '|models' 'models|list' 'models|pull' 'models|info' 'models|verify' 'models|rm'
+        case '|generate' '|score' '|repl' '|serve' '|finetune' '|bench' '|completion' '|lens' '|attention' '|activations' '|models' 'models|list' 'models|pull' 'models|info' 'models|verify' 'models|rm'
             return 0
     end
     return 1
@@ -242,26 +340,31 @@ complete -c gpt2 -n '__gpt2_at ""' -a repl -d 'Talk with a GPT-2 model: slash co
 complete -c gpt2 -n '__gpt2_at ""' -a serve -d 'Serve a model over OpenAI\'s HTTP API (/v1/completions, /v1/chat/completions, /v1/models).'
 complete -c gpt2 -n '__gpt2_at ""' -a finetune -d 'Fine-tune a GPT-2 on DATA and write a Hugging Face-layout checkpoint to --output.'
 complete -c gpt2 -n '__gpt2_at ""' -a bench -d 'Benchmark generation: prefill and decode tokens/s, time to first token, latency, memory.'
+complete -c gpt2 -n '__gpt2_at ""' -a completion -d 'Print the completion script for SHELL (or install it with --install).'
+complete -c gpt2 -n '__gpt2_at ""' -a lens -d 'The logit lens: what each layer\'s residual stream predicts for the next token.'
+complete -c gpt2 -n '__gpt2_at ""' -a attention -d 'Attention patterns of chosen layers and heads over a text.'
+complete -c gpt2 -n '__gpt2_at ""' -a activations -d 'Save activations at TransformerLens-named hook points, with the token ids, to safetensors.'
 complete -c gpt2 -n '__gpt2_at ""' -a models -d 'Manage the models in the local Hugging Face cache: list, pull, info, verify, rm.'
 complete -c gpt2 -n '__gpt2_at ""' -l version -s V -d 'Show the version and exit.'
-complete -c gpt2 -n '__gpt2_at ""' -l debug -d 'Show full tracebacks on errors.'
+complete -c gpt2 -n '__gpt2_at ""' -l debug -d 'Show full tracebacks on errors (also after the command, or GPT2_DEBUG=1).'
 complete -c gpt2 -n '__gpt2_at ""' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 generate
 complete -c gpt2 -n '__gpt2_at generate' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
-complete -c gpt2 -n '__gpt2_at generate' -l max-new-tokens -s n -x -d 'Tokens to generate.'
-complete -c gpt2 -n '__gpt2_at generate' -l temperature -s t -x -d 'Sampling temperature; 0 is greedy.'
+complete -c gpt2 -n '__gpt2_at generate' -l max-new-tokens -s n -x -d 'Tokens to generate (at least 1).'
+complete -c gpt2 -n '__gpt2_at generate' -l temperature -s t -x -d 'Sampling temperature: 0 is greedy, else at least 0.001.'
 complete -c gpt2 -n '__gpt2_at generate' -l top-k -x -d 'Sample from the k most likely tokens (0 disables).'
 complete -c gpt2 -n '__gpt2_at generate' -l top-p -x -d 'Nucleus sampling threshold in (0, 1]; 1 disables.'
-complete -c gpt2 -n '__gpt2_at generate' -l min-p -x -d 'Drop tokens below min-p x the top probability (0 disables).'
-complete -c gpt2 -n '__gpt2_at generate' -l repetition-penalty -x -d 'Penalise repeated tokens (1.0 = none), as in transformers.'
-complete -c gpt2 -n '__gpt2_at generate' -l seed -x -d 'Random seed: the same seed gives the same text.'
-complete -c gpt2 -n '__gpt2_at generate' -l stop -x -d 'Stop at this text (not printed); repeatable.'
-complete -c gpt2 -n '__gpt2_at generate' -l num-samples -x -d 'Samples generated together as a batch.'
-complete -c gpt2 -n '__gpt2_at generate' -l echo -d 'Print the prompt before the generated text.'
+complete -c gpt2 -n '__gpt2_at generate' -l min-p -x -d 'Drop tokens below min-p x the top probability, in [0, 1] (0 disables).'
+complete -c gpt2 -n '__gpt2_at generate' -l repetition-penalty -x -d 'Penalise repeated tokens, 0.01 to 100 (1.0 = none), as in transformers.'
+complete -c gpt2 -n '__gpt2_at generate' -l seed -x -d 'Random seed, 0 to 2^64-1: the same seed gives the same text; -1 or none draws one (shown by --stats and in --format json).'
+complete -c gpt2 -n '__gpt2_at generate' -l stop -x -d 'Stop at this text (not printed); repeatable. Backslash escapes are read: \\n, \\t, \\xHH, \\uHHHH, \\\\ for a backslash.'
+complete -c gpt2 -n '__gpt2_at generate' -l stop-raw -x -d 'Like --stop, taken literally (no escapes).'
+complete -c gpt2 -n '__gpt2_at generate' -l num-samples -x -d 'Samples generated together as a batch (1 to 64).'
 complete -c gpt2 -n '__gpt2_at generate' -l ignore-eos -d 'Keep generating past <|endoftext|>.'
+complete -c gpt2 -n '__gpt2_at generate' -l echo -d 'Print the prompt before the generated text.'
 complete -c gpt2 -n '__gpt2_at generate' -l format -x -a 'text json jsonl' -d 'text, json (one object) or jsonl (streamed).'
-complete -c gpt2 -n '__gpt2_at generate' -l stats -d 'Print prompt/generation tokens/s and time to first token on stderr.'
+complete -c gpt2 -n '__gpt2_at generate' -l stats -d 'Print tokens/s, time to first token and the seed on stderr (after Ctrl-C too).'
 complete -c gpt2 -n '__gpt2_at generate' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
 complete -c gpt2 -n '__gpt2_at generate' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
 complete -c gpt2 -n '__gpt2_at generate' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
@@ -270,6 +373,16 @@ complete -c gpt2 -n '__gpt2_at generate' -l quantize -x -d 'Weight quantization:
 complete -c gpt2 -n '__gpt2_at generate' -l compile -d 'Decode through a torch.compile\'d step (CUDA graphs on CUDA); see docs/performance.md.'
 complete -c gpt2 -n '__gpt2_at generate' -l draft-model -x -d 'Speculative decoding: a smaller GPT-2 with the same vocabulary.'
 complete -c gpt2 -n '__gpt2_at generate' -l draft-tokens -x -d 'Tokens the draft model proposes per step.'
+complete -c gpt2 -n '__gpt2_at generate' -l jsonl -r -F -d 'Batch mode: one JSON document per line of this file (\'-\': stdin).'
+complete -c gpt2 -n '__gpt2_at generate' -l output -s o -r -F -d '--jsonl: where result lines go (default \'-\': stdout).'
+complete -c gpt2 -n '__gpt2_at generate' -l prompt-field -x -d '--jsonl: the field holding the prompt.'
+complete -c gpt2 -n '__gpt2_at generate' -l id-field -x -d '--jsonl: the field holding each line\'s id (else its line number).'
+complete -c gpt2 -n '__gpt2_at generate' -l resume -d '--jsonl: skip the ids already in --output and append the rest.'
+complete -c gpt2 -n '__gpt2_at generate' -l on-error -x -a 'skip stop' -d '--jsonl bad lines: skip (report, write an error line, go on) or stop.'
+complete -c gpt2 -n '__gpt2_at generate' -l workers -x -d '--jsonl: processes, each with its own model copy and share of cores.'
+complete -c gpt2 -n '__gpt2_at generate' -l ray -d '--jsonl: run as a Ray Data pipeline (extra \'ray\'); --workers actors.'
+complete -c gpt2 -n '__gpt2_at generate' -l ray-address -x -d '--ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).'
+complete -c gpt2 -n '__gpt2_at generate' -l lookahead -x -d '--jsonl: lines sorted and batched together (the unit of work).'
 complete -c gpt2 -n '__gpt2_at generate' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 score
@@ -281,23 +394,38 @@ complete -c gpt2 -n '__gpt2_at score' -l format -x -a 'text json jsonl csv' -d '
 complete -c gpt2 -n '__gpt2_at score' -l per-token -d 'Each token\'s score: a heat map on a terminal; text, id, logprob and rank in json/jsonl.'
 complete -c gpt2 -n '__gpt2_at score' -l top -x -d 'List the N most surprising tokens with their context.'
 complete -c gpt2 -n '__gpt2_at score' -l errors -x -a 'strict replace' -d 'Invalid UTF-8: strict refuses the file, replace scores U+FFFD.'
+complete -c gpt2 -n '__gpt2_at score' -l protocol -x -a 'lm-eval hf' -d 'lm-eval (the default: every token scored once, after an <|endoftext|> prefix) or hf (Hugging Face\'s perplexity guide exactly: no prefix, CONTEXT-1 predictions per window).'
 complete -c gpt2 -n '__gpt2_at score' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
 complete -c gpt2 -n '__gpt2_at score' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
 complete -c gpt2 -n '__gpt2_at score' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at score' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
 complete -c gpt2 -n '__gpt2_at score' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at score' -l jsonl -r -F -d 'Batch mode: one JSON document per line of this file (\'-\': stdin).'
+complete -c gpt2 -n '__gpt2_at score' -l output -s o -r -F -d '--jsonl: where result lines go (default \'-\': stdout).'
+complete -c gpt2 -n '__gpt2_at score' -l text-field -x -d '--jsonl: the field holding the text.'
+complete -c gpt2 -n '__gpt2_at score' -l id-field -x -d '--jsonl: the field holding each line\'s id (else its line number).'
+complete -c gpt2 -n '__gpt2_at score' -l resume -d '--jsonl: skip the ids already in --output and append the rest.'
+complete -c gpt2 -n '__gpt2_at score' -l on-error -x -a 'skip stop' -d '--jsonl bad lines: skip (report, write an error line, go on) or stop.'
+complete -c gpt2 -n '__gpt2_at score' -l workers -x -d '--jsonl: processes, each with its own model copy and share of cores.'
+complete -c gpt2 -n '__gpt2_at score' -l ray -d '--jsonl: run as a Ray Data pipeline (extra \'ray\'); --workers actors.'
+complete -c gpt2 -n '__gpt2_at score' -l ray-address -x -d '--ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).'
+complete -c gpt2 -n '__gpt2_at score' -l lookahead -x -d '--jsonl: lines sorted and batched together (the unit of work).'
+complete -c gpt2 -n '__gpt2_at score' -l color -x -a 'surprisal rank entropy' -d 'Per-token colouring (implies --per-token): surprisal, rank (GLTR\'s top-10/100/1000 buckets) or entropy of the prediction.'
+complete -c gpt2 -n '__gpt2_at score' -l compare -x -d 'Compare with model B over the same tokens: per-token Δlogprob, KL(A‖B), top-1 agreement.'
+complete -c gpt2 -n '__gpt2_at score' -l compare-quantize -x -d 'Quantize B (int8 or none; default: as --quantize); B = A\'s model alone.'
+complete -c gpt2 -n '__gpt2_at score' -l compare-dtype -x -d 'B\'s dtype (default: as --dtype); B = A\'s model alone.'
 complete -c gpt2 -n '__gpt2_at score' -l help -s h -d 'Show this message and exit.'
 complete -c gpt2 -n '__gpt2_at score' -F -d 'files'
 
 # gpt2 repl
 complete -c gpt2 -n '__gpt2_at repl' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
-complete -c gpt2 -n '__gpt2_at repl' -l max-new-tokens -s n -x -d 'Tokens to generate.'
-complete -c gpt2 -n '__gpt2_at repl' -l temperature -s t -x -d 'Sampling temperature; 0 is greedy.'
+complete -c gpt2 -n '__gpt2_at repl' -l max-new-tokens -s n -x -d 'Tokens to generate (at least 1).'
+complete -c gpt2 -n '__gpt2_at repl' -l temperature -s t -x -d 'Sampling temperature: 0 is greedy, else at least 0.001.'
 complete -c gpt2 -n '__gpt2_at repl' -l top-k -x -d 'Sample from the k most likely tokens (0 disables).'
 complete -c gpt2 -n '__gpt2_at repl' -l top-p -x -d 'Nucleus sampling threshold in (0, 1]; 1 disables.'
-complete -c gpt2 -n '__gpt2_at repl' -l min-p -x -d 'Drop tokens below min-p x the top probability (0 disables).'
-complete -c gpt2 -n '__gpt2_at repl' -l repetition-penalty -x -d 'Penalise repeated tokens (1.0 = none), as in transformers.'
-complete -c gpt2 -n '__gpt2_at repl' -l seed -x -d 'Random seed: the same seed gives the same text.'
+complete -c gpt2 -n '__gpt2_at repl' -l min-p -x -d 'Drop tokens below min-p x the top probability, in [0, 1] (0 disables).'
+complete -c gpt2 -n '__gpt2_at repl' -l repetition-penalty -x -d 'Penalise repeated tokens, 0.01 to 100 (1.0 = none), as in transformers.'
+complete -c gpt2 -n '__gpt2_at repl' -l seed -x -d 'Random seed, 0 to 2^64-1: the same seed gives the same text; -1 or none draws one (shown by --stats and in --format json).'
 complete -c gpt2 -n '__gpt2_at repl' -l mode -x -a 'chat complete' -d 'chat (a User/Assistant transcript) or complete (continue text).'
 complete -c gpt2 -n '__gpt2_at repl' -l template -x -a 'transcript dialogpt' -d 'Chat template: transcript or dialogpt (default: dialogpt for DialoGPT ids).'
 complete -c gpt2 -n '__gpt2_at repl' -l user-name -x -d 'The user\'s name in the chat.'
@@ -333,6 +461,7 @@ complete -c gpt2 -n '__gpt2_at serve' -l help -s h -d 'Show this message and exi
 # gpt2 finetune
 complete -c gpt2 -n '__gpt2_at finetune' -l output -s o -r -F -d 'Directory to write the trained model to.'
 complete -c gpt2 -n '__gpt2_at finetune' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at finetune' -l data-format -x -a 'auto text jsonl' -d 'auto (by suffix), text (any file, .py or none, is one document) or jsonl (every file).'
 complete -c gpt2 -n '__gpt2_at finetune' -l block-size -x -d 'Tokens per sequence (default: the model\'s window).'
 complete -c gpt2 -n '__gpt2_at finetune' -l val-fraction -x -d 'Share of the blocks held out for evaluation.'
 complete -c gpt2 -n '__gpt2_at finetune' -l epochs -x -d 'Passes over the data (default 1).'
@@ -343,11 +472,11 @@ complete -c gpt2 -n '__gpt2_at finetune' -l lr -x -d 'Peak learning rate (defaul
 complete -c gpt2 -n '__gpt2_at finetune' -l warmup-steps -x -d 'Linear warmup steps (default 5% of the steps).'
 complete -c gpt2 -n '__gpt2_at finetune' -l weight-decay -x -d 'AdamW weight decay.'
 complete -c gpt2 -n '__gpt2_at finetune' -l grad-clip -x -d 'Clip the gradient norm (0 disables).'
-complete -c gpt2 -n '__gpt2_at finetune' -l seed -x -d 'Seed for initialisation, split and shuffling.'
+complete -c gpt2 -n '__gpt2_at finetune' -l seed -x -d 'Seed for initialisation, split and shuffling (0 to 2^64-1).'
 complete -c gpt2 -n '__gpt2_at finetune' -l eval-every -x -d 'Held-out evaluation every N steps (default: 10 per run).'
 complete -c gpt2 -n '__gpt2_at finetune' -l save-every -x -d 'Checkpoint every N steps (default: only at the end).'
 complete -c gpt2 -n '__gpt2_at finetune' -l lora -x -d 'Train rank-R LoRA adapters instead of all weights.'
-complete -c gpt2 -n '__gpt2_at finetune' -l lora-alpha -x -d 'LoRA scale numerator (default 2 x rank).'
+complete -c gpt2 -n '__gpt2_at finetune' -l lora-alpha -x -d 'LoRA scale numerator, > 0 (default 2 x rank); needs --lora.'
 complete -c gpt2 -n '__gpt2_at finetune' -l from-scratch -d 'Train a new model (--model gives only the tokenizer).'
 complete -c gpt2 -n '__gpt2_at finetune' -l size -x -a 'tiny mini small gpt2' -d 'Size for --from-scratch.'
 complete -c gpt2 -n '__gpt2_at finetune' -l gradient-checkpointing -d 'Recompute activations: less memory, more time.'
@@ -364,26 +493,77 @@ complete -c gpt2 -n '__gpt2_at bench' -l device -x -d 'auto, cpu, cuda, cuda:N o
 complete -c gpt2 -n '__gpt2_at bench' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
 complete -c gpt2 -n '__gpt2_at bench' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
 complete -c gpt2 -n '__gpt2_at bench' -l prompt-tokens -x -d 'Prompt length in tokens; a comma list sweeps (128,512).'
-complete -c gpt2 -n '__gpt2_at bench' -l new-tokens -x -d 'Tokens generated per sequence.'
+complete -c gpt2 -n '__gpt2_at bench' -l max-new-tokens -l new-tokens -s n -x -d 'Tokens generated per sequence (at least 2).'
 complete -c gpt2 -n '__gpt2_at bench' -l batch-size -x -d 'Sequences decoded together; a comma list sweeps (1,8).'
 complete -c gpt2 -n '__gpt2_at bench' -l repeats -x -d 'Timed runs per configuration (median).'
 complete -c gpt2 -n '__gpt2_at bench' -l warmup -x -d 'Untimed warm-up runs per configuration.'
 complete -c gpt2 -n '__gpt2_at bench' -l threads -x -d 'CPU threads for torch (default: torch\'s choice).'
 complete -c gpt2 -n '__gpt2_at bench' -l format -x -a 'table json csv markdown' -d 'table, json, csv or markdown.'
 complete -c gpt2 -n '__gpt2_at bench' -l compare -x -d 'Also run the same workload through another engine: transformers.'
-complete -c gpt2 -n '__gpt2_at bench' -l seed -x -d 'Seed of the random prompt tokens.'
+complete -c gpt2 -n '__gpt2_at bench' -l seed -x -d 'Seed of the random prompt tokens, 0 to 2^64-1 (-1 draws one).'
 complete -c gpt2 -n '__gpt2_at bench' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at bench' -l draft-model -x -d 'Also decode speculatively with this draft model: acceptance rate, speed-up.'
 complete -c gpt2 -n '__gpt2_at bench' -l draft-tokens -x -d 'Tokens the draft model proposes per step.'
 complete -c gpt2 -n '__gpt2_at bench' -l compile -d 'Decode through a torch.compile\'d step (CUDA graphs on CUDA); see docs/performance.md.'
 complete -c gpt2 -n '__gpt2_at bench' -l help -s h -d 'Show this message and exit.'
 
+# gpt2 completion
+complete -c gpt2 -n '__gpt2_at completion' -l install -d 'Write the script where the shell finds it, instead of printing it.'
+complete -c gpt2 -n '__gpt2_at completion' -l help -s h -d 'Show this message and exit.'
+complete -c gpt2 -n '__gpt2_at completion' -f -a 'bash zsh fish' -d 'shell'
+
+# gpt2 lens
+complete -c gpt2 -n '__gpt2_at lens' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at lens' -l at -x -a 'pre mid post' -d 'Residual stream read: pre (block input), mid (after attention), post.'
+complete -c gpt2 -n '__gpt2_at lens' -l layers -x -d 'Layers: all, or numbers and slices such as 0,6:9,-1.'
+complete -c gpt2 -n '__gpt2_at lens' -l positions -x -d 'Positions (0 is <|endoftext|>): all, or e.g. -8: or 1,4:6.'
+complete -c gpt2 -n '__gpt2_at lens' -l top -x -d 'Candidate tokens kept per cell.'
+complete -c gpt2 -n '__gpt2_at lens' -l format -x -a 'text json jsonl' -d 'text (a grid on a terminal, TSV in a pipe), json or jsonl (one cell a line).'
+complete -c gpt2 -n '__gpt2_at lens' -l bos -l no-bos -d 'Start the text with <|endoftext|> (as TransformerLens\' prepend_bos), so that its first token is predicted too.'
+complete -c gpt2 -n '__gpt2_at lens' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at lens' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at lens' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at lens' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at lens' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at lens' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 attention
+complete -c gpt2 -n '__gpt2_at attention' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at attention' -l layer -x -d 'Layers: all, or numbers and slices such as 0,5:8,-1.'
+complete -c gpt2 -n '__gpt2_at attention' -l head -x -d 'Heads: all, or numbers and slices such as 0,3.'
+complete -c gpt2 -n '__gpt2_at attention' -l top -x -d 'List each query\'s K most attended keys (the view for long texts; default 3).'
+complete -c gpt2 -n '__gpt2_at attention' -l format -x -a 'text json npy safetensors' -d 'text (heat maps or lists), json, npy or safetensors (layer, head, query, key).'
+complete -c gpt2 -n '__gpt2_at attention' -l output -s o -r -F -d 'Write the data to this file instead of stdout.'
+complete -c gpt2 -n '__gpt2_at attention' -l overwrite -d 'Replace the output file if it exists.'
+complete -c gpt2 -n '__gpt2_at attention' -l bos -l no-bos -d 'Start the text with <|endoftext|> (as TransformerLens\' prepend_bos), so that its first token is predicted too.'
+complete -c gpt2 -n '__gpt2_at attention' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at attention' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at attention' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at attention' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at attention' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at attention' -l help -s h -d 'Show this message and exit.'
+
+# gpt2 activations
+complete -c gpt2 -n '__gpt2_at activations' -l output -s o -r -F -d 'The safetensors file to write.'
+complete -c gpt2 -n '__gpt2_at activations' -l jsonl -x -d 'Read many texts: a JSONL file (or - for stdin) with a "text" field a line.'
+complete -c gpt2 -n '__gpt2_at activations' -l text-field -x -d 'The JSONL field holding the text.'
+complete -c gpt2 -n '__gpt2_at activations' -l hook -x -d 'Hook points to save, TransformerLens names or globs (repeatable); default blocks.*.hook_resid_post.'
+complete -c gpt2 -n '__gpt2_at activations' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
+complete -c gpt2 -n '__gpt2_at activations' -l overwrite -d 'Replace the output file if it exists.'
+complete -c gpt2 -n '__gpt2_at activations' -l bos -l no-bos -d 'Start the text with <|endoftext|> (as TransformerLens\' prepend_bos), so that its first token is predicted too.'
+complete -c gpt2 -n '__gpt2_at activations' -l device -x -d 'auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU).'
+complete -c gpt2 -n '__gpt2_at activations' -l dtype -x -d 'auto, float32, float16 or bfloat16 (auto: float32 on CPU, bf16/fp16 on GPU).'
+complete -c gpt2 -n '__gpt2_at activations' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
+complete -c gpt2 -n '__gpt2_at activations' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
+complete -c gpt2 -n '__gpt2_at activations' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
+complete -c gpt2 -n '__gpt2_at activations' -l help -s h -d 'Show this message and exit.'
+
 # gpt2 models
-complete -c gpt2 -n '__gpt2_at models' -a list -d 'List the GPT-2-family models in the Hugging Face cache.'
+complete -c gpt2 -n '__gpt2_at models' -a list -d 'List the GPT-2-family models in the Hugging Face cache (alias: ls); partial ones say so.'
 complete -c gpt2 -n '__gpt2_at models' -a pull -d 'Download NAME into the cache (only the files gpt2 needs); a no-op when it is complete.'
 complete -c gpt2 -n '__gpt2_at models' -a info -d 'Show NAME\'s architecture, parameter count, files with sha256, and where it lives.'
-complete -c gpt2 -n '__gpt2_at models' -a verify -d 'Recompute each cached file\'s digest and compare it with the one the Hub gave.'
-complete -c gpt2 -n '__gpt2_at models' -a rm -d 'Delete NAME from the cache (every cached revision, or only NAME@revision).'
+complete -c gpt2 -n '__gpt2_at models' -a verify -d 'Check that every file a model needs is there and has the digest the Hub gave.'
+complete -c gpt2 -n '__gpt2_at models' -a rm -d 'Delete NAMES from the cache (every cached revision, or only NAME@revision).'
 complete -c gpt2 -n '__gpt2_at models' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 models list
@@ -401,7 +581,7 @@ complete -c gpt2 -n '__gpt2_at "models info"' -l format -x -a 'text json' -d 'te
 complete -c gpt2 -n '__gpt2_at "models info"' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 models verify
-complete -c gpt2 -n '__gpt2_at "models verify"' -l repair -d 'Download corrupt or truncated files again.'
+complete -c gpt2 -n '__gpt2_at "models verify"' -l repair -d 'Download corrupt, truncated or missing files again.'
 complete -c gpt2 -n '__gpt2_at "models verify"' -l format -x -a 'text json' -d 'text (a table) or json (for scripts).'
 complete -c gpt2 -n '__gpt2_at "models verify"' -l help -s h -d 'Show this message and exit.'
 

@@ -14,6 +14,9 @@ import pytest
 from gpt2cli.cli.app import run
 
 GPT2_BIN = Path(sys.executable).parent / "gpt2"
+# Seconds a subprocess may take before a test calls it hung. A guard only: no test waits for it
+# to pass or asserts on how long anything took, so a busy machine is slower, never failing.
+HANG_GUARD = 600
 
 
 @dataclass
@@ -44,19 +47,27 @@ def run_inprocess(
 
 
 def run_subprocess(
-    args: list[str], *, input: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 120
+    args: list[str],
+    *,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = HANG_GUARD,
+    cwd: Path | None = None,
+    prefix: list[str] | None = None,
+    encoding: str = "utf-8",
 ) -> Result:
-    """Run the installed ``gpt2`` console script."""
+    """Run the installed ``gpt2`` console script (after ``prefix``, e.g. an ``unshare`` wrapper)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
-        [str(GPT2_BIN), *args],
+        [*(prefix or []), str(GPT2_BIN), *args],
         input=input if input is not None else b"",
         capture_output=True,
         env=full_env,
         timeout=timeout,
+        cwd=cwd,
     )
     return Result(
-        proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+        proc.returncode, proc.stdout.decode(encoding, "replace"), proc.stderr.decode(encoding, "replace")
     )
 
 
@@ -68,3 +79,41 @@ def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
     assert len(lines) == 1, result.err
     for needle in needles:
         assert needle.lower() in result.err.lower(), result.err
+
+
+def _namespaces_work() -> bool:
+    """Whether ``unshare -rm`` (a private user + mount namespace) can bind-mount here."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m tmpfs /mnt 2>/dev/null || mount --bind / /mnt",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    return probe.returncode == 0
+
+
+NAMESPACES = _namespaces_work()
+needs_namespaces = pytest.mark.skipif(
+    not NAMESPACES, reason="unshare -rm (user + mount namespaces) is not available to mount a read-only dir"
+)
+
+
+def in_namespace(*mounts: str) -> list[str]:
+    """A command prefix that runs in a private mount namespace after ``mounts`` (shell lines such
+    as ``mount --bind -o ro DIR DIR``); nothing is mounted outside it, and it ends with the process."""
+    script = "; ".join([*mounts, 'exec "$@"'])
+    return ["unshare", "-rm", "sh", "-ec", script, "sh"]
+
+
+def read_only(*dirs: str | Path) -> list[str]:
+    """``in_namespace`` with each of ``dirs`` bind-mounted read-only onto itself."""
+    return in_namespace(*(f"mount --bind -o ro {d} {d}" for d in dirs))

@@ -175,6 +175,7 @@ class HubSim:
             and then kills the connection. A resumed request (``Range: bytes=k-``) with
             ``k >= n`` is answered ``503``. See :meth:`set_fault` for the options.
         slow_bytes_per_second: when set, throttles every file body written by GET on resolve.
+        pauses: ``{filename: (n, event)}`` -- see :meth:`pause_after`.
     """
 
     def __init__(self) -> None:
@@ -186,6 +187,7 @@ class HubSim:
         self.fail_after_bytes: dict[str, int] = {}
         self._fault_opts: dict[str, _FaultOpts] = {}
         self.slow_bytes_per_second: float | None = None
+        self.pauses: dict[str, tuple[int, threading.Event]] = {}
         self.endpoint: str | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -261,11 +263,22 @@ class HubSim:
             self.fail_after_bytes[filename] = int(n_bytes)
             self._fault_opts[filename] = _FaultOpts(reset=reset, times=times)
 
+    def pause_after(self, filename: str, n_bytes: int) -> threading.Event:
+        """Make GETs of ``filename`` stop after ``n_bytes`` of the body until the returned event is
+        set: a transfer held mid-way, so a test can act on it without racing the clock."""
+        release = threading.Event()
+        with self._lock:
+            self.pauses[filename] = (int(n_bytes), release)
+        return release
+
     def clear_faults(self) -> None:
         with self._lock:
             self.fail_after_bytes.clear()
             self._fault_opts.clear()
             self.slow_bytes_per_second = None
+            for _, release in self.pauses.values():
+                release.set()
+            self.pauses.clear()
 
     def _take_fault(self, filename: str) -> tuple[int, bool] | None:
         with self._lock:
@@ -334,6 +347,8 @@ class HubSim:
 
     def stop(self) -> None:
         """Stop serving and drop every open (keep-alive) connection. Idempotent."""
+        for _, release in list(self.pauses.values()):
+            release.set()  # a held transfer must not keep a handler thread alive
         server, self._server = self._server, None
         if server is None:
             return
@@ -743,7 +758,14 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "HEAD":
             return None
         limit = end if fault is None else max(start, min(end, fault[0]))
-        self._write_body(memoryview(blob.data)[start:limit])
+        body = memoryview(blob.data)[start:limit]
+        pause = self.server.hub.pauses.get(filename) if method == "GET" else None
+        if pause is not None and pause[0] < len(body):
+            self._write_body(body[: pause[0]])
+            self.wfile.flush()
+            pause[1].wait()  # held until the test releases it
+            body = body[pause[0] :]
+        self._write_body(body)
         if fault is not None:
             self._kill_connection(reset=fault[1])
         return None

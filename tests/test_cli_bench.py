@@ -14,7 +14,7 @@ from cliutil import Result, assert_one_line_error, run_inprocess
 from gpt2cli.bench import BenchSpec, _percentile, parse_int_list, weight_bytes_per_step
 from gpt2cli.errors import BadInputError
 
-FAST = ["--new-tokens", "3", "--repeats", "1", "--warmup", "0"]
+FAST = ["-n", "3", "--repeats", "1", "--warmup", "0"]
 REQUIRED = {
     "prefill_tokens_per_second": float,
     "decode_tokens_per_second": float,
@@ -145,7 +145,9 @@ def test_compare_without_transformers_is_a_clear_error(bench, monkeypatch: pytes
         (["--prompt-tokens", "4,-2"], "at least 1"),
         (["--batch-size", "0"], "at least 1"),
         (["--batch-size", ""], "at least one value"),
-        (["--new-tokens", "0"], "new-tokens"),
+        (["--new-tokens", "0"], "--max-new-tokens must be at least 2"),
+        (["-n", "1"], "--max-new-tokens must be at least 2"),
+        (["--seed", "-5"], "--seed must be -1 (random) or an integer"),
         (["--repeats", "0"], "repeats"),
         (["--warmup", "-1"], "warmup"),
         (["--threads", "0"], "threads"),

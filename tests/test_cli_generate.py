@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from checkpoints import make_checkpoint
-from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess, run_subprocess
+from cliutil import GPT2_BIN, HANG_GUARD, assert_one_line_error, run_inprocess, run_subprocess
 
 from gpt2cli import load
 
@@ -218,7 +218,7 @@ def test_closed_stdin_with_prompt(ckpt_h: Path) -> None:
         [str(GPT2_BIN), "generate", "-m", str(ckpt_h), "Hi", "-n", "3"],
         capture_output=True,
         preexec_fn=lambda: os.close(0),
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout
@@ -229,7 +229,7 @@ def test_closed_stdin_without_prompt(ckpt_h: Path) -> None:
         [str(GPT2_BIN), "generate", "-m", str(ckpt_h)],
         capture_output=True,
         preexec_fn=lambda: os.close(0),
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert proc.returncode == 2
     assert b"gpt2: error:" in proc.stderr and b"Traceback" not in proc.stderr
@@ -246,7 +246,7 @@ def test_broken_pipe_exits_quietly(ckpt_h: Path) -> None:
     head = proc.stdout.read(20)  # like `| head -c 20`
     proc.stdout.close()
     err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=HANG_GUARD) == 0
     assert len(head) == 20 and err == b""
 
 
@@ -261,7 +261,7 @@ def test_ctrl_c_keeps_output_and_exits_130(ckpt_h: Path) -> None:
     first = proc.stdout.read(30)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=60)
+    rest, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode == 130, err
     assert len(first) == 30 and b"Traceback" not in err
     assert (first + rest).endswith(b"\n")  # the line is finished, nothing cut off
@@ -292,11 +292,120 @@ def test_ctrl_c_mid_stream_keeps_partial_output(ckpt_h: Path, gen, monkeypatch, 
         assert obj["interrupted"] is True
     elif fmt == "jsonl":
         lines = [json.loads(line) for line in result.out.splitlines()]
-        assert lines[-1] == {"type": "summary", "interrupted": True}
+        assert lines[-1]["type"] == "summary" and lines[-1]["interrupted"] is True
+        assert isinstance(lines[-1]["seed"], int)
         partial = "".join(line["text"] for line in lines[:-1])
     else:
         partial = result.out.removesuffix("\n")
     assert partial and full.samples[0].text.startswith(partial)
+
+
+def test_stats_still_print_after_ctrl_c(ckpt_h: Path, gen, monkeypatch) -> None:
+    """Ctrl-C inside the engine (its 6th step): --stats reports what was generated until then."""
+    from gpt2cli.engine import Engine
+
+    real_step = Engine.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "step", step)
+    args = ["-m", str(ckpt_h), "Hi", "-n", "50", "--ignore-eos", "-t", "0", "--seed", "11", "--stats"]
+    result = gen([*args, "--format", "json"])
+    assert result.code == 130, result.err
+    obj = json.loads(result.out)
+    assert obj["interrupted"] is True and obj["seed"] == 11
+    sample = obj["samples"][0]
+    assert 1 <= sample["tokens"] < 50 and sample["finish_reason"] == "interrupted"
+    full = load(str(ckpt_h), device="cpu").complete("Hi", max_new_tokens=50, temperature=0, ignore_eos=True)
+    assert full.samples[0].token_ids[: sample["tokens"]] and full.samples[0].text.startswith(sample["text"])
+    stats = [line for line in result.err.splitlines() if line.startswith("interrupted |")]
+    assert len(stats) == 1, result.err
+    assert f"generation: {sample['tokens']} tokens" in stats[0] and "seed: 11" in stats[0]
+
+
+def test_seed_minus_one_draws_a_seed_that_replays(ckpt_h: Path, gen) -> None:
+    args = ["-m", str(ckpt_h), "Hello", "-n", "12", "--ignore-eos", "--format", "json"]
+    first = gen([*args, "--seed", "-1"])
+    assert first.code == 0, first.err
+    obj = json.loads(first.out)
+    seed = obj["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**32
+    replay = json.loads(gen([*args, "--seed", str(seed)]).out)
+    assert replay["samples"] == obj["samples"] and replay["seed"] == seed
+    drawn = gen(["-m", str(ckpt_h), "Hello", "-n", "3", "--stats"])  # no --seed: drawn and shown too
+    (line,) = [ln for ln in drawn.err.splitlines() if "seed:" in ln]
+    assert int(line.rsplit("seed: ", 1)[1]) >= 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["-t", "1e-45"], ["--temperature must be 0 (greedy) or at least 0.001"]),
+        (["--seed", "99999999999999999999"], ["--seed must be -1 (random) or an integer from 0 to"]),
+        (["--seed", "-2"], ["--seed must be -1 (random)"]),
+        (["--num-samples", "100000"], ["--num-samples must be from 1 to 64"]),
+        (["--repetition-penalty", "1e-300"], ["--repetition-penalty must be between 0.01 and 100"]),
+        (["--top-p", "0"], ["--top-p must be in (0, 1]"]),
+        (["--min-p", "2"], ["--min-p must be in [0, 1]"]),
+        (["--top-k", "-1"], ["--top-k must be at least 0"]),
+        (["-n", "0"], ["--max-new-tokens must be at least 1"]),
+        (["--format", "xml"], ["'xml' is not one of"]),
+    ],
+)
+def test_odd_values_are_refused_at_the_edge_with_the_range(ckpt_h: Path, gen, args, needles) -> None:
+    result = gen(["-m", str(ckpt_h), "Hi", *args])
+    assert_one_line_error(result, 2, *needles)
+    assert "Value error" not in result.err and "unexpected" not in result.err
+
+
+def test_stop_reads_backslash_escapes(ckpt_h: Path, gen, tmp_path: Path) -> None:
+    """--stop "\\n\\n" means newlines (as the README's example needs in a shell); --stop-raw is
+    literal. The tiny model's greedy text has spaces, so the escape tested end to end is \\x20."""
+    base = ["-m", str(ckpt_h), "Hi", "-n", "30", "-t", "0", "--ignore-eos", "--format", "json"]
+    full = json.loads(gen(base).out)["samples"][0]["text"]
+    word = full.split()[-1]  # a later word: the stop text "\\x20<word>" is " <word>"
+    cut = json.loads(gen([*base, "--stop", "\\x20" + word]).out)["samples"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.index(" " + word)]
+    raw = json.loads(gen([*base, "--stop-raw", "\\x20" + word]).out)["samples"][0]
+    assert raw["text"] == full and raw["finish_reason"] == "length"  # the 4 characters never occur
+    from gpt2cli.cli.options import unescape
+
+    assert unescape("\\n\\t\\\\n\\x41\\u00e9\\q") == "\n\t\\nA\u00e9\\q"
+
+
+def test_debug_works_after_the_subcommand(ckpt_h: Path, gen) -> None:
+    result = gen(["-m", str(ckpt_h), "Hi", "-t", "1e-45", "--debug"])
+    assert result.code == 2
+    assert "No such option" not in result.err
+    assert "Traceback" in result.err and "gpt2: error: --temperature" in result.err
+    literal = gen(["-m", str(ckpt_h), "-n", "2", "--", "--debug"])  # after --, a prompt like any other
+    assert literal.code == 0, literal.err
+
+
+def test_help_groups_options_and_reads_plainly() -> None:
+    result = run_subprocess(["generate", "--help"], env={"COLUMNS": "100"})
+    assert result.code == 0
+    out = result.out
+    for heading in (
+        "Model options:",
+        "Sampling options:",
+        "Output options:",
+        "Performance options:",
+        "Examples:",
+    ):
+        assert heading in out, out
+    assert out.index("--temperature") > out.index("Sampling options:") > out.index("--model")
+    for ugly in ("<list[str]>", "<int range>", "<str>", "<int>", "<float>"):
+        assert ugly not in out
+    top = run_subprocess(["--help"], env={"COLUMNS": "100"}).out
+    commands = top.split("Commands:", 1)[1]
+    assert "..." not in commands, commands
+    assert "Continue PROMPT with a GPT-2 model and stream the text to stdout." in " ".join(commands.split())
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])
@@ -309,12 +418,41 @@ def test_help_and_version_import_nothing_heavy(flag: str) -> None:
         " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr.decode()
 
 
 def test_python_dash_m(ckpt_h: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "gpt2cli", "--version"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "gpt2cli", "--version"], capture_output=True, text=True, timeout=HANG_GUARD
     )
     assert proc.returncode == 0 and proc.stdout.startswith("gpt2cli ")
+
+
+def test_hints_for_broken_local_directories(ckpt_h: Path, gen, tmp_path: Path) -> None:
+    import shutil
+
+    no_merges = tmp_path / "no-merges"
+    shutil.copytree(ckpt_h, no_merges)
+    (no_merges / "merges.txt").unlink()
+    result = gen(["-m", str(no_merges), "hi"])
+    assert_one_line_error(result, 1, "merges.txt", "copy vocab.json and merges.txt")
+    assert "architecture" not in result.err
+    bad_config = tmp_path / "bad-config"
+    shutil.copytree(ckpt_h, bad_config)
+    (bad_config / "config.json").write_text("{not json")
+    result = gen(["-m", str(bad_config), "hi"])
+    assert_one_line_error(result, 1, "config.json", f"fix {bad_config / 'config.json'}")
+    assert "models verify" not in result.err
+
+
+def test_a_cached_config_gets_the_repair_hint(tmp_path: Path) -> None:
+    from gpt2cli.config import GPT2Config
+    from gpt2cli.errors import CorruptWeightsError
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{not json")
+    with pytest.raises(CorruptWeightsError) as caught:
+        GPT2Config.from_json(snapshot / "config.json")
+    assert caught.value.hint == "re-download it: `gpt2 models verify acme/tiny --repair`"

@@ -124,7 +124,7 @@ def test_per_token_text_off_a_terminal_is_tsv_and_top_listing(score, files) -> N
     result = score([str(files["a"]), "--per-token", "--top", "2"])
     assert result.code == 0, result.err
     lines = result.out.splitlines()
-    assert lines[0] == "position\tid\tlogprob\trank\ttext"
+    assert lines[0] == "position\tid\tlogprob\trank\tentropy\ttext"
     assert "\\n" in result.out and "\x1b" not in result.out
     assert "most surprising tokens" in result.out and result.out.count(" nats ") == 2
 
@@ -209,3 +209,86 @@ def test_real_pipe_in_and_out(ckpt_h: Path, lm_h) -> None:
     assert result.code == 0, result.err
     assert result.err == ""
     assert json.loads(result.out)["perplexity"] == pytest.approx(lm_h.score(TEXT).perplexity, rel=1e-6)
+
+
+# --- issue 14: per-token csv, piped per-token, Ctrl-C, --protocol, terminal widths -------------
+
+
+def test_per_token_csv_writes_token_rows(score, files, lm_h) -> None:
+    result = score([str(files["a"]), "--per-token", "--format", "csv"])
+    assert result.code == 0, result.err
+    rows = list(csv.reader(io.StringIO(result.out)))
+    assert rows[0] == ["file", "position", "id", "text", "logprob", "rank"]
+    expected = lm_h.score(TEXT, per_token=True).token_scores
+    assert [int(r[2]) for r in rows[1:]] == [t.id for t in expected]
+    assert "".join(r[3] for r in rows[1:]) == TEXT
+    assert "perplexity" in result.err and "perplexity" not in result.out  # the summary on stderr
+
+
+def test_piped_per_token_writes_only_the_tsv(score, files) -> None:
+    result = score([str(files["a"]), "--per-token"])
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0] == "position\tid\tlogprob\trank\tentropy\ttext"
+    assert all(line.count("\t") == 5 for line in lines)  # nothing but the TSV on stdout
+    assert "perplexity" in result.err  # the table went to stderr
+
+
+def test_ctrl_c_prints_the_partial_result(score, files, monkeypatch, tmp_path: Path) -> None:
+    from gpt2cli.model import GPT2
+
+    long = tmp_path / "long.txt"
+    long.write_text(TEXT * 40, encoding="utf-8")
+    real, calls = GPT2.hidden, {"n": 0}
+
+    def hidden(self, ids, *args, **kwargs):
+        if tuple(ids.shape) == (2, 32):  # a full batch: only the long file has those
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        return real(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2, "hidden", hidden)
+    args = [str(files["a"]), str(long), "--context", "32", "--stride", "32", "--batch-size", "2"]
+    result = score([*args, "--format", "json"])
+    assert result.code == 130, result.err
+    obj = json.loads(result.out)
+    done, partial = obj["files"]
+    assert "interrupted" not in done and partial["file"] == str(long) and partial["interrupted"] is True
+    assert (
+        0 < partial["tokens"] < len(TEXT * 40)
+        and obj["total"]["tokens"] == done["tokens"] + partial["tokens"]
+    )
+    assert f"interrupted in {long} after" in result.err
+    calls["n"] = 0
+    text = score(args)
+    assert text.code == 130 and f"{long} (interrupted)" in text.out
+
+
+def test_protocol_hf_from_the_cli(score, files, lm_h) -> None:
+    result = score(
+        [str(files["a"]), "--protocol", "hf", "--format", "json", "--context", "16", "--stride", "8"]
+    )
+    assert result.code == 0, result.err
+    expected = lm_h.score(TEXT, context=16, stride=8, protocol="hf")
+    assert json.loads(result.out)["perplexity"] == pytest.approx(expected.perplexity, rel=1e-9)
+    assert "--protocol" in score(["--help"]).out and "default" in score(["--help"]).out
+
+
+def test_tables_and_top_fit_a_narrow_terminal(score, files, monkeypatch) -> None:
+    import sys
+
+    import gpt2cli.cli.output as output
+
+    monkeypatch.setattr(output, "is_terminal", lambda stream: stream is not None and stream is sys.stdout)
+    monkeypatch.setattr(score_cli, "is_terminal", output.is_terminal)
+    monkeypatch.setenv("COLUMNS", "40")
+    result = score([str(files["a"]), str(files["b"])])
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert len(lines) > 3 and max(len(line) for line in lines) <= 40, result.out
+    monkeypatch.setenv("COLUMNS", "60")
+    result = score([str(files["a"]), "--top", "3"])
+    top = [line for line in result.out.splitlines() if " nats " in line]
+    assert len(top) == 3 and all("[" in line and len(line) <= 60 for line in top), result.out
+    assert any("…" in line for line in top)  # the context was cut to fit, not wrapped

@@ -306,3 +306,45 @@ def test_fish_completes_commands_options_and_values(workdir: Path) -> None:
     assert "--format" in fish_complete(script, "gpt2 generate --fo", workdir)
     assert fish_complete(script, "gpt2 generate --format ", workdir) == {"json", "jsonl", "text"}
     assert "gpt2-medium" in fish_complete(script, "gpt2 generate -m ", workdir)
+
+
+# --- `gpt2 completion`: what users run --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shell", sorted(FILES))
+def test_completion_command_prints_the_script(shell: str) -> None:
+    from cliutil import run_subprocess
+
+    result = run_subprocess(["completion", shell])
+    assert result.code == 0, result.err
+    assert result.out == render(shell) == (COMPLETIONS / FILES[shell]).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("shell", "where"),
+    [
+        ("bash", "data/bash-completion/completions/gpt2"),
+        ("zsh", "home/.zfunc/_gpt2"),
+        ("fish", "config/fish/completions/gpt2.fish"),
+    ],
+)
+def test_completion_install_puts_it_where_the_shell_looks(shell: str, where: str, tmp_path: Path) -> None:
+    from cliutil import run_subprocess
+
+    env = {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    result = run_subprocess(["completion", shell, "--install"], env=env)
+    assert result.code == 0, result.err
+    assert result.out.strip() == str(tmp_path / where)
+    assert (tmp_path / where).read_text(encoding="utf-8") == render(shell)
+    assert "installed" in result.err
+
+
+@needs_bash
+def test_installed_bash_completion_completes(tmp_path: Path, workdir: Path) -> None:
+    from cliutil import run_subprocess
+
+    env = {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": str(tmp_path / "data")}
+    assert run_subprocess(["completion", "bash", "--install"], env=env).code == 0
+    script = tmp_path / "data" / "bash-completion" / "completions" / "gpt2"
+    assert "completion" in bash_complete(split("gpt2 comp"), script, workdir)

@@ -432,3 +432,79 @@ def test_rank_shards_together_equal_one_process_batch() -> None:
     # held-out blocks never appear in training
     train = set(map(tuple, data.train.tolist()))
     assert not train & set(map(tuple, data.val.tolist()))
+
+
+# --- issue 14: directories of data, --data-format, the output's mode, odd values -------------
+
+
+def test_directories_of_data_are_walked_in_order(small: Path, ckpt_h: Path, tmp_path: Path) -> None:
+    from gpt2cli.train.data import collect_files, read_documents
+
+    corpus = tmp_path / "corpus"
+    (corpus / "b").mkdir(parents=True)
+    (corpus / "a.txt").write_text("first document\n")
+    (corpus / "b" / "c.md").write_text("second document\n")
+    (corpus / "b" / "d.jsonl").write_text('{"text": "third"}\n{"text": "fourth"}\n')
+    (corpus / "script.py").write_text("print('code')\n")
+    (corpus / ".hidden.txt").write_text("never read\n")
+    found = collect_files([corpus])
+    assert found.files == [corpus / "a.txt", corpus / "b" / "c.md", corpus / "b" / "d.jsonl"]
+    assert found.skipped == [corpus / "script.py"]
+    assert "3 files (1 .jsonl, 1 .md, 1 .txt)" in found.describe() and "skipped 1" in found.describe()
+    assert read_documents([corpus]) == ["first document\n", "second document\n", "third", "fourth"]
+    as_text = read_documents([corpus], "text")
+    assert "print('code')\n" in as_text and len(as_text) == 4  # each file whole, jsonl too
+
+
+def test_cli_takes_a_directory_and_says_what_it_found(
+    small: Path, ckpt_h: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(small, corpus / "notes.txt")
+    (corpus / "tool.py").write_text("x = 1\n" * 200)
+    out = tmp_path / "out"
+    args = ["finetune", str(corpus), "-o", str(out), "-m", str(ckpt_h), "--from-scratch", "--max-steps", "2"]
+    args += ["--block-size", "16", "--batch-size", "2", "--device", "cpu"]
+    before = os.umask(0o022)
+    try:
+        result = run_inprocess(args, capsys, monkeypatch)
+    finally:
+        os.umask(before)
+    assert result.code == 0, result.err
+    assert "data: 1 file (1 .txt); skipped 1 other files (--data-format text takes them)" in result.err
+    assert (out.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+    text = run_inprocess([*args[:4], "--data-format", "text", *args[4:]], capsys, monkeypatch)
+    assert text.code == 0, text.err
+    assert "data: 2 files (1 .py, 1 .txt)" in text.err
+
+
+def test_directory_without_text_and_unknown_files(ft, tmp_path: Path) -> None:
+    empty = tmp_path / "code"
+    empty.mkdir()
+    (empty / "main.py").write_text("pass\n")
+    result = ft([str(empty), "-o", str(tmp_path / "o")])
+    assert_one_line_error(result, 2, "holds no .txt, .md or .jsonl files", "--data-format text")
+    result = ft([str(empty / "main.py"), "-o", str(tmp_path / "o")])
+    assert_one_line_error(result, 2, "unsupported data file type '.py'", "--data-format text")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--lora", "4", "--lora-alpha", "-1"], "lora-alpha must be a positive number"),
+        (["--lora-alpha", "8"], "--lora-alpha needs --lora"),
+        (["--seed", "-1"], "seed must be an integer from 0 to"),
+        (["--seed", "99999999999999999999"], "seed must be an integer from 0 to"),
+    ],
+)
+def test_odd_training_values_are_refused(ft, small: Path, tmp_path: Path, args, needle) -> None:
+    assert_one_line_error(ft([str(small), "-o", str(tmp_path / "o"), *args]), 2, needle)
+
+
+def test_any_64_bit_seed_shuffles() -> None:
+    from gpt2cli.train.data import epoch_order
+
+    assert sorted(epoch_order(10, 2**64 - 1, 3).tolist()) == list(range(10))

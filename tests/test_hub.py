@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 from checkpoints import make_checkpoint
-from cliutil import assert_one_line_error, run_subprocess
+from cliutil import (
+    HANG_GUARD,
+    assert_one_line_error,
+    in_namespace,
+    needs_namespaces,
+    read_only,
+    run_subprocess,
+)
 from hubsim import HubSim
 
 from gpt2cli.errors import BadInputError, ModelNotFoundError, UnsafeWeightsError
@@ -216,8 +223,161 @@ def test_download_progress_on_a_terminal(hub: HubSim, tmp_path: Path) -> None:
             break
         chunks.append(data)
     out = proc.stdout.read() if proc.stdout else b""
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=HANG_GUARD) == 0
     os.close(master)
     terminal = b"".join(chunks).decode("utf-8", "replace")
     assert "model.safetensors" in terminal and "config.json" in terminal
     assert "\x1b" not in out.decode()
+
+
+# --- issue 14: a stalled Hub, disk errors, mistyped paths, other architectures ----------------
+
+
+class StalledListener:
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers them."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.accepted: list = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # held open, never read, never answered
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def stalled():
+    listener = StalledListener()
+    yield listener
+    listener.close()
+
+
+def test_stalled_hub_does_not_hang_a_cached_model(
+    hub: HubSim, stalled: StalledListener, tmp_path: Path
+) -> None:
+    """A listener that accepts and never answers: the cached model starts after the short timeout
+    (one note on stderr), a commit-pinned spec asks nothing at all, and an uncached one fails."""
+    ckpt = make_checkpoint(tmp_path / "ck", seed=5)
+    sha = hub.add_repo("acme/tiny-gpt2", repo_files(ckpt))
+    first = greedy("acme/tiny-gpt2", hub_env(hub, tmp_path))
+    assert first.code == 0, first.err
+    env = {**hub_env(hub, tmp_path), "HF_ENDPOINT": stalled.endpoint, "HF_HUB_ETAG_TIMEOUT": "1"}
+    # the subprocess timeout is a guard against the hang itself; nothing waits for it to pass
+    again = greedy("acme/tiny-gpt2", env)
+    assert again.code == 0, again.err
+    assert again.out == first.out
+    notes = [line for line in again.err.splitlines() if line.startswith("gpt2: warning:")]
+    assert len(notes) == 1 and "did not answer within 1 s" in notes[0] and "cached copy" in notes[0], (
+        again.err
+    )
+    asked = len(stalled.accepted)
+    assert asked >= 1
+    pinned = greedy(f"acme/tiny-gpt2@{sha}", env)
+    assert pinned.code == 0 and pinned.out == first.out, pinned.err
+    assert pinned.err == "" and len(stalled.accepted) == asked  # no round trip for a cached commit
+    missing = greedy("acme/other", env)
+    assert_one_line_error(missing, 1, "did not answer within 1 s", "acme/other")
+
+
+def test_other_architecture_is_refused_before_the_weights(hub: HubSim, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "ck", config_extra={"model_type": "llama"})
+    hub.add_repo("acme/llama", repo_files(ckpt))
+    env = hub_env(hub, tmp_path)
+    for args in (["models", "pull", "acme/llama"], ["generate", "-m", "acme/llama", "hi"]):
+        result = run_subprocess(args, env=env)
+        assert_one_line_error(result, 1, "'llama' model, not gpt-2")
+        assert hub.downloaded_files("acme/llama") == {"config.json"}
+
+
+def test_mistyped_local_path_says_no_such_directory(hub: HubSim, tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    make_checkpoint(tmp_path / "models" / "small")
+    down = run_subprocess(
+        ["generate", "-m", "models/smal4", "hi"],
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")},
+        cwd=tmp_path,
+    )
+    assert_one_line_error(down, 1, "no directory models/smal4", "check the path")
+    up = run_subprocess(["generate", "-m", "models/smal4", "hi"], env=hub_env(hub, tmp_path), cwd=tmp_path)
+    assert_one_line_error(up, 1, "no directory models/smal4", "no model of that name on the hub")
+
+
+@needs_namespaces
+def test_read_only_cache_gets_a_cache_hint_not_a_connection_one(hub: HubSim, tmp_path: Path) -> None:
+    hub.add_repo("acme/tiny-gpt2", repo_files(make_checkpoint(tmp_path / "ck")))
+    env = hub_env(hub, tmp_path)
+    Path(env["HF_HOME"]).mkdir()
+    result = run_subprocess(
+        ["generate", "-m", "acme/tiny-gpt2", "hi", "-n", "2"], env=env, prefix=read_only(env["HF_HOME"])
+    )
+    assert_one_line_error(result, 1, "cannot be written", "read-only file system", "HF_HOME")
+    assert "connection" not in result.err
+
+
+@needs_namespaces
+def test_full_disk_gets_a_space_hint_and_no_raw_warning(hub: HubSim, tmp_path: Path) -> None:
+    hub.add_repo("acme/tiny-gpt2", repo_files(make_checkpoint(tmp_path / "ck")))  # 6.4 MB of weights
+    env = hub_env(hub, tmp_path)
+    Path(env["HF_HOME"]).mkdir()
+    result = run_subprocess(
+        ["generate", "-m", "acme/tiny-gpt2", "hi", "-n", "2"],
+        env=env,
+        prefix=in_namespace(f"mount -t tmpfs -o size=2m tmpfs {env['HF_HOME']}"),
+    )
+    assert_one_line_error(result, 1, "is full", "free some space")
+    assert "UserWarning" not in result.err and "connection" not in result.err
+
+
+def test_download_progress_updates_in_small_steps(hub: HubSim, tmp_path: Path) -> None:
+    """The bar advances at least every MiB (the client's default is 10 MiB a step), so its speed is real."""
+    ckpt = make_checkpoint(tmp_path / "ck")
+    hub.add_repo("acme/tiny-gpt2", repo_files(ckpt))
+    script = (
+        "import json, sys\n"
+        "from gpt2cli import hub\n"
+        "steps = []\n"
+        "real = hub._progress_class\n"
+        "def spy(enabled):\n"
+        "    bar, live = real(enabled)\n"
+        "    class Spy(bar):\n"
+        "        def update(self, n=1):\n"
+        "            steps.append(n)\n"
+        "            return super().update(n)\n"
+        "    return Spy, live\n"
+        "hub._progress_class = spy\n"
+        "hub.resolve('acme/tiny-gpt2')\n"
+        "print(json.dumps(steps))\n"
+    )
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        env={**os.environ, **hub_env(hub, tmp_path)},
+        timeout=HANG_GUARD,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    steps = json.loads(proc.stdout)
+    weights = (ckpt / "model.safetensors").stat().st_size
+    assert sum(steps) >= weights and max(steps) <= 1 << 20
+    assert len(steps) >= weights // (1 << 20)

@@ -183,13 +183,15 @@ def test_set_each_option(session: Session, option: str, value: str, expected: ob
 @pytest.mark.parametrize(
     ("line", "needle"),
     [
-        ("/set temperature -1", "temperature must be >= 0"),
+        ("/set temperature -1", "temperature must be 0 (greedy) or at least 0.001, got -1"),
+        ("/set temperature 1e-45", "temperature must be 0 (greedy) or at least 0.001"),
         ("/set temperature hot", "temperature must be a number"),
         ("/set top_k many", "top_k must be an integer"),
-        ("/set top_p 2", "top-p must be in (0, 1]"),
-        ("/set min_p 1.5", "min-p must be in [0, 1]"),
-        ("/set repetition_penalty 0", "repetition-penalty must be > 0"),
-        ("/set max_new_tokens 0", "max-new-tokens must be at least 1"),
+        ("/set top_p 2", "top_p must be in (0, 1]"),
+        ("/set min_p 1.5", "min_p must be in [0, 1]"),
+        ("/set repetition_penalty 0", "repetition_penalty must be between 0.01 and 100"),
+        ("/set max_new_tokens 0", "max_new_tokens must be at least 1"),
+        ("/set seed 99999999999999999999", "seed must be -1 (random) or an integer from 0 to"),
         ("/set seed x", "seed must be an integer"),
         ("/set warmth 3", "unknown setting 'warmth'"),
         ("/set temperature", "usage: /set OPTION VALUE"),
@@ -230,10 +232,55 @@ def test_reset_and_undo(session: Session) -> None:
 
 
 def test_mode_switch(session: Session) -> None:
-    assert session.command("/mode").text == "mode: complete"
-    assert session.command("/mode").text == "mode: chat"
+    assert session.command("/mode").text.startswith("mode: chat (")  # no argument: shows it
+    assert session.mode == "chat"
     assert session.command("/mode complete").text == "mode: complete"
+    assert session.command("/mode").text.startswith("mode: complete (")
     assert session.command("/MODE chat").text == "mode: chat"
+
+
+def test_help_lists_every_command_and_alias(session: Session) -> None:
+    from gpt2cli.repl.session import COMMAND_INDEX
+
+    text = session.command("/help").text
+    for name in COMMAND_INDEX:
+        assert name in text, name
+
+
+def test_save_asks_before_overwriting(session: Session, tmp_path: Path) -> None:
+    reply(session, "Hello")
+    path = tmp_path / "chat.json"
+    assert session.command(f"/save {path}").text.startswith("saved 2 turns")
+    path.write_text("keep me")
+    asked = session.command(f"/save {path}")
+    assert asked.confirm == f"/save! {path}" and "exists" in asked.text
+    assert path.read_text() == "keep me"
+    assert session.command(asked.confirm).text.startswith("saved 2 turns")
+    assert json.loads(path.read_text())["turns"][0]["content"] == "Hello"
+
+
+def test_script_inputs_blocks_are_one_turn() -> None:
+    from gpt2cli.repl.session import script_inputs
+
+    lines = [
+        "one\n",
+        '"""\n',
+        "two a\n",
+        "two b\n",
+        '"""\n',
+        '"""three"""\n',
+        '"""four\n',
+        'more"""\n',
+        '"""open\n',
+        "tail\n",
+    ]
+    assert list(script_inputs(iter(lines))) == [
+        (1, "one"),
+        (2, "two a\ntwo b"),
+        (6, "three"),
+        (7, "four\nmore"),
+        (9, "open\ntail"),
+    ]
 
 
 @pytest.mark.parametrize("name", ["/exit", "/quit", "/bye"])

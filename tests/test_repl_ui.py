@@ -10,11 +10,12 @@ import select
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess
+from cliutil import GPT2_BIN, HANG_GUARD, assert_one_line_error, run_inprocess
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
@@ -36,10 +37,14 @@ def drive(session: Session, keys: str, steps: list[tuple[Callable[[TerminalUI], 
         if steps:
 
             def feed() -> None:
+                # Each step waits for its condition, however long a busy machine takes: sending
+                # early (after a fixed time) would type into the wrong prompt.
+                hung = time.monotonic() + HANG_GUARD  # a guard only: a hang ends the UI (Ctrl-D)
                 for ready, text in steps:
-                    for _ in range(2000):
-                        if ready(ui):
-                            break
+                    while not ready(ui):
+                        if time.monotonic() > hung:
+                            pipe.send_text("\x04\x04")
+                            return
                         threading.Event().wait(0.01)
                     pipe.send_text(text)
 
@@ -51,7 +56,7 @@ def drive(session: Session, keys: str, steps: list[tuple[Callable[[TerminalUI], 
 
 def test_ui_turns_blocks_alt_enter_commands_and_history(lm_h) -> None:
     session = make_session(lm_h, GREEDY)
-    keys = 'Hello\r"""\rline one\rline two\r"""\rfirst\x1b\rsecond\r/show\r/mode\rcontinue this\r/exit\rnever read\r'
+    keys = 'Hello\r"""\rline one\rline two\r"""\rfirst\x1b\rsecond\r/show\r/mode complete\rcontinue this\r/exit\rnever read\r'
     out = drive(session, keys)
     users = [t.content for t in session.turns if t.role == "user"]
     assert users == ["Hello", "line one\nline two", "first\nsecond", " continue this"]
@@ -74,7 +79,7 @@ def test_ui_unknown_command_and_bad_value_one_line(lm_h) -> None:
     out = drive(session, "/nope\r/set top_p 3\r\x04")
     lines = out.splitlines()
     assert "unknown command /nope: type /help for the commands" in lines
-    assert any(line.startswith("top-p must be in (0, 1]") for line in lines)
+    assert any(line.startswith("top_p must be in (0, 1]") for line in lines)  # as /set names it
     assert "Traceback" not in out
 
 
@@ -100,7 +105,7 @@ def test_completer_choices() -> None:
     def complete(text: str) -> list[str]:
         return [c.text for c in SlashCompleter().get_completions(Document(text), None)]
 
-    assert complete("/s") == ["/save", "/set", "/show"]
+    assert complete("/s") == ["/save", "/save!", "/set", "/show"]
     assert complete("/b") == ["/bye"]
     assert complete("/set top") == ["top_k", "top_p"]
     assert complete("/mode c") == ["chat", "complete"]
@@ -161,11 +166,11 @@ def test_piped_subprocess_plain_text_and_ctrl_c_exits_130(ckpt_h: Path, tmp_path
             env=env,
         )
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 120)
-    assert ready, "no reply within 120 s"
+    ready, _, _ = select.select([proc.stdout], [], [], HANG_GUARD)
+    assert ready, "no reply: the repl hung"
     first = proc.stdout.read1(64)  # the reply has begun
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_GUARD)
     text = (first + out).decode()
     assert proc.returncode == 130, err
     assert text.strip() and text.endswith("\n") and "\x1b" not in text
@@ -179,8 +184,9 @@ def test_piped_subprocess_plain_text_and_ctrl_c_exits_130(ckpt_h: Path, tmp_path
         (["--template", "alpaca"], "--template"),
         (["--user-name", ""], "speaker name"),
         (["--bot-name", "A: B"], "speaker name"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-p", "0"], "top-p must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature must be 0 (greedy) or at least 0.001"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--seed", "99999999999999999999"], "--seed must be -1 (random)"),
     ],
 )
 def test_bad_options_one_line_exit_2(ckpt_h: Path, repl, args: list[str], needle: str) -> None:
@@ -199,7 +205,7 @@ def test_pty_ctrl_c_while_streaming_and_at_prompt_ctrl_d_leaves(ckpt_h: Path, tm
         ["repl", "-m", str(ckpt_h), "--seed", "1", "-n", "100000"],
         env=env,
         encoding="utf-8",
-        timeout=120,
+        timeout=HANG_GUARD,
         dimensions=(24, 120),
     )
     log = io.StringIO()
@@ -212,8 +218,10 @@ def test_pty_ctrl_c_while_streaming_and_at_prompt_ctrl_d_leaves(ckpt_h: Path, tm
         child.sendline("Tell me a long story")
         child.expect_exact("\x1b[?2004l")  # the prompt has returned the line
         child.expect(r"\S")  # the reply has begun
+        child.send("qqzzqq")  # typed while it streams: not echoed into the reply
         child.sendcontrol("c")
         child.expect_exact("[stopped]")
+        assert "qqzzqq" not in child.before
         child.expect(">>>")
         saved = tmp_path / "s.json"
         child.sendline(f"/save {saved}")
@@ -236,7 +244,7 @@ def test_pty_stdout_redirected_gets_only_replies(ckpt_h: Path, tmp_path: Path) -
     out = tmp_path / "replies.txt"
     env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
     command = f"'{GPT2_BIN}' repl -m '{ckpt_h}' -t 0 -n 5 > '{out}'"
-    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, encoding="utf-8", timeout=120)
+    child = pexpect.spawn("/bin/sh", ["-c", command], env=env, encoding="utf-8", timeout=HANG_GUARD)
     try:
         child.expect(">>>")
         child.sendline("hi")
@@ -251,3 +259,90 @@ def test_pty_stdout_redirected_gets_only_replies(ckpt_h: Path, tmp_path: Path) -
     assert child.exitstatus == 0
     text = out.read_text()
     assert text.strip() and ">>>" not in text and "context" not in text and "/help" not in text
+
+
+# --- issue 14: blocks in scripts and history, failing commands, /save, completion, echo -------
+
+
+def test_piped_script_blocks_are_one_turn(ckpt_h: Path, lm_h, repl) -> None:
+    script = b'"""\nWrite a haiku\nabout the sea.\n"""\nnext\n'
+    result = repl(["-m", str(ckpt_h), "-t", "0", "-n", "6"], stdin=script)
+    assert result.code == 0, result.err
+    session = make_session(lm_h, GREEDY)
+    expected = ["".join(session.respond(text)).lstrip() for text in ("Write a haiku\nabout the sea.", "next")]
+    assert result.out == "".join(e + "\n" for e in expected)  # two turns, not five
+
+
+def test_piped_script_stops_at_a_failing_command(ckpt_h: Path, repl, tmp_path: Path) -> None:
+    result = repl(["-m", str(ckpt_h), "-t", "0", "-n", "4"], stdin=b"hi\n/set temperature hot\nnever\n")
+    assert_one_line_error(result, 2, "line 2: /set temperature hot", "temperature must be a number")
+    assert result.out.count("\n") == 1  # the reply before it is out; nothing after
+    existing = tmp_path / "t.json"
+    existing.write_text("keep")
+    saved = repl(["-m", str(ckpt_h), "-n", "2"], stdin=f"/save {existing}\n".encode())
+    assert_one_line_error(saved, 2, "exists", f"/save! {existing}")
+    assert existing.read_text() == "keep"
+    forced = repl(["-m", str(ckpt_h), "-n", "2"], stdin=f"/save! {existing}\n".encode())
+    assert forced.code == 0 and json.loads(existing.read_text())["turns"] == []
+
+
+def test_ui_block_is_one_history_entry(lm_h) -> None:
+    from prompt_toolkit.history import InMemoryHistory
+
+    session = make_session(lm_h, GREEDY)
+    history = InMemoryHistory()
+    out = io.StringIO()
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        ui = TerminalUI(session, console=Console(file=out, width=300, no_color=True), history=history)
+        pipe.send_text('"""\rline one\rline two\r"""\r\x04')
+        ui.run()
+    assert [t.content for t in session.turns if t.role == "user"] == ["line one\nline two"]
+    assert list(history.get_strings()) == ['"""\nline one\nline two\n"""']
+
+
+def test_ui_save_asks_before_overwriting(lm_h, tmp_path: Path) -> None:
+    existing = tmp_path / "chat.json"
+    existing.write_text("keep")
+    session = make_session(lm_h, GREEDY)
+    declined = drive(session, f"/save {existing}\rn\r\x04")
+    assert "nothing saved" in declined and existing.read_text() == "keep"
+    agreed = drive(session, f"/save {existing}\ry\r\x04")
+    assert "saved 0 turns" in agreed
+    assert json.loads(existing.read_text())["format"] == "gpt2cli-repl-transcript"
+
+
+def test_completer_completes_file_names(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "chat-one.json").write_text("{}")
+    (tmp_path / "chat-two.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+
+    def complete(text: str) -> list[str]:
+        word = text.rsplit(" ", 1)[1]
+        return sorted(word + c.text for c in SlashCompleter().get_completions(Document(text), None))
+
+    assert complete("/load chat-") == ["chat-one.json", "chat-two.json"]
+    assert complete("/save chat-o") == ["chat-one.json"]
+    assert complete("/save! chat-t") == ["chat-two.json"]
+
+
+def test_no_echo_while_a_reply_streams() -> None:
+    import pty
+    import termios
+
+    from gpt2cli.repl.ui import no_echo
+
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "rb", buffering=0, closefd=False) as tty:
+            before = termios.tcgetattr(slave)
+            assert before[3] & termios.ECHO
+            with no_echo(tty):
+                inside = termios.tcgetattr(slave)
+                assert not inside[3] & termios.ECHO and not inside[3] & termios.ICANON
+                assert inside[3] & termios.ISIG  # Ctrl-C still stops the reply
+            assert termios.tcgetattr(slave) == before
+        with no_echo(io.StringIO()):  # not a terminal: nothing to do, nothing fails
+            pass
+    finally:
+        os.close(master)
+        os.close(slave)

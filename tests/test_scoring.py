@@ -233,3 +233,117 @@ def test_bad_sources(lms, tmp_path: Path) -> None:
     ]:
         with pytest.raises(ScoreInputError, match=needle):
             lms["h"].score(source)
+
+
+# --- issue 14: Hugging Face's perplexity guide, progress by bytes scored, Ctrl-C ---------------
+
+
+def hf_guide_perplexity(model, ids: list[int], max_length: int, stride: int) -> tuple[float, int, list[int]]:
+    """The code of Hugging Face's perplexity guide (docs/source/en/perplexity.md), as published:
+    returns (perplexity, n_tokens, and, added here, the positions its losses predict)."""
+    predicted: list[int] = []
+    encodings = torch.tensor([ids])
+    seq_len = encodings.size(1)
+    nll_sum = 0.0
+    n_tokens = 0
+    prev_end_loc = 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc  # may be different from stride on last loop
+        input_ids = encodings[:, begin_loc:end_loc]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            outputs = model(input_ids, labels=target_ids)
+            neg_log_likelihood = outputs.loss
+        predicted += [begin_loc + j for j in range(1, end_loc - begin_loc) if target_ids[0, j] != -100]
+        num_valid_tokens = (target_ids != -100).sum().item()
+        batch_size = target_ids.size(0)
+        num_loss_tokens = num_valid_tokens - batch_size
+        nll_sum += neg_log_likelihood * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    avg_nll = nll_sum / n_tokens
+    return float(torch.exp(avg_nll)), n_tokens, predicted
+
+
+@pytest.mark.parametrize("layout", ["h", "transformer"])
+@pytest.mark.parametrize(
+    ("context", "stride", "batch"), [(128, 128, 4), (128, 64, 3), (32, 16, 8), (33, 7, 2)]
+)
+def test_hf_protocol_is_the_perplexity_guide(
+    lms, refs, layout: str, context: int, stride: int, batch: int
+) -> None:
+    lm = lms[layout]
+    ids = lm.encode(TEXT)
+    expected, n_tokens, predicted = hf_guide_perplexity(refs[layout], ids, context, stride)
+    got = lm.score(TEXT, context=context, stride=stride, batch_size=batch, protocol="hf", per_token=True)
+    assert got.tokens == n_tokens
+    assert got.perplexity == pytest.approx(expected, rel=1e-4)
+    assert [t.position for t in got.token_scores] == predicted  # the tokens the guide predicts
+    assert [t.id for t in got.token_scores] == [ids[i] for i in predicted]
+    default = lm.score(TEXT, context=context, stride=stride, batch_size=batch)
+    assert default.tokens == len(ids) and default.perplexity != pytest.approx(got.perplexity, rel=1e-6)
+
+
+def test_hf_windows_match_the_guide() -> None:
+    cutter = scoring.HFWindowCutter(context=4, stride=2)
+    ids = list(range(100, 109))  # 9 tokens
+    windows = [*cutter.push(ids[:5]), *cutter.push(ids[5:]), *cutter.finish()]
+    # the guide: [0,4) [2,6) [4,8) [6,9); new tokens 4, 2, 2, 1 -> weights 3, 1, 1, 0
+    assert [(w.begin, len(w.ids) + 1, w.weight) for w in windows] == [
+        (0, 4, 3),
+        (2, 4, 1),
+        (4, 4, 1),
+        (6, 3, 0),
+    ]
+    predicted = [t for w in windows for t in w.targets[w.first :]]
+    assert predicted == ids[1:]
+
+
+def test_progress_follows_bytes_scored(lms) -> None:
+    text = TEXT * 20  # one read of the input holds it all: bytes read would jump to the end at once
+    seen: list[tuple[int, int]] = []
+    result = lms["h"].score(
+        text, context=64, stride=64, batch_size=1, progress=lambda b, t: seen.append((b, t))
+    )
+    total = len(text.encode())
+    assert len(seen) > 10
+    assert seen[0][0] < total / 10 and seen[-1] == (total, result.tokens)
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(seen, seen[1:], strict=False))
+
+
+def test_ctrl_c_gives_the_result_so_far(lms, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = lms["h"]
+    real = type(lm.model).hidden
+    calls = {"n": 0}
+
+    def hidden(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lm.model), "hidden", hidden)
+    with pytest.raises(scoring.ScoreInterrupted) as caught:
+        lm.score(TEXT * 5, context=32, stride=32, batch_size=2)
+    partial = caught.value.partial
+    assert isinstance(caught.value, KeyboardInterrupt) and partial.interrupted
+    assert partial.tokens == 3 * 2 * 32  # three batches of two disjoint 32-token windows
+    scored_text = lm.tokenizer.decode(lm.encode(TEXT * 5)[: partial.tokens])
+    assert partial.bytes == len(scored_text.encode())
+    assert partial.words == len(__import__("re").split(r"\s+", scored_text))
+    assert math.isfinite(partial.perplexity) and partial.to_json()["interrupted"] is True
+
+
+@pytest.mark.parametrize("pieces", [["a ", " b"], ["a\n", "\nb"], ["a", " ", " ", "b"], [" a", " b "]])
+def test_text_stats_count_words_across_cuts(pieces: list[str]) -> None:
+    import re
+
+    stats = scoring.TextStats()
+    for piece in pieces:
+        stats.add(piece)
+    text = "".join(pieces)
+    assert stats.words == len(re.split(r"\s+", text)) and stats.bytes == len(text.encode())

@@ -28,8 +28,10 @@ from gpt2cli.tokenizer import Tokenizer
 from gpt2cli.weights import read_state_dict, weight_files
 
 if TYPE_CHECKING:
+    from gpt2cli.comparison import CompareResult, TokenDiff
     from gpt2cli.fastpath import StaticDecoder
-    from gpt2cli.scoring import ScoreResult, TokenScore
+    from gpt2cli.inspection import ActivationsFile, AttentionResult, LensResult, Spec
+    from gpt2cli.scoring import ScoreInputError, Scorer, ScoreResult, TokenScore
 
 Warn = Callable[[str], None]
 
@@ -58,6 +60,7 @@ class GenerationResult:
     prompt_tokens_per_second: float
     prompt_truncated: int = 0
     stats: EngineStats = field(default_factory=EngineStats, repr=False)
+    seed: int | None = None  # the seed the sampling used (drawn when the request gave none)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--format json`` object."""
@@ -69,10 +72,19 @@ class GenerationResult:
             ],
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
+            "seed": self.seed,
         }
 
     def stats_dict(self) -> dict[str, Any]:
         return asdict(self.stats)
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``LM.stream``: ``partial`` is the result of what was generated until then."""
+
+    def __init__(self, partial: GenerationResult) -> None:
+        super().__init__()
+        self.partial = partial
 
 
 class LM:
@@ -152,7 +164,7 @@ class LM:
                 identical to this model's alone; sampled output follows this model's distribution.
             logprobs: attach each token's log-probability and this many alternatives to the pieces.
         """
-        cfg = (cfg or GenerationConfig()).validate()
+        cfg = (cfg or GenerationConfig()).validate().with_seed()  # a drawn seed is reported
         ids, dropped = self.prepare_prompt(prompt, warn)
         use_draft = draft is not None and self._can_speculate(draft, ids, cfg, draft_tokens, warn)
         engine = self._engine(ids, cfg, cache, draft if use_draft else None, draft_tokens)
@@ -160,12 +172,16 @@ class LM:
         texts = RequestTexts(self.tokenizer, request)
         t0 = time.perf_counter()
         ttft: float | None = None
-        while not request.done:
-            for event in engine.step():
-                ttft = time.perf_counter() - t0 if ttft is None else ttft
-                piece = texts.push(engine, event)
-                if piece is not None:
-                    yield piece
+        try:
+            while not request.done:
+                for event in engine.step():
+                    ttft = time.perf_counter() - t0 if ttft is None else ttft
+                    piece = texts.push(engine, event)
+                    if piece is not None:
+                        yield piece
+        except KeyboardInterrupt:  # Ctrl-C: what was generated so far rides on the exception
+            partial = self._result(request, texts, dropped, time.perf_counter() - t0, ttft, "interrupted")
+            raise GenerationInterrupted(partial) from None
         engine.release()
         if request.error is not None:
             raise request.error
@@ -294,10 +310,14 @@ class LM:
         dropped: int,
         seconds: float,
         ttft: float | None,
+        unfinished: str = "length",
     ) -> GenerationResult:
+        """The result; samples still running are reported with the reason ``unfinished``."""
         stats = request.stats
+        if not stats.decode_seconds and unfinished != "length":  # interrupted before the engine set it
+            stats.decode_seconds = max(0.0, seconds - (ttft or 0.0))
         samples = [
-            SampleResult(t.text, len(t.ids), seq.finish_reason or "length", t.ids)
+            SampleResult(t.text, len(t.ids), seq.finish_reason or unfinished, t.ids)
             for t, seq in zip(texts.samples, request.sequences, strict=True)
         ]
         generated = sum(s.tokens for s in samples)
@@ -313,6 +333,7 @@ class LM:
             ),
             prompt_truncated=dropped,
             stats=stats,
+            seed=request.cfg.seed,
         )
 
     def generate(
@@ -347,23 +368,19 @@ class LM:
         name: str | None = None,
         on_token: Callable[[TokenScore], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        protocol: str = "lm-eval",
     ) -> ScoreResult:
         """Score text (``str``), UTF-8 ``bytes``, a file path or a binary stream (see ``scoring``).
 
         ``context`` defaults to the model's window and ``stride`` to half the context.
+        ``protocol``: "lm-eval" (the default reading) or "hf" (Hugging Face's perplexity guide).
 
         Raises:
-            BadInputError: bad window settings; ScoreInputError for unreadable or empty input.
+            BadInputError: bad window settings; ScoreInputError for unreadable or empty input;
+            ScoreInterrupted (a KeyboardInterrupt) on Ctrl-C, with the result so far.
         """
-        from gpt2cli.scoring import Scorer
-
-        context = self.window if context is None else context
-        stride = max(1, context // 2) if stride is None else stride
-        scorer = Scorer(self.model, self.tokenizer, context=context, stride=stride, batch_size=batch_size)
-        if isinstance(source, str):
-            source, name = io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
-        elif isinstance(source, bytes):
-            source, name = io.BytesIO(source), name or "<bytes>"
+        scorer = self.scorer(context, stride, batch_size, protocol)
+        source, name = _byte_source(source, name)
         return scorer.score(
             source,
             name=name,
@@ -372,6 +389,196 @@ class LM:
             top=top,
             on_token=on_token,
             progress=progress,
+        )
+
+    def score_many(
+        self,
+        texts: Iterable[str | bytes],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        lookahead: int | None = None,
+        errors: str = "strict",
+        per_token: bool = False,
+    ) -> Iterator[ScoreResult | ScoreInputError]:
+        """Score many texts, each as ``score`` scores it alone, packed into shared batches.
+
+        Windows of ``lookahead`` texts at a time are sorted by length and run in batches of
+        ``batch_size`` x ``context`` padded tokens (see ``packing``). Yields one result per
+        text in input order; a text that cannot be scored (empty, invalid UTF-8) yields its
+        ``ScoreInputError`` in its place.
+
+        Raises:
+            BadInputError: bad window settings.
+        """
+        from gpt2cli.packing import DEFAULT_LOOKAHEAD, PackedScorer
+
+        packed = PackedScorer(
+            self.scorer(context, stride, batch_size), lookahead=lookahead or DEFAULT_LOOKAHEAD
+        )
+        return packed.score_many(texts, errors=errors, per_token=per_token)
+
+    def scorer(
+        self,
+        context: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 8,
+        protocol: str = "lm-eval",
+    ) -> Scorer:
+        """A ``Scorer`` over this model; ``context`` defaults to the window, ``stride`` to half of it."""
+        from gpt2cli.scoring import Scorer
+
+        context = self.window if context is None else context
+        stride = max(1, context // 2) if stride is None else stride
+        return Scorer(
+            self.model,
+            self.tokenizer,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            protocol=protocol,
+        )
+
+    # --- looking inside (inspection.py, comparison.py; docs/inspect.md) ---------------------------
+
+    def _inspect_ids(self, text: str | list[int], prepend_bos: bool) -> list[int]:
+        from gpt2cli.inspection import text_ids
+
+        return text_ids(self.tokenizer, text, self.window, prepend_bos=prepend_bos)
+
+    def lens(
+        self,
+        text: str | list[int],
+        *,
+        at: str = "post",
+        layers: Spec = None,
+        positions: Spec = None,
+        top: int = 5,
+        prepend_bos: bool = True,
+    ) -> LensResult:
+        """The logit lens: what each layer's residual stream predicts at each position.
+
+        Args:
+            at: ``post`` (a block's output), ``mid`` (after its attention) or ``pre`` (its input).
+            layers, positions: None (all), an index, a list, or a string such as ``"0,5:8,-1"``.
+            top: candidates per cell.
+            prepend_bos: start the text with ``<|endoftext|>`` (so its first token is predicted).
+
+        Raises:
+            BadInputError: a text longer than the window, or a selection out of range.
+        """
+        from gpt2cli.inspection import logit_lens
+
+        ids = self._inspect_ids(text, prepend_bos)
+        return logit_lens(
+            self.model,
+            self.tokenizer,
+            ids,
+            name=self.name,
+            at=at,
+            layers=layers,
+            positions=positions,
+            top=top,
+        )
+
+    def attention(
+        self, text: str | list[int], *, layers: Spec = None, heads: Spec = None, prepend_bos: bool = True
+    ) -> AttentionResult:
+        """Attention weights (layer, head, query, key) of the chosen layers and heads (see ``lens``)."""
+        from gpt2cli.inspection import attention
+
+        ids = self._inspect_ids(text, prepend_bos)
+        return attention(self.model, self.tokenizer, ids, name=self.name, layers=layers, heads=heads)
+
+    def activations(
+        self, text: str | list[int], hooks: Iterable[str] = ("*",), *, prepend_bos: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Activations of one text at the hook points matching the globs ``hooks``, token axis first.
+
+        Names are TransformerLens' (``blocks.{L}.hook_resid_pre|mid|post``, ``blocks.{L}.attn.hook_z``,
+        ``blocks.{L}.attn.hook_pattern``, ``blocks.{L}.mlp.hook_post``, ``ln_final.hook_normalized``);
+        shapes as in ``inspection.activations``. ``"tokens"`` holds the ids.
+
+        Raises:
+            BadInputError: a glob that matches no hook point, or a text longer than the window.
+        """
+        from gpt2cli.inspection import activations, match_hooks
+
+        names = match_hooks(list(hooks), self.config.n_layer)
+        ids = self._inspect_ids(text, prepend_bos)
+        return {"tokens": torch.tensor(ids), **activations(self.model, ids, names)}
+
+    def save_activations(
+        self,
+        texts: Iterable[str | list[int]],
+        path: str | os.PathLike[str],
+        hooks: Iterable[str] = ("blocks.*.hook_resid_post",),
+        *,
+        overwrite: bool = False,
+        prepend_bos: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ActivationsFile:
+        """Write the activations of many texts to one safetensors file as they are computed.
+
+        See ``inspection.save_activations`` for the layout (``tokens``, ``offsets``, one tensor
+        per hook point). ``progress`` gets (texts done, tokens done).
+        """
+        from gpt2cli.inspection import save_activations
+
+        return save_activations(
+            self.model,
+            self.tokenizer,
+            texts,
+            path,
+            hooks=list(hooks),
+            model_name=self.name,
+            overwrite=overwrite,
+            prepend_bos=prepend_bos,
+            progress=progress,
+        )
+
+    def compare(
+        self,
+        other: LM,
+        source: str | bytes | os.PathLike[str] | IO[bytes],
+        *,
+        context: int | None = None,
+        stride: int | None = None,
+        errors: str = "strict",
+        per_token: bool = False,
+        name: str | None = None,
+        names: tuple[str, str] | None = None,
+        on_token: Callable[[TokenDiff], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> CompareResult:
+        """Compare this model (A) with ``other`` (B) over the same tokens of a text, as ``score`` reads it.
+
+        ``context`` defaults to the smaller window and ``stride`` to half the context; ``names``
+        (default: the two models' names) label A and B in the result.
+
+        Raises:
+            BadInputError: different vocabularies, bad window settings, or unreadable input.
+        """
+        from gpt2cli.comparison import Comparer, check_same_tokenizer
+
+        names = names or (self.name, other.name)
+        check_same_tokenizer(
+            self.tokenizer, other.tokenizer, self.config.vocab_size, other.config.vocab_size, names
+        )
+        context = min(self.window, other.window) if context is None else context
+        stride = max(1, context // 2) if stride is None else stride
+        comparer = Comparer(
+            self.model,
+            other.model,
+            self.tokenizer,
+            names=names,
+            context=context,
+            stride=stride,
+        )
+        source, name = _byte_source(source, name)
+        return comparer.compare(
+            source, name=name, errors=errors, per_token=per_token, on_token=on_token, progress=progress
         )
 
 
@@ -398,6 +605,17 @@ class RequestTexts:
             piece = text.close()
             if piece is not None and (piece.text or piece.logprobs):
                 yield piece
+
+
+def _byte_source(
+    source: str | bytes | os.PathLike[str] | IO[bytes], name: str | None
+) -> tuple[os.PathLike[str] | IO[bytes], str | None]:
+    """Text (``str``) and ``bytes`` as a binary stream with a display name; paths and streams as given."""
+    if isinstance(source, str):
+        return io.BytesIO(source.encode("utf-8", "surrogatepass")), name or "<text>"
+    if isinstance(source, bytes):
+        return io.BytesIO(source), name or "<bytes>"
+    return source, name
 
 
 def load(

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from gpt2cli.config import check_seed, random_seed
 from gpt2cli.device import configure_threads, peak_memory_bytes, synchronize
 from gpt2cli.errors import BadInputError, MissingExtraError
 
@@ -65,7 +66,7 @@ class BenchSpec:
     compile: bool = False  # decode through the compiled step (``--compile``)
 
     def validate(self) -> BenchSpec:
-        """Check the numbers before anything is loaded; returns self.
+        """Check the numbers before anything is loaded; returns self (a copy when -1 drew a seed).
 
         Raises:
             BadInputError: an empty list, or a count that is zero or negative.
@@ -74,9 +75,11 @@ class BenchSpec:
         _positive_list("batch-size", self.batch_sizes)
         if self.new_tokens < 2:
             raise BadInputError(
-                f"new-tokens must be at least 2, got {self.new_tokens}",
+                f"--max-new-tokens must be at least 2, got {self.new_tokens}",
                 hint="decoding is timed between the first and the last new token",
             )
+        if check_seed(self.seed, "--seed") is None:  # the rule generate has: -1 draws a seed
+            return replace(self, seed=random_seed()).validate()
         if self.repeats < 1:
             raise BadInputError(f"repeats must be at least 1, got {self.repeats}")
         if self.warmup < 0:
@@ -100,9 +103,9 @@ class BenchSpec:
         longest = max(self.prompt_tokens) + (self.draft_tokens if self.draft_model else 0)
         if longest + self.new_tokens > window:
             raise BadInputError(
-                f"prompt-tokens {longest} + new-tokens {self.new_tokens} exceed the model's "
+                f"prompt-tokens {longest} + max-new-tokens {self.new_tokens} exceed the model's "
                 f"{window}-token window",
-                hint=f"keep prompt-tokens + new-tokens <= {window}",
+                hint=f"keep prompt-tokens + max-new-tokens <= {window}",
             )
 
 

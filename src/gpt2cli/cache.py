@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from gpt2cli.errors import BadInputError, CorruptWeightsError, NetworkError, OfflineMissError
-from gpt2cli.hub import ALIASES, ModelSpec, choose_files, download, list_remote, offline_requested, parse_spec
+from gpt2cli.hub import (
+    ALIASES,
+    ModelSpec,
+    choose_files,
+    download,
+    list_remote,
+    missing_files,
+    offline_requested,
+    parse_spec,
+)
 from gpt2cli.safetensors_header import HeaderError, header_length, read_header, tensor_entries
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -64,10 +73,18 @@ class CachedModel:
     parameters: int | None
     dtype: str | None
     config: dict[str, Any] = field(default_factory=dict)
+    missing: tuple[str, ...] = ()  # files the model needs that the snapshot lacks (a partial pull)
+    local: bool = False  # a model directory outside the cache (repo_id is its path)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
 
     @property
     def name(self) -> str:
         """The shortest name that loads this revision: alias or repo id, plus @ref if not main."""
+        if self.local:
+            return self.repo_id
         base = self.aliases[0] if self.aliases else self.repo_id
         if "main" in self.refs:
             return base
@@ -90,6 +107,8 @@ class CachedModel:
             "config": self.config,
             "path": str(self.snapshot),
             "files": [f.to_dict() for f in self.files],
+            "complete": self.complete,
+            "missing": list(self.missing),
         }
 
 
@@ -174,7 +193,9 @@ def list_models(directory: Path | None = None, *, gpt2_only: bool = True) -> lis
     return sorted(models, key=lambda m: (m.repo_id.lower(), m.name, m.commit))
 
 
-def find(text: str, directory: Path | None = None, *, gpt2_only: bool = False) -> list[CachedModel]:
+def find(
+    text: str, directory: Path | None = None, *, gpt2_only: bool = False, hint: str | None = None
+) -> list[CachedModel]:
     """The cached revisions ``text`` (alias, ``org/name`` or ``org/name@rev``) names.
 
     Without a revision every cached revision of the repo is returned.
@@ -190,8 +211,47 @@ def find(text: str, directory: Path | None = None, *, gpt2_only: bool = False) -
         if m.repo_id.lower() == (spec.repo_id or "").lower() and _matches(m, spec.revision)
     ]
     if not found:
-        raise OfflineMissError(f"{text} is not in the local cache", hint=f"run `gpt2 models pull {text}`")
+        raise OfflineMissError(
+            f"{text} is not in the local cache", hint=hint or f"run `gpt2 models pull {text}`"
+        )
     return found
+
+
+def find_or_local(text: str, directory: Path | None = None) -> list[CachedModel]:
+    """``find``, or the model directory ``text`` names (a finetune output, say).
+
+    Raises:
+        BadInputError, OfflineMissError: as ``find``.
+    """
+    spec = parse_spec(text)
+    if spec.local_dir is not None:
+        return [describe_local(spec.local_dir, text)]
+    return find(text, directory)
+
+
+def describe_local(path: Path, name: str | None = None) -> CachedModel:
+    """A model directory outside the cache described as a ``CachedModel`` (no digests, no refs)."""
+    files = tuple(
+        CachedFile(p.name, p.stat().st_size, None, None, p, None)
+        for p in sorted(path.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    )
+    weights = [f.path for f in files if f.name.endswith(".safetensors")]
+    parameters, dtype = safetensors_parameters(weights) if weights else (None, None)
+    return CachedModel(
+        repo_id=name or str(path),
+        commit="",
+        refs=(),
+        aliases=(),
+        snapshot=path,
+        files=files,
+        size=sum(f.size for f in files),
+        parameters=parameters,
+        dtype=dtype,
+        config=_config_summary(_read_config(path / "config.json")),
+        missing=tuple(missing_files(path)),
+        local=True,
+    )
 
 
 def pick(models: list[CachedModel], revision: str | None = None) -> CachedModel:
@@ -315,6 +375,7 @@ def describe(repo_id: str, revision: Any, config: dict[str, Any]) -> CachedModel
         parameters=parameters,
         dtype=dtype,
         config=_config_summary(config),
+        missing=tuple(missing_files(revision.snapshot_path)),
     )
 
 
@@ -455,44 +516,70 @@ def remove_orphaned_partials(repo_id: str, directory: Path | None = None) -> int
 
 # ---------------------------------------------------------------------------- verify
 def verify(
-    text: str,
+    text: str | None,
     *,
     repair: bool = False,
     progress: bool = True,
     on_file: Callable[[str, str], None] | None = None,
     directory: Path | None = None,
 ) -> VerifyReport:
-    """Recompute the digest of every cached file of ``text`` and compare it with its blob name.
+    """Check that every file ``text`` needs is present and has the digest its blob is named by.
 
-    With ``repair``, corrupt, truncated and missing files are downloaded again (replacing
-    their blobs) and checked once more.
+    ``text`` None verifies every cached GPT-2 model; a directory is checked for completeness
+    and truncated weights (it has no digests). With ``repair``, corrupt, truncated and missing
+    files of a cached model are downloaded again (replacing their blobs) and checked once more.
 
     Raises:
         BadInputError, OfflineMissError; with ``repair``, NetworkError.
     """
-    spec = _hub_spec(text)
-    checks: list[FileCheck] = []
-    for model in find(text, directory):
-        model_checks = [check_file(model, f, on_file) for f in model.files]
-        bad = [c.name for c in model_checks if c.bad]
-        if repair and bad:
-            download(
-                ModelSpec(text=model.name, repo_id=model.repo_id, revision=spec.revision),
-                bad,
-                commit=model.commit,
-                progress=progress,
-                force=True,
+    if text is None:
+        models = list_models(directory)
+        if not models:
+            raise OfflineMissError(
+                "the local cache holds no GPT-2 models", hint="run `gpt2 models pull gpt2`"
             )
-            by_name = {f.name: f for f in model.files}
-            redone = {n: check_file(model, _refresh(by_name[n]), on_file) for n in bad}
+    else:
+        models = find_or_local(text, directory)
+    revision = parse_spec(text).revision if text is not None else None
+    checks: list[FileCheck] = []
+    for model in models:
+        model_checks = _check_model(model, on_file)
+        bad = [c.name for c in model_checks if c.bad]
+        if repair and bad and not model.local:
+            _repair(model, bad, revision, progress)
+            repaired = describe_again(model, directory)
+            redone = {c.name: c for c in _check_model(repaired, on_file) if c.name in bad}
             model_checks = [_repaired(c, redone[c.name]) if c.name in redone else c for c in model_checks]
         checks.extend(model_checks)
     return VerifyReport(tuple(checks))
 
 
-def _refresh(f: CachedFile) -> CachedFile:
-    size = f.path.stat().st_size if f.path.exists() else 0
-    return CachedFile(f.name, size, f.digest, f.algorithm, f.path, f.blob)
+def _check_model(model: CachedModel, on_file: Callable[[str, str], None] | None) -> list[FileCheck]:
+    """Every file's check, then one "missing" check per needed file the snapshot lacks."""
+    present = {f.name for f in model.files}
+    checks = [check_file(model, f, on_file) for f in model.files]
+    checks += [FileCheck(model.name, n, "missing", 0, None, None) for n in model.missing if n not in present]
+    return checks
+
+
+def _repair(model: CachedModel, bad: list[str], revision: str | None, progress: bool) -> None:
+    """Fetch ``bad`` files again; when needed files are absent, ask the Hub which they are."""
+    spec = ModelSpec(text=model.name, repo_id=model.repo_id, revision=revision)
+    present = {f.name for f in model.files}
+    files = [name for name in bad if name in present]
+    if len(files) < len(bad):  # never downloaded (a partial pull): the listing says what to get
+        names, _ = list_remote(ModelSpec(text=model.name, repo_id=model.repo_id, revision=model.commit))
+        wanted = choose_files(names, allow_pickle=any(n.endswith(".bin") for n in present))
+        files += [name for name in wanted if name not in present]
+    download(spec, files, commit=model.commit, progress=progress, force=True)
+
+
+def describe_again(model: CachedModel, directory: Path | None = None) -> CachedModel:
+    """``model`` as the cache holds it now (after a repair)."""
+    for again in find(model.repo_id, directory):
+        if again.commit == model.commit:
+            return again
+    return model  # pragma: no cover - the snapshot was just written
 
 
 def _repaired(before: FileCheck, after: FileCheck) -> FileCheck:
@@ -512,7 +599,11 @@ def check_file(
     if not f.path.exists():
         return FileCheck(model.name, f.name, "missing", 0, f.digest, None)
     size = f.path.stat().st_size
-    if f.algorithm is None:
+    if f.algorithm is None:  # no digest to compare (a plain directory): check what can be checked
+        if _is_truncated(f.path, size):
+            return FileCheck(model.name, f.name, "truncated", size, None, None)
+        if f.name == "config.json" and not _read_config(f.path):
+            return FileCheck(model.name, f.name, "corrupt", size, None, None)
         return FileCheck(model.name, f.name, "unverified", size, None, None)
     actual = file_digest(f.path, f.algorithm)
     if actual == f.digest:
@@ -562,7 +653,7 @@ def plan_removal(text: str, directory: Path | None = None) -> RemovalPlan:
     """
     from huggingface_hub import scan_cache_dir
 
-    models = find(text, directory)
+    models = find(text, directory, hint="`gpt2 models list` shows the cached models")
     whole_repo = _hub_spec(text).revision is None
     folder = _repo_path(models[0].repo_id, directory)
     partial = sum(p.stat().st_size for p in (folder / "blobs").glob("*.incomplete")) if whole_repo else 0

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import secrets
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,14 @@ class GPT2Config:
         except FileNotFoundError as exc:
             raise NotGPT2Error(f"{path.parent} has no config.json: not a model checkpoint") from exc
         except (OSError, ValueError) as exc:
-            raise CorruptWeightsError(f"cannot read {path}: {exc}") from exc
+            raise CorruptWeightsError(f"cannot read {path}: {exc}", hint=_repair_hint(path)) from exc
         if not isinstance(raw, dict):
-            raise CorruptWeightsError(f"{path} is not a JSON object")
-        return cls.from_dict(raw, source=str(path))
+            raise CorruptWeightsError(f"{path} is not a JSON object", hint=_repair_hint(path))
+        try:
+            return cls.from_dict(raw, source=str(path))
+        except CorruptWeightsError as exc:
+            exc.hint = _repair_hint(path)
+            raise
 
     def _check(self, source: str) -> None:
         ints = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
@@ -106,9 +111,43 @@ class GPT2Config:
         return out
 
 
+def _repair_hint(path: Path) -> str:
+    """How to fix a bad config.json: re-download it from the Hub cache, or fix the directory's."""
+    parts = path.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            repo = "/".join(part.split("--")[1:])
+            return f"re-download it: `gpt2 models verify {repo} --repair`"
+    return f"fix {path}, or copy config.json from the model this directory came from"
+
+
+# The ranges every front end enforces (generate, repl /set, bench, finetune, the server).
+MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows float32 into inf and nan
+MAX_NUM_SAMPLES = 64  # samples of one request share a batch; more is an allocation, not a request
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
+RANDOM_SEED = -1  # llama.cpp's convention: draw a seed (and report it)
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+# How a field is named in messages: on the command line, or as `/set` takes it.
+CLI_NAMES = {
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repetition-penalty",
+    "seed": "--seed",
+    "num_samples": "--num-samples",
+    "stop": "--stop",
+}
+
+
 @dataclass
 class GenerationConfig:
-    """Settings of one generation request, validated before any model is loaded."""
+    """Settings of one generation request, validated before any model is loaded.
+
+    ``seed`` None (or -1) means a random seed: ``with_seed`` draws one, so it can be reported.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.8
@@ -121,45 +160,91 @@ class GenerationConfig:
     num_samples: int = 1
     ignore_eos: bool = False
 
-    def validate(self) -> GenerationConfig:
-        """Check every value; returns self so calls chain.
+    def validate(self, names: dict[str, str] | None = None) -> GenerationConfig:
+        """Check every value against its range; returns self so calls chain.
+
+        ``names`` maps field names to the names the user typed them under (default: the
+        command-line options, ``CLI_NAMES``); the REPL passes the ``/set`` names.
 
         Raises:
-            BadInputError: a value is out of range (exit code 2).
+            BadInputError: a value is out of range (exit code 2); the message gives the range.
         """
-        _finite("temperature", self.temperature)
-        if self.temperature < 0:
+
+        def name(key: str) -> str:
+            return (CLI_NAMES if names is None else names).get(key, key)
+
+        _finite(name("temperature"), self.temperature)
+        if self.temperature != 0 and not self.temperature >= MIN_TEMPERATURE:
             raise BadInputError(
-                f"temperature must be >= 0, got {self.temperature}", hint="0 means greedy decoding"
+                f"{name('temperature')} must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+                f"got {self.temperature:g}",
+                hint="0 decodes greedily",
             )
-        if self.max_new_tokens < 1:
-            raise BadInputError(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.top_k is not None and self.top_k < 0:
-            raise BadInputError(f"top-k must be >= 0, got {self.top_k}", hint="0 disables top-k")
+        _integer(name("max_new_tokens"), self.max_new_tokens, 1)
+        if self.top_k is not None:
+            _integer(name("top_k"), self.top_k, 0, hint="0 disables top-k")
         if self.top_p is not None:
-            _finite("top-p", self.top_p)
+            _finite(name("top_p"), self.top_p)
             if not 0 < self.top_p <= 1:
-                raise BadInputError(f"top-p must be in (0, 1], got {self.top_p}", hint="1 disables it")
-        if self.min_p is not None:
-            _finite("min-p", self.min_p)
-            if not 0 <= self.min_p <= 1:
-                raise BadInputError(f"min-p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None:
-            _finite("repetition-penalty", self.repetition_penalty)
-            if self.repetition_penalty <= 0:
                 raise BadInputError(
-                    f"repetition-penalty must be > 0, got {self.repetition_penalty}",
+                    f"{name('top_p')} must be in (0, 1], got {self.top_p:g}", hint="1 disables it"
+                )
+        if self.min_p is not None:
+            _finite(name("min_p"), self.min_p)
+            if not 0 <= self.min_p <= 1:
+                raise BadInputError(
+                    f"{name('min_p')} must be in [0, 1], got {self.min_p:g}", hint="0 disables it"
+                )
+        if self.repetition_penalty is not None:
+            _finite(name("repetition_penalty"), self.repetition_penalty)
+            if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+                raise BadInputError(
+                    f"{name('repetition_penalty')} must be between {MIN_REPETITION_PENALTY:g} and "
+                    f"{MAX_REPETITION_PENALTY:g}, got {self.repetition_penalty:g}",
                     hint="1.0 means no penalty",
                 )
-        if self.num_samples < 1:
-            raise BadInputError(f"num-samples must be at least 1, got {self.num_samples}")
+        self.seed = check_seed(self.seed, name("seed"))
+        _integer(name("num_samples"), self.num_samples, 1, MAX_NUM_SAMPLES)
         if any(s == "" for s in self.stop):
-            raise BadInputError("a stop string cannot be empty")
+            raise BadInputError(f"a stop string ({name('stop')}) cannot be empty")
         return self
+
+    def with_seed(self) -> GenerationConfig:
+        """This config with a concrete seed: its own, or a freshly drawn one when it has none."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=random_seed())
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def random_seed() -> int:
+    """A fresh seed, small enough to read back and type (32 bits, as llama.cpp's)."""
+    return secrets.randbits(32)
+
+
+def check_seed(seed: int | None, name: str = "--seed", *, allow_random: bool = True) -> int | None:
+    """The seed to use: ``seed`` itself, or None (random) for None or -1.
+
+    Raises:
+        BadInputError: not an integer in 0..2**64-1 (or -1 for random, when allowed).
+    """
+    if seed is None or (allow_random and seed == RANDOM_SEED):
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        low = "-1 (random) or " if allow_random else ""
+        raise BadInputError(f"{name} must be {low}an integer from 0 to {SEED_MAX}, got {seed!r}")
+    return seed
+
+
+def _integer(name: str, value: int, low: int, high: int | None = None, hint: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadInputError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        what = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise BadInputError(f"{name} must be {what}, got {value}", hint=hint)
 
 
 def _finite(name: str, value: float) -> None:

@@ -47,6 +47,12 @@ class NotGPT2Error(Gpt2Error):
     default_hint = "gpt2cli runs GPT-2-architecture models (model_type 'gpt2') only"
 
 
+class MissingTokenizerError(Gpt2Error):
+    """A model directory lacks vocab.json or merges.txt (the weights may be fine)."""
+
+    default_hint = "copy vocab.json and merges.txt from the model it came from"
+
+
 class UnsafeWeightsError(Gpt2Error):
     """Only pickle weights are available and the user did not opt in."""
 
@@ -70,6 +76,18 @@ class NetworkError(Gpt2Error):
     """The Hub could not be reached."""
 
     default_hint = "check your connection, or use --offline with a cached model"
+
+
+class CacheWriteError(Gpt2Error):
+    """The model cache cannot be written: read-only, no permission, or the disk is full."""
+
+    default_hint = "point HF_HOME (or HF_HUB_CACHE) at a writable directory with free space"
+
+
+class OutOfMemoryError(Gpt2Error):
+    """An allocation failed: the request needs more memory than the machine has."""
+
+    default_hint = "ask for less: fewer --num-samples, fewer --max-new-tokens, or a smaller model"
 
 
 class MissingExtraError(Gpt2Error):

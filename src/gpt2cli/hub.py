@@ -1,26 +1,38 @@
 """Model specs to local snapshots: aliases, ``org/name@rev``, local directories, the HF cache.
 
 Only the files the engine needs are ever downloaded (never the TF/Flax/ONNX/... weights the
-big repos also hold). Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) never touches the network.
+big repos also hold), and ``config.json`` is checked before any weights are fetched. Offline
+(``--offline`` or ``HF_HUB_OFFLINE=1``) never touches the network; every Hub request has a
+short timeout (``HF_HUB_ETAG_TIMEOUT``, 10 s), after which a cached copy is used; a revision
+pinned to a commit that is cached needs no request at all.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpt2cli.errors import (
     BadInputError,
+    CacheWriteError,
     Gpt2Error,
     ModelNotFoundError,
     NetworkError,
     OfflineMissError,
     UnsafeWeightsError,
 )
+
+Warn = Callable[[str], None]
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+PROGRESS_CHUNK = 1 << 20  # bytes per progress update while downloading (the client's default: 10 MiB)
 
 ALIASES = {
     "gpt2": "openai-community/gpt2",
@@ -134,29 +146,72 @@ def resolve(
     offline: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    warn: Warn | None = None,
 ) -> ResolvedModel:
     """Find ``spec`` on disk, downloading the needed files into the HF cache if required.
 
+    ``warn`` receives a one-line note when the Hub cannot be reached and the cache answers.
+
     Raises:
-        ModelNotFoundError, OfflineMissError, NetworkError, UnsafeWeightsError, BadInputError.
+        ModelNotFoundError, OfflineMissError, NetworkError, UnsafeWeightsError, BadInputError,
+        NotGPT2Error (config.json names another architecture), CacheWriteError.
     """
     if isinstance(spec, str):
         spec = parse_spec(spec)
     if spec.local_dir is not None:
         return ResolvedModel(spec, spec.local_dir)
     assert spec.repo_id is not None
-    if offline_requested(offline):
-        return _from_cache(spec, allow_pickle)
-    try:
-        names, commit = _list_repo(spec)
-    except NetworkError:
-        try:
+    if offline_requested(offline) or (spec.revision and _COMMIT.match(spec.revision)):
+        try:  # a commit's snapshot never changes: no question to ask the Hub
             return _from_cache(spec, allow_pickle)
         except OfflineMissError:
-            raise NetworkError(f"cannot reach the Hub to download {spec.text}") from None
+            if offline_requested(offline):
+                raise
+    try:
+        names, commit = _list_repo(spec)
+    except NetworkError as exc:
+        try:
+            cached = _from_cache(spec, allow_pickle)
+        except OfflineMissError as miss:
+            raise _not_reachable(spec, exc, miss) from None
+        if warn is not None:
+            warn(f"{exc.message}; using the cached copy of {spec.text}")
+        return cached
+    except ModelNotFoundError as exc:
+        if _looks_like_path(spec.text):
+            raise ModelNotFoundError(
+                f"no directory {spec.text}, and no model of that name on the Hub ({exc.message})",
+                hint="check the path (a model directory holds config.json)",
+            ) from None
+        raise
     files = choose_files(names, allow_pickle)
     path = _download(spec, files, progress, commit)
     return ResolvedModel(spec, path, commit)
+
+
+def _looks_like_path(text: str) -> bool:
+    """``models/smal4`` when ``models/`` is a directory here: a mistyped path, not a repo id."""
+    path = Path(text).expanduser()
+    return "/" in text and path.parent != Path(".") and path.parent.is_dir()
+
+
+def _not_reachable(spec: ModelSpec, exc: NetworkError, miss: OfflineMissError) -> NetworkError:
+    """The Hub did not answer and the cache cannot stand in: say both, and what to do."""
+    if _looks_like_path(spec.text):
+        return NetworkError(
+            f"no directory {spec.text}; as a Hub model name it could not be fetched ({exc.message})",
+            hint="check the path (a model directory holds config.json)",
+        )
+    if "partly" in miss.message:  # a pull that stopped half-way: say what is missing
+        return NetworkError(f"{miss.message}, and {exc.message}", hint=miss.hint)
+    return NetworkError(f"cannot download {spec.text}: {exc.message}")
+
+
+def hub_timeout() -> float:
+    """Seconds any Hub request may wait for an answer (huggingface_hub's HF_HUB_ETAG_TIMEOUT)."""
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT)
 
 
 def list_remote(spec: ModelSpec) -> tuple[list[str], str | None]:
@@ -190,8 +245,9 @@ def _list_repo(spec: ModelSpec) -> tuple[list[str], str | None]:
         RevisionNotFoundError,
     )
 
+    timeout = hub_timeout()
     try:
-        info = HfApi().model_info(spec.repo_id or "", revision=spec.revision)
+        info = HfApi().model_info(spec.repo_id or "", revision=spec.revision, timeout=timeout)
     except GatedRepoError as exc:
         raise ModelNotFoundError(
             f"{spec.text} is gated on the Hub",
@@ -202,6 +258,8 @@ def _list_repo(spec: ModelSpec) -> tuple[list[str], str | None]:
     except RevisionNotFoundError as exc:
         raise ModelNotFoundError(f"{spec.repo_id} has no revision {spec.revision!r}") from exc
     except Exception as exc:  # noqa: BLE001 - httpx/OSError/timeouts: all mean "Hub unreachable"
+        if "timeout" in type(exc).__name__.lower():
+            raise NetworkError(f"the Hub did not answer within {timeout:g} s") from exc
         raise NetworkError(f"cannot reach the Hub: {_first_line(exc)}") from exc
     return [s.rfilename for s in info.siblings or []], info.sha
 
@@ -209,28 +267,87 @@ def _list_repo(spec: ModelSpec) -> tuple[list[str], str | None]:
 def _download(
     spec: ModelSpec, files: list[str], progress: bool, commit: str | None = None, force: bool = False
 ) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
     bar_class, live = _progress_class(progress)
     path: Path | None = None
     # Pinning the commit the listing gave keeps the files of one snapshot consistent, and lets
     # huggingface_hub answer files already in that snapshot without a HEAD request each.
     revision = commit or spec.revision
+    constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, PROGRESS_CHUNK)  # a smooth bar
+    # config.json first: a repo of another architecture is refused before any weights are fetched
+    ordered = sorted(files, key=lambda name: name != "config.json")
     try:
-        with live:
-            for name in files:
+        with live, warnings.catch_warnings():
+            # The client warns (a raw UserWarning) when space looks short; the write error says it.
+            warnings.filterwarnings("ignore", message="Not enough free disk space")
+            for name in ordered:
                 local = hf_hub_download(
                     spec.repo_id or "", name, revision=revision, tqdm_class=bar_class, force_download=force
                 )
                 path = Path(local).parent
+                if name == "config.json":
+                    check_config(path / name, spec.text)
         if commit is not None and path is not None:
             _record_ref(path, spec.revision or "main", commit)
     except Gpt2Error:
         raise
     except Exception as exc:  # noqa: BLE001 - network and disk failures mid-download
+        disk = _disk_error(exc)
+        if disk is not None:
+            raise disk from exc
         raise NetworkError(f"download of {spec.text} failed: {_first_line(exc)}") from exc
     assert path is not None
     return path
+
+
+def check_config(path: Path, name: str) -> None:
+    """Refuse a downloaded ``config.json`` that is not a GPT-2's (before the weights come).
+
+    Raises:
+        NotGPT2Error: another ``model_type`` or an unsupported activation.
+        CorruptWeightsError: not JSON, or inconsistent numbers.
+    """
+    from gpt2cli.config import GPT2Config
+    from gpt2cli.errors import CorruptWeightsError
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CorruptWeightsError(f"the config.json of {name} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CorruptWeightsError(f"the config.json of {name} is not a JSON object")
+    GPT2Config.from_dict(raw, source=f"{name} (config.json)")
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _disk_error(exc: BaseException) -> CacheWriteError | None:
+    """A CacheWriteError when ``exc`` (or what caused it) is a write failure of the cache."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_ERRNOS:
+            return cache_write_error(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def cache_write_error(exc: OSError) -> CacheWriteError:
+    """The one-line error for a cache that cannot be written, with the way out."""
+    from huggingface_hub import constants
+
+    where = constants.HF_HUB_CACHE
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheWriteError(
+            f"the disk holding the model cache ({where}) is full: {reason}",
+            hint="free some space, or point HF_HOME (or HF_HUB_CACHE) at a disk with room",
+        )
+    return CacheWriteError(
+        f"the model cache ({where}) cannot be written: {reason}",
+        hint="point HF_HOME (or HF_HUB_CACHE) at a writable directory, or use --offline with a cached model",
+    )
 
 
 def _record_ref(snapshot: Path, revision: str, commit: str) -> None:
@@ -254,12 +371,46 @@ def _from_cache(spec: ModelSpec, allow_pickle: bool) -> ResolvedModel:
     if not isinstance(found, str):
         raise OfflineMissError(f"{spec.text} is not in the local cache")
     snapshot = Path(found).parent
-    names = [p.name for p in snapshot.iterdir()]
-    try:
-        choose_files(names, allow_pickle)
-    except ModelNotFoundError as exc:
-        raise OfflineMissError(f"{spec.text} is only partly in the local cache") from exc
+    missing = missing_files(snapshot)
+    if missing:
+        raise OfflineMissError(
+            f"{spec.text} is only partly in the local cache (missing {', '.join(missing)})",
+            hint=f"complete it with network access: gpt2 models pull {spec.text}",
+        )
+    choose_files([p.name for p in snapshot.iterdir()], allow_pickle)  # refuses pickle-only weights
     return ResolvedModel(spec, snapshot, snapshot.name)
+
+
+def required_files(snapshot: Path) -> list[str]:
+    """The files a model directory needs: configs, tokenizer, and its weights (shards included).
+
+    The weight format is the one the directory holds (a safetensors index names its shards);
+    with no weights at all, ``model.safetensors`` is what is missing.
+    """
+
+    def present(name: str) -> bool:
+        return (snapshot / name).exists() or (snapshot / name).is_symlink()  # a dangling link counts
+
+    needed = list(CONFIG_FILES)
+    for index, single in ((SAFETENSORS_INDEX, SAFETENSORS), (PICKLE_INDEX, PICKLE)):
+        if present(index):
+            return needed + [index] + _index_shards(snapshot / index)
+        if present(single):
+            return needed + [single]
+    return needed + [SAFETENSORS]
+
+
+def missing_files(snapshot: Path) -> list[str]:
+    """``required_files`` that are absent, or links to a blob that is gone."""
+    return [name for name in required_files(snapshot) if not (snapshot / name).exists()]
+
+
+def _index_shards(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return []  # an unreadable index: verify reports the index itself
+    return sorted({str(v) for v in weight_map.values()}) if isinstance(weight_map, dict) else []
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,12 +12,16 @@ of this CPU's bandwidth; a numba kernel with one dot product per output row over
 - anything else (several rows, CUDA, MPS): ``F.linear``
 
 numba is optional: without it (or with ``GPT2_KERNELS=torch``) every path is pure torch.
-The kernels are compiled once per process and cached on disk (``cache=True``).
+The kernels are compiled once per process and cached on disk in the first writable one of
+``NUMBA_CACHE_DIR`` and ``$XDG_CACHE_HOME/gpt2cli/numba`` (``~/.cache/...``); with neither
+(a read-only install and home) they are compiled in memory, never failing.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +45,10 @@ def _build() -> bool:
     except ImportError:
         _numba_state = "missing"
         return False
+    cache_dir = writable_cache_dir()
+    if cache_dir is not None:
+        numba.config.CACHE_DIR = str(cache_dir)  # type: ignore[attr-defined]  # read at decoration
+    cache = cache_dir is not None
     # numba picks its threading layer (tbb, then OpenMP, then workqueue). On an idle 2-core
     # machine OpenMP decodes 2x faster than workqueue (43 vs 21 tok/s); on a heavily shared one
     # OpenMP's spin-waiting beside torch's pool hurts, and NUMBA_THREADING_LAYER=workqueue
@@ -50,7 +58,7 @@ def _build() -> bool:
     # from BLAS by rounding only (~1e-6 relative), well inside the 1e-4 fidelity target.
     # x is (B, in) with B small (decode rows): each weight row is read from memory once and
     # reused, from L1, for every row of x, so B rows cost little more than one.
-    @numba.njit(parallel=True, fastmath=True, cache=True)
+    @numba.njit(parallel=True, fastmath=True, cache=cache)
     def gemv_f32(x, w, b, out):  # x (B, in), w (out, in), b (out,), out (B, out)
         for o in numba.prange(w.shape[0]):
             row = w[o]
@@ -61,7 +69,7 @@ def _build() -> bool:
                     acc += xr[i] * row[i]
                 out[r, o] = acc + b[o]
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
+    @numba.njit(parallel=True, fastmath=True, cache=cache)
     def gemv_f32_nobias(x, w, out):
         for o in numba.prange(w.shape[0]):
             row = w[o]
@@ -72,7 +80,7 @@ def _build() -> bool:
                     acc += xr[i] * row[i]
                 out[r, o] = acc
 
-    @numba.njit(parallel=True, fastmath=True, cache=True)
+    @numba.njit(parallel=True, fastmath=True, cache=cache)
     def gemv_i8(x, w, scale, b, out):  # w int8 (out, in), scale (out,): y = scale * (w @ x) + b
         for o in numba.prange(w.shape[0]):
             row = w[o]
@@ -89,6 +97,26 @@ def _build() -> bool:
     _numba_state = "ready"
     _sync_threads()
     return True
+
+
+def cache_dirs() -> list[Path]:
+    """Where compiled kernels may be kept, in order of preference."""
+    dirs = [Path(os.environ["NUMBA_CACHE_DIR"])] if os.environ.get("NUMBA_CACHE_DIR") else []
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return [*dirs, Path(base) / "gpt2cli" / "numba"]
+
+
+def writable_cache_dir() -> Path | None:
+    """The first of ``cache_dirs`` that can be created and written, or None (compile in memory)."""
+    for path in cache_dirs():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError:
+            continue
+        return path
+    return None
 
 
 def _sync_threads() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from gpt2cli.config import GPT2Config
-from gpt2cli.errors import CorruptWeightsError, NotGPT2Error
+from gpt2cli.errors import CorruptWeightsError
 from gpt2cli.model import GPT2
 from gpt2cli.tokenizer import Tokenizer
 from gpt2cli.weights import normalize_state_dict
@@ -39,11 +39,9 @@ def load_tokenizer(path: Path, config: GPT2Config | None = None) -> Tokenizer:
     """GPT-2's tokenizer from the checkpoint's ``vocab.json`` and ``merges.txt``.
 
     Raises:
-        NotGPT2Error: the tokenizer files are missing.
+        MissingTokenizerError: the tokenizer files are missing (the message names them).
         CorruptWeightsError: the tokenizer has more tokens than ``config``'s vocabulary.
     """
-    if not (path / "vocab.json").is_file() or not (path / "merges.txt").is_file():
-        raise NotGPT2Error(f"{path} has no vocab.json/merges.txt: GPT-2's tokenizer files are needed")
     tokenizer = Tokenizer.from_dir(path)
     if config is not None and tokenizer.n_vocab > config.vocab_size:
         raise CorruptWeightsError(

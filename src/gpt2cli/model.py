@@ -9,7 +9,8 @@ positions (gpt-fast's ``forward(idx, input_pos)``), so rows of different lengths
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,22 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 Hooks = dict[str, Callable[[torch.Tensor], "torch.Tensor | None"]]
+
+# A block's hook points in forward order (TransformerLens' names, after ``blocks.{L}.``).
+BLOCK_HOOKS = (
+    "hook_resid_pre",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "hook_resid_mid",
+    "mlp.hook_post",
+    "hook_resid_post",
+)
+FINAL_HOOK = "ln_final.hook_normalized"
+
+
+def hook_names(n_layer: int) -> list[str]:
+    """Every hook point of an ``n_layer`` model, in the order the forward reaches them."""
+    return [f"blocks.{layer}.{point}" for layer in range(n_layer) for point in BLOCK_HOOKS] + [FINAL_HOOK]
 
 
 def _run_hook(hooks: Hooks, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -196,6 +213,28 @@ class GPT2(nn.Module):
     def device(self) -> torch.device:
         return self.wte.weight.device
 
+    @contextmanager
+    def hooked(self, hooks: Hooks) -> Iterator[GPT2]:
+        """Set ``hooks`` for the forwards run inside a ``with`` block, and remove them after.
+
+        The table is shared by every block, so it is edited in place. Hooks are model state:
+        do not generate with the same model from another thread meanwhile.
+
+        Raises:
+            ValueError: a name that is not a hook point, or one already set.
+        """
+        unknown = set(hooks) - set(hook_names(self.config.n_layer))
+        if unknown:
+            raise ValueError(f"not hook points of this model: {sorted(unknown)}")
+        if set(hooks) & set(self.hooks):
+            raise ValueError(f"hooks already set: {sorted(set(hooks) & set(self.hooks))}")
+        self.hooks.update(hooks)
+        try:
+            yield self
+        finally:
+            for name in hooks:
+                self.hooks.pop(name, None)
+
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         """A zeroed cache of ``rows`` slots, each ``capacity`` positions (at most the window)."""
         c = self.config
@@ -250,7 +289,7 @@ class GPT2(nn.Module):
             else:
                 x = block(x, pos, cache, rows, plan)
         x = self.ln_f(x)
-        return _run_hook(self.hooks, "ln_final.hook_normalized", x) if self.hooks else x
+        return _run_hook(self.hooks, FINAL_HOOK, x) if self.hooks else x
 
     def _positions(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:
         B, T = idx.shape

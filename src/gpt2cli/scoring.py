@@ -7,9 +7,17 @@ targets no earlier window scored, so every text token is scored exactly once, wi
 context its window gives (stride == context: disjoint windows). Perplexity is
 exp(total NLL / scored tokens); bits per byte and word perplexity are lm-evaluation-harness's.
 
+``protocol="hf"`` is instead Hugging Face's perplexity guide, to the letter, so that its
+published figures can be reproduced: no prefix (the text's first token is never predicted);
+windows of ``context`` tokens start every ``stride`` tokens; each predicts the tokens after
+the previous window's end (the first window ``context - 1`` of them), and its mean NLL counts
+for one token fewer than its new tokens (the guide subtracts the label shift per window), so
+perplexity = exp(sum of mean x (new - 1) / sum of (new - 1)). A window with nothing to predict
+counts for nothing.
+
 Input is read in chunks, decoded incrementally and tokenized at boundaries where tokenizing
 the pieces equals tokenizing the whole, and windows are scored as they fill: memory stays
-bounded however long the input is.
+bounded however long the input is. Ctrl-C raises ``ScoreInterrupted`` with the result so far.
 """
 
 from __future__ import annotations
@@ -38,16 +46,26 @@ LOGIT_ELEMENTS = 1 << 25  # logits computed at once: rows x vocab (128 MiB in fl
 CONTEXT_TOKENS = 12  # tokens of context shown either side of a --top token
 _WORD_BREAK = re.compile(r"\s+")
 
-Progress = Callable[[int, int], None]  # (bytes read so far, tokens scored so far)
+Progress = Callable[[int, int], None]  # (bytes of text scored so far, tokens scored so far)
+PROTOCOLS = ("lm-eval", "hf")  # the default reading, and Hugging Face's perplexity guide
 
 
 class ScoreInputError(BadInputError):
     """An input to score cannot be read: missing, a directory, empty, or not UTF-8."""
 
 
+class ScoreInterrupted(KeyboardInterrupt):
+    """Ctrl-C while scoring: ``partial`` is the result of the text scored until then."""
+
+    def __init__(self, partial: ScoreResult) -> None:
+        super().__init__()
+        self.partial = partial
+
+
 @dataclass(frozen=True)
 class TokenScore:
-    """One scored token: its position in the text (0-based), id, text, log-probability and rank.
+    """One scored token: its position in the text (0-based), id, text, log-probability, rank,
+    and the entropy (nats) of the model's prediction for it.
 
     ``text`` holds the characters completed by this token (a character split over several
     tokens appears with the last of them), so the texts concatenate to the input.
@@ -58,6 +76,7 @@ class TokenScore:
     text: str
     logprob: float
     rank: int
+    entropy: float = math.nan
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +85,7 @@ class TokenScore:
             "text": self.text,
             "logprob": self.logprob,
             "rank": self.rank,
+            "entropy": self.entropy,
         }
 
 
@@ -100,6 +120,7 @@ class ScoreResult:
     seconds: float = 0.0
     token_scores: list[TokenScore] = field(default_factory=list, repr=False)
     top: list[Surprise] = field(default_factory=list, repr=False)
+    interrupted: bool = False  # Ctrl-C: the figures of the text scored until then
 
     @property
     def nll(self) -> float:
@@ -141,11 +162,33 @@ class ScoreResult:
             "seconds": round(self.seconds, 6),
             "tokens_per_second": round(self.tokens_per_second, 3),
         }
+        if self.interrupted:
+            obj["interrupted"] = True
         if self.top:
             obj["top"] = [s.to_json() for s in self.top]
         if self.token_scores:
             obj["per_token"] = [t.to_json() for t in self.token_scores]
         return obj
+
+
+def _window_sums(logprobs: torch.Tensor, counts: list[int]) -> list[float]:
+    """The sum (in float64) of each window's slice of the batch's log-probabilities."""
+    return [float(part.double().sum()) for part in torch.split(logprobs, counts)]
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of log-probabilities (..., V) -> (...); 0 log 0 counts as 0."""
+    finite = logprobs.clamp(min=torch.finfo(logprobs.dtype).min)  # -inf where p = 0: the product is 0
+    return -(logprobs.exp() * finite).sum(-1)
+
+
+# GLTR's rank buckets (Gehrmann et al., 2019): top-10, top-100, top-1000, beyond.
+RANK_BUCKETS = (10, 100, 1000)
+
+
+def rank_bucket(rank: int) -> int:
+    """0 for a top-10 token, 1 for top-100, 2 for top-1000, 3 beyond (GLTR's buckets)."""
+    return next((i for i, limit in enumerate(RANK_BUCKETS) if rank <= limit), len(RANK_BUCKETS))
 
 
 def _safe_exp(x: float) -> float:
@@ -170,12 +213,14 @@ def total(results: list[ScoreResult], name: str = "total") -> ScoreResult:
     )
 
 
-def check_windows(context: int, stride: int, window: int) -> None:
-    """Validate the window settings against the model's window.
+def check_windows(context: int, stride: int, window: int, protocol: str = "lm-eval") -> None:
+    """Validate the window settings (and the protocol) against the model's window.
 
     Raises:
-        BadInputError: context outside 1..window, or stride outside 1..context.
+        BadInputError: context outside 1..window, stride outside 1..context, unknown protocol.
     """
+    if protocol not in PROTOCOLS:
+        raise BadInputError(f"unknown protocol {protocol!r}", hint=f"use one of {', '.join(PROTOCOLS)}")
     if context < 1 or context > window:
         raise BadInputError(
             f"--context {context} is outside 1..{window} (the model's window)",
@@ -263,20 +308,24 @@ def safe_cut(text: str) -> int:
 
 @dataclass
 class TextStats:
-    """Bytes and lm-eval words of the text read so far."""
+    """Bytes and lm-eval words of the text seen so far (given in pieces cut anywhere)."""
 
     bytes: int = 0
     breaks: int = 0  # runs of whitespace; lm-eval's words = len(re.split(r"\s+", text)) = breaks + 1
+    _in_space: bool = False  # the last piece ended inside a whitespace run
 
     @property
     def words(self) -> int:
         return self.breaks + 1 if self.bytes else 0
 
     def add(self, piece: str) -> None:
-        # Pieces are cut between a non-space and a space or after a lone newline, so a
-        # whitespace run is never split between two pieces.
+        if not piece:
+            return
         self.bytes += len(piece.encode("utf-8", "surrogatepass"))
         self.breaks += len(_WORD_BREAK.findall(piece))
+        if self._in_space and piece[0].isspace():
+            self.breaks -= 1  # a run split between two pieces is one run
+        self._in_space = piece[-1].isspace()
 
 
 def token_chunks(
@@ -305,12 +354,14 @@ class Window:
     """Model input ``ids`` (starting at absolute position ``begin``) scoring targets from ``first``.
 
     Input row j predicts absolute token ``begin + j + 1``; rows ``first..len(ids)-1`` are scored.
+    ``weight``: the tokens its mean NLL counts for (None: as many as it scores).
     """
 
     begin: int
     ids: list[int]
     targets: list[int]
     first: int
+    weight: int | None = None
 
 
 class WindowCutter:
@@ -348,6 +399,41 @@ class WindowCutter:
         return window
 
 
+class HFWindowCutter:
+    """Hugging Face's perplexity guide: windows [k*stride, k*stride + context) of the text's own ids.
+
+    Each window predicts the tokens after the previous window's end (``trg_len`` of them; the
+    first window, from position 0, predicts ``context - 1``) and counts for ``trg_len - 1``.
+    """
+
+    def __init__(self, context: int, stride: int) -> None:
+        self.context, self.stride = context, stride
+        self.buf: list[int] = []  # ids from absolute position self.begin on
+        self.begin = 0
+        self.prev_end = 0
+
+    def push(self, ids: list[int]) -> Iterator[Window]:
+        self.buf.extend(ids)
+        while len(self.buf) >= self.context:
+            yield from self._take(self.context)
+
+    def finish(self) -> Iterator[Window]:
+        while self.prev_end < self.begin + len(self.buf):
+            yield from self._take(len(self.buf))
+
+    def _take(self, length: int) -> Iterator[Window]:
+        end = self.begin + length
+        trg_len = end - self.prev_end
+        ids = self.buf[:length]
+        first = max(0, self.prev_end - self.begin - 1)  # input row predicting the first new token
+        if length >= 2:  # one token predicts nothing: the guide's loss would be empty
+            yield Window(self.begin, ids[:-1], ids[1:], first, weight=trg_len - 1)
+        self.prev_end = end
+        drop = min(self.stride, len(self.buf))
+        self.begin += drop
+        del self.buf[:drop]
+
+
 def windows(
     tokenizer: Tokenizer,
     stream: IO[bytes],
@@ -357,12 +443,17 @@ def windows(
     stride: int,
     stats: TextStats,
     read: list[int],
+    protocol: str = "lm-eval",
 ) -> Iterator[Window]:
-    """The method's windows over ``stream``, produced as the text is read (bounded memory).
+    """The method's (or ``protocol``'s) windows over ``stream``, as the text is read (bounded memory).
 
     ``stats`` and ``read[0]`` (bytes read) are updated as it goes.
     """
-    cutter = WindowCutter(tokenizer.eot_id, context, stride)
+    cutter: WindowCutter | HFWindowCutter
+    if protocol == "hf":
+        cutter = HFWindowCutter(context, stride)
+    else:
+        cutter = WindowCutter(tokenizer.eot_id, context, stride)
     for ids in token_chunks(tokenizer, decoded_chunks(stream, name, errors), stats, read):
         yield from cutter.push(ids)
     yield from cutter.finish()
@@ -386,9 +477,9 @@ class _Tracker:
         self.recent: deque[str] = deque(maxlen=CONTEXT_TOKENS)
         self.waiting: list[tuple[Surprise, int]] = []  # (entry, tokens of right context still wanted)
 
-    def add(self, position: int, token: int, logprob: float, rank: int) -> None:
+    def add(self, position: int, token: int, logprob: float, rank: int, entropy: float) -> None:
         text = self.decoder.decode(self.tokenizer.token_bytes(token))
-        score = TokenScore(position, token, text, logprob, rank)
+        score = TokenScore(position, token, text, logprob, rank, entropy)
         if self.keep_tokens:
             self.tokens.append(score)
         if self.on_token is not None:
@@ -397,6 +488,25 @@ class _Tracker:
             self._right_context(text)
             self._maybe_top(score)
         self.recent.append(text)
+
+    def add_windows(
+        self,
+        windows: list[Window],
+        logprobs: torch.Tensor,
+        ranks: torch.Tensor,
+        entropies: torch.Tensor,
+        shift: int = 0,
+    ) -> None:
+        """Add the scored targets of ``windows`` (flat scores, as ``Scorer.window_logprobs`` gives).
+
+        Input row j predicts token begin + j + 1: text position j after lm-eval's prefix
+        (``shift`` 0), or j + 1 under the hf protocol, whose windows have no prefix (``shift`` 1).
+        """
+        positions = [w.begin + j + shift for w in windows for j in range(w.first, len(w.ids))]
+        targets = [t for w in windows for t in w.targets[w.first :]]
+        scores = zip(positions, targets, logprobs.tolist(), ranks.tolist(), entropies.tolist(), strict=True)
+        for pos, tok, lp, rank, ent in scores:
+            self.add(pos, tok, lp, rank, ent)
 
     def _right_context(self, text: str) -> None:
         still = []
@@ -422,17 +532,41 @@ class _Tracker:
         return [entry for _, _, entry in sorted(self.heap, key=lambda item: (-item[0], -item[1]))]
 
 
+class _Scored:
+    """Sums over the targets scored so far: the NLL (windows weighted), tokens, and their text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.nll = 0.0
+        self.tokens = 0
+        self.text = TextStats()  # bytes and words of the scored targets (progress, partial results)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, nll: float, tokens: int, targets: list[int]) -> None:
+        self.nll += nll
+        self.tokens += tokens
+        self.text.add(self.decoder.decode(b"".join(self.tokenizer.token_bytes(t) for t in targets)))
+
+
 class Scorer:
     """Scores token streams with one model: batches full windows, lm_head on scored rows only."""
 
     def __init__(
-        self, model: GPT2, tokenizer: Tokenizer, *, context: int, stride: int, batch_size: int = 8
+        self,
+        model: GPT2,
+        tokenizer: Tokenizer,
+        *,
+        context: int,
+        stride: int,
+        batch_size: int = 8,
+        protocol: str = "lm-eval",
     ) -> None:
-        check_windows(context, stride, model.config.n_positions)
+        check_windows(context, stride, model.config.n_positions, protocol)
         if batch_size < 1:
             raise BadInputError(f"--batch-size {batch_size} is below 1", hint="use 1 or more")
         self.model, self.tokenizer = model, tokenizer
         self.context, self.stride, self.batch_size = context, stride, batch_size
+        self.protocol = protocol
         self.device = model.wte.weight.device
 
     def score(
@@ -455,13 +589,14 @@ class Scorer:
             per_token: keep every token's score in ``result.token_scores``.
             top: keep the ``top`` most surprising tokens with context in ``result.top``.
             on_token: called with each token's score, in order, as it is scored.
-            progress: called with (bytes read, tokens scored) after each batch.
+            progress: called with (bytes of text scored, tokens scored) after each batch.
 
         Returns:
             The file's ``ScoreResult``.
 
         Raises:
             ScoreInputError: unreadable, empty or invalid-UTF-8 input.
+            ScoreInterrupted: Ctrl-C; its ``partial`` holds the text scored until then.
         """
         if errors not in ("strict", "replace"):
             raise BadInputError(f"unknown --errors {errors!r}", hint="use strict or replace")
@@ -486,72 +621,121 @@ class Scorer:
         t0 = time.perf_counter()
         stats, read = TextStats(), [0]
         tracker = _Tracker(self.tokenizer, per_token, top, on_token)
-        sums = [0.0, 0]  # total NLL, scored tokens
-        batch: list[Window] = []
-        for window in windows(self.tokenizer, stream, name, errors, self.context, self.stride, stats, read):
-            # Full windows share a length and batch together; only the last may be shorter.
-            if batch and len(window.ids) != len(batch[0].ids):
-                self._run(batch, tracker, sums)
-                batch = []
-            batch.append(window)
-            if len(batch) == self.batch_size:
-                self._run(batch, tracker, sums)
-                batch = []
-                if progress:
-                    progress(read[0], int(sums[1]))
-        if batch:
-            self._run(batch, tracker, sums)
+        scored = _Scored(self.tokenizer)
+
+        def result(text: TextStats, interrupted: bool = False) -> ScoreResult:
+            return ScoreResult(
+                file=name,
+                tokens=scored.tokens,
+                bytes=text.bytes,
+                words=text.words,
+                total_nll=scored.nll,
+                context=self.context,
+                stride=self.stride,
+                seconds=time.perf_counter() - t0,
+                token_scores=tracker.tokens,
+                top=tracker.top(),
+                interrupted=interrupted,
+            )
+
+        try:
+            self._score_windows(stream, name, errors, stats, read, tracker, scored, progress)
+        except KeyboardInterrupt:
+            # the figures of the text scored until then (bytes and words of the scored tokens)
+            raise ScoreInterrupted(result(scored.text, interrupted=True)) from None
         if stats.bytes == 0:
             raise ScoreInputError(f"{name} is empty", hint="give some text to score")
         if progress:
-            progress(read[0], int(sums[1]))
-        return ScoreResult(
-            file=name,
-            tokens=int(sums[1]),
-            bytes=stats.bytes,
-            words=stats.words,
-            total_nll=sums[0],
-            context=self.context,
-            stride=self.stride,
-            seconds=time.perf_counter() - t0,
-            token_scores=tracker.tokens,
-            top=tracker.top(),
+            progress(stats.bytes, scored.tokens)
+        return result(stats)
+
+    def _score_windows(
+        self,
+        stream: IO[bytes],
+        name: str,
+        errors: str,
+        stats: TextStats,
+        read: list[int],
+        tracker: _Tracker,
+        scored: _Scored,
+        progress: Progress | None,
+    ) -> None:
+        batch: list[Window] = []
+        source = windows(
+            self.tokenizer, stream, name, errors, self.context, self.stride, stats, read, self.protocol
         )
+        for window in source:
+            # Full windows share a length and batch together; only the last may be shorter.
+            if batch and len(window.ids) != len(batch[0].ids):
+                self._run(batch, tracker, scored)
+                batch = []
+            batch.append(window)
+            if len(batch) == self.batch_size:
+                self._run(batch, tracker, scored)
+                batch = []
+                if progress:
+                    progress(scored.text.bytes, scored.tokens)
+        if batch:
+            self._run(batch, tracker, scored)
+
+    def _run(self, windows: list[Window], tracker: _Tracker, scored: _Scored) -> None:
+        """Score a batch of windows; add to ``scored`` and the tracker."""
+        logprobs, ranks, entropies = self.window_logprobs(windows, tracker.active)
+        counts = [len(w.ids) - w.first for w in windows]
+        targets = [t for w in windows for t in w.targets[w.first :]]
+        nll, counted = 0.0, 0
+        for w, n, total in zip(windows, counts, _window_sums(logprobs, counts), strict=True):
+            weight = n if w.weight is None else w.weight
+            nll -= total if weight == n else total / n * weight  # hf: the window's mean x its weight
+            counted += weight
+        scored.add(nll, counted, targets)
+        if tracker.active:
+            assert ranks is not None and entropies is not None
+            shift = 1 if self.protocol == "hf" else 0
+            tracker.add_windows(windows, logprobs, ranks, entropies, shift=shift)
 
     @torch.inference_mode()
-    def _run(self, windows: list[Window], tracker: _Tracker, sums: list[float]) -> None:
-        """Score a batch of same-length windows; add to ``sums`` and the tracker."""
-        T = len(windows[0].ids)
-        ids = torch.tensor([w.ids for w in windows], dtype=torch.long, device=self.device)  # (B, T)
+    def window_logprobs(
+        self, windows: list[Window], want_ranks: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probabilities (and ranks and entropies) of the scored targets of a batch of windows.
+
+        Windows may differ in length: shorter ones are right-padded, and since attention is
+        causal no real position sees a pad, so each window scores as it would alone.
+
+        Returns:
+            Flat CPU tensors, window after window, each window's targets ``first..`` in order.
+        """
+        T = max(len(w.ids) for w in windows)
+        pad = self.tokenizer.eot_id
+        rows_in = [w.ids + [pad] * (T - len(w.ids)) for w in windows]
+        ids = torch.tensor(rows_in, dtype=torch.long, device=self.device)  # (B, T)
         hidden = self.model.hidden(ids).reshape(-1, self.model.config.n_embd)  # (B*T, C)
-        rows = [b * T + j for b, w in enumerate(windows) for j in range(w.first, T)]
+        rows = [b * T + j for b, w in enumerate(windows) for j in range(w.first, len(w.ids))]
         targets = [t for w in windows for t in w.targets[w.first :]]
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         targets_t = torch.tensor(targets, dtype=torch.long, device=self.device)
-        logprobs, ranks = self._logprobs(hidden.index_select(0, rows_t), targets_t, tracker.active)
-        sums[0] += -float(logprobs.double().sum())
-        sums[1] += len(targets)
-        if tracker.active:
-            positions = [w.begin + j for w in windows for j in range(w.first, T)]  # target j+1, text pos j
-            assert ranks is not None
-            for pos, tok, lp, rank in zip(positions, targets, logprobs.tolist(), ranks.tolist(), strict=True):
-                tracker.add(pos, tok, lp, rank)
+        return self._logprobs(hidden.index_select(0, rows_t), targets_t, want_ranks)
 
     def _logprobs(
         self, hidden: torch.Tensor, targets: torch.Tensor, want_ranks: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probability (and rank) of each target under the lm_head, a few rows at a time.
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probability (and rank and entropy) of each target under the lm_head, a few rows at a time.
 
         hidden: (N, C), targets: (N,). The logits (rows x vocab) are never all materialised.
         """
         step = max(1, LOGIT_ELEMENTS // self.model.config.vocab_size)
-        logprobs, ranks = [], []
+        logprobs, ranks, entropies = [], [], []
         for i in range(0, hidden.shape[0], step):
             logits = self.model.logits(hidden[i : i + step]).float()  # (n, V), log-softmax in fp32
             tgt = targets[i : i + step, None]
             picked = logits.gather(1, tgt)  # (n, 1)
-            logprobs.append((picked - torch.logsumexp(logits, dim=-1, keepdim=True)).squeeze(1))
+            norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            logprobs.append((picked - norm).squeeze(1))
             if want_ranks:
                 ranks.append((logits > picked).sum(dim=1) + 1)
+                entropies.append(entropy(logits - norm))
         lp = torch.cat(logprobs).cpu()
-        return lp, torch.cat(ranks).cpu() if want_ranks else None
+        if not want_ranks:
+            return lp, None, None
+        return lp, torch.cat(ranks).cpu(), torch.cat(entropies).cpu()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tiktoken
 
-from gpt2cli.errors import BadInputError, CorruptWeightsError
+from gpt2cli.errors import BadInputError, CorruptWeightsError, MissingTokenizerError
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -174,8 +174,20 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Load the ``vocab.json`` and ``merges.txt`` inside a checkpoint directory."""
-        return cls.from_files(Path(path) / VOCAB_FILE, Path(path) / MERGES_FILE)
+        """Load the ``vocab.json`` and ``merges.txt`` inside a checkpoint directory.
+
+        Raises:
+            MissingTokenizerError: one of the two files is not there.
+        """
+        path = Path(path)
+        missing = [name for name in (VOCAB_FILE, MERGES_FILE) if not (path / name).is_file()]
+        if missing:
+            raise MissingTokenizerError(
+                f"{path} has no {' or '.join(missing)}: GPT-2's tokenizer files are needed",
+                hint="copy vocab.json and merges.txt from the model it came from "
+                "(`gpt2 models info gpt2` shows where gpt2's are)",
+            )
+        return cls.from_files(path / VOCAB_FILE, path / MERGES_FILE)
 
     @property
     def encoding(self) -> tiktoken.Encoding:

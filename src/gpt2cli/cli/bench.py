@@ -34,7 +34,12 @@ def bench(
     prompt_tokens: Annotated[
         str, typer.Option("--prompt-tokens", help="Prompt length in tokens; a comma list sweeps (128,512).")
     ] = "512",
-    new_tokens: Annotated[int, typer.Option("--new-tokens", help="Tokens generated per sequence.")] = 128,
+    new_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-new-tokens", "-n", "--new-tokens", help="Tokens generated per sequence (at least 2)."
+        ),
+    ] = 128,
     batch_size: Annotated[
         str, typer.Option("--batch-size", help="Sequences decoded together; a comma list sweeps (1,8).")
     ] = "1",
@@ -50,7 +55,9 @@ def bench(
         str | None,
         typer.Option("--compare", help="Also run the same workload through another engine: transformers."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random prompt tokens.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the random prompt tokens, 0 to 2^64-1 (-1 draws one).")
+    ] = 0,
     offline: opt.Offline = False,
     draft_model: Annotated[
         str | None,

@@ -14,6 +14,12 @@ from gpt2cli.cli.output import is_terminal, stderr_console, write
 from gpt2cli.errors import EXIT_INTERRUPTED
 
 
+class DataFormat(str, Enum):
+    auto = "auto"
+    text = "text"
+    jsonl = "jsonl"
+
+
 class Size(str, Enum):
     """--from-scratch sizes (the architectures are in train/settings.py)."""
 
@@ -26,10 +32,20 @@ class Size(str, Enum):
 def finetune(
     data: Annotated[
         list[Path],
-        typer.Argument(help="Text files: .txt/.md (one document each) or .jsonl (a text field per line)."),
+        typer.Argument(
+            help="Text files or directories of them (walked recursively, in sorted order): .txt/.md "
+            "(one document each) or .jsonl (a text field per line)."
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the trained model to.")],
     model: opt.Model = "gpt2",
+    data_format: Annotated[
+        DataFormat,
+        typer.Option(
+            "--data-format",
+            help="auto (by suffix), text (any file, .py or none, is one document) or jsonl (every file).",
+        ),
+    ] = DataFormat.auto,
     block_size: Annotated[
         int | None,
         typer.Option("--block-size", help="Tokens per sequence (default: the model's window)."),
@@ -58,7 +74,9 @@ def finetune(
     grad_clip: Annotated[
         float, typer.Option("--grad-clip", help="Clip the gradient norm (0 disables).")
     ] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation, split and shuffling.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for initialisation, split and shuffling (0 to 2^64-1).")
+    ] = 0,
     eval_every: Annotated[
         int | None,
         typer.Option("--eval-every", help="Held-out evaluation every N steps (default: 10 per run)."),
@@ -71,7 +89,8 @@ def finetune(
         int | None, typer.Option("--lora", help="Train rank-R LoRA adapters instead of all weights.")
     ] = None,
     lora_alpha: Annotated[
-        float | None, typer.Option("--lora-alpha", help="LoRA scale numerator (default 2 x rank).")
+        float | None,
+        typer.Option("--lora-alpha", help="LoRA scale numerator, > 0 (default 2 x rank); needs --lora."),
     ] = None,
     from_scratch: Annotated[
         bool,
@@ -102,6 +121,7 @@ def finetune(
         data=list(data),
         output=output,
         model=model,
+        data_format=data_format.value,
         block_size=block_size,
         val_fraction=val_fraction,
         epochs=epochs,
@@ -172,10 +192,12 @@ class _Reporter:
             self.console.print(text)
 
     def event(self, event: Any) -> None:
-        from gpt2cli.train.loop import EvalEvent, SaveEvent, StartEvent, StepEvent
+        from gpt2cli.train.loop import DataEvent, EvalEvent, SaveEvent, StartEvent, StepEvent
 
         self.is_main = True  # the library reports on rank 0 only
-        if isinstance(event, StartEvent):
+        if isinstance(event, DataEvent):
+            self.line(f"data: {event.files}, {event.documents} documents")
+        elif isinstance(event, StartEvent):
             self._start(event)
         elif isinstance(event, StepEvent):
             self._step(event)

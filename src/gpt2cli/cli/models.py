@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import sys
-from contextlib import AbstractContextManager, nullcontext
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from gpt2cli.cli import options as opt
-from gpt2cli.cli.output import is_terminal, stderr_console, warn, write, write_json
-from gpt2cli.errors import BadInputError, CorruptWeightsError, Gpt2Error
+from gpt2cli.cli.help import HelpCommand, HelpGroup
+from gpt2cli.cli.loading import status
+from gpt2cli.cli.output import is_terminal, table, warn, write, write_json
+from gpt2cli.errors import BadInputError, CorruptWeightsError
 
 if TYPE_CHECKING:
     from gpt2cli.cache import CachedModel, VerifyReport
 
 app = typer.Typer(
     name="models",
+    cls=HelpGroup,
     help="Manage the models in the local Hugging Face cache: list, pull, info, verify, rm.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,11 +36,16 @@ class Format(str, Enum):
 
 FormatOpt = Annotated[Format, typer.Option("--format", help="text (a table) or json (for scripts).")]
 Name = Annotated[str, typer.Argument(help="Alias (gpt2, gpt2-medium, ...), org/name or org/name@revision.")]
+NameOrDir = Annotated[
+    str,
+    typer.Argument(help="Alias (gpt2, ...), org/name[@revision], or a model directory (a finetune output)."),
+]
+_RIGHT = frozenset({3, 4, 5})  # PARAMS, SIZE, FILES
 
 
-@app.command("list")
+@app.command("list", cls=HelpCommand)
 def list_models(output_format: FormatOpt = Format.text) -> None:
-    """List the GPT-2-family models in the Hugging Face cache."""
+    """List the GPT-2-family models in the Hugging Face cache (alias: ls); partial ones say so."""
     from gpt2cli.cache import cache_dir, list_models
 
     models = list_models()
@@ -48,15 +55,34 @@ def list_models(output_format: FormatOpt = Format.text) -> None:
     if not models:
         sys.stderr.write(f"no GPT-2 models in {cache_dir()}; try `gpt2 models pull gpt2`\n")
         return
-    rows = [["NAME", "REPO", "REVISION", "PARAMS", "SIZE", "FILES"]]
-    rows += [
-        [m.name, m.repo_id, _revision(m), _params(m.parameters), human_size(m.size), str(len(m.files))]
+    header = ["NAME", "REPO", "REVISION", "PARAMS", "SIZE", "FILES", "STATUS"]
+    rows = [
+        [
+            m.name,
+            m.repo_id,
+            _revision(m),
+            _params(m.parameters),
+            human_size(m.size),
+            str(len(m.files)),
+            _state(m),
+        ]
         for m in models
     ]
-    write(table(rows))
+    table(header, rows, right=_RIGHT, drop=(1, 5, 2, 3))  # narrow: REPO, FILES, REVISION, PARAMS go
+    for m in models:
+        if not m.complete:
+            missing = ", ".join(m.missing)
+            warn(f"{m.name} is incomplete (missing {missing}): `gpt2 models pull {m.name}` completes it")
 
 
-@app.command("pull")
+app.command("ls", hidden=True, cls=HelpCommand)(list_models)
+
+
+def _state(m: CachedModel) -> str:
+    return "ok" if m.complete else "incomplete"
+
+
+@app.command("pull", cls=HelpCommand)
 def pull(
     name: Name,
     offline: opt.Offline = False,
@@ -80,26 +106,26 @@ def pull(
     write(f"{name}: {m.repo_id}@{m.commit[:12]}, {human_size(m.size)}: {what}\n")
 
 
-@app.command("info")
-def info(name: Name, output_format: FormatOpt = Format.text) -> None:
+@app.command("info", cls=HelpCommand)
+def info(name: NameOrDir, output_format: FormatOpt = Format.text) -> None:
     """Show NAME's architecture, parameter count, files with sha256, and where it lives."""
-    from gpt2cli.cache import find, pick
+    from gpt2cli.cache import find_or_local, pick
     from gpt2cli.hub import parse_spec
 
-    model = pick(find(name), parse_spec(name).revision)
+    model = pick(find_or_local(name), parse_spec(name).revision)
     if output_format is Format.json:
         write_json(model.to_dict(), pretty=True)
         return
-    write(_info_text(model))
+    _info_text(model)
 
 
-def _info_text(m: CachedModel) -> str:
+def _info_text(m: CachedModel) -> None:
     c = m.config
     pairs = [
         ("name", m.name),
-        ("repo", m.repo_id),
+        ("repo", "(a local directory)" if m.local else m.repo_id),
         ("aliases", ", ".join(m.aliases) or "-"),
-        ("revision", f"{_revision(m)} ({m.commit})"),
+        ("revision", "-" if m.local else f"{_revision(m)} ({m.commit})"),
         ("path", str(m.snapshot)),
         ("layers", str(c.get("n_layer", "?"))),
         ("heads", str(c.get("n_head", "?"))),
@@ -109,76 +135,91 @@ def _info_text(m: CachedModel) -> str:
         ("parameters", f"{m.parameters:,}" if m.parameters is not None else "?"),
         ("dtype", m.dtype or "?"),
         ("size", human_size(m.size)),
+        ("status", "complete" if m.complete else f"incomplete (missing {', '.join(m.missing)})"),
     ]
-    width = max(len(k) for k, _ in pairs)
-    text = "".join(f"{k.ljust(width)}  {v}\n" for k, v in pairs)
+    table(None, [list(pair) for pair in pairs])
     files = [[f.name, human_size(f.size), f.algorithm or "-", f.digest or "-"] for f in m.files]
-    return text + "files\n" + table(files, indent="  ")
+    write("files\n")
+    table(None, files, right=frozenset({1}), indent="  ")
 
 
-@app.command("verify")
+@app.command("verify", cls=HelpCommand)
 def verify(
-    name: Name,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="A cached model or a model directory; none verifies every cached model."),
+    ] = None,
     repair: Annotated[
-        bool, typer.Option("--repair", help="Download corrupt or truncated files again.")
+        bool, typer.Option("--repair", help="Download corrupt, truncated or missing files again.")
     ] = False,
     output_format: FormatOpt = Format.text,
 ) -> None:
-    """Recompute each cached file's digest and compare it with the one the Hub gave.
+    """Check that every file a model needs is there and has the digest the Hub gave.
 
-    Exits 1 when a file is corrupt or truncated (and, with --repair, could not be repaired).
+    Exits 1 when a file is missing, corrupt or truncated (and, with --repair, could not be
+    repaired). A model directory has no digests: it is checked for missing and truncated files.
     """
     from gpt2cli.cache import verify as verify_model
 
-    with _status("verifying") as status:
+    with status("verifying") as spinner:
 
         def on_file(model: str, file: str) -> None:
-            if status is not None:
-                status.update(f"verifying {model}: {file}")
+            if spinner is not None:
+                spinner.update(f"verifying {model}: {file}")
 
         report = verify_model(name, repair=repair, on_file=on_file)
     if output_format is Format.json:
         write_json(report.to_dict(), pretty=True)
     else:
-        write(_verify_text(report))
+        _verify_text(report)
     if not report.ok:
         bad = [c.name for c in report.checks if c.bad]
+        what = name or "the cache"
+        again = f"gpt2 models verify {name} --repair" if name else "gpt2 models verify --repair"
         raise CorruptWeightsError(
-            f"{len(bad)} cached file(s) of {name} failed verification: {', '.join(bad)}",
-            hint=f"run `gpt2 models verify {name} --repair`" if not repair else "check the disk, then retry",
+            f"{len(bad)} file(s) of {what} failed verification: {', '.join(bad)}",
+            hint=f"run `{again}`" if not repair else "check the disk and the connection, then retry",
         )
 
 
-def _verify_text(report: VerifyReport) -> str:
+def _verify_text(report: VerifyReport) -> None:
     rows = []
     for c in report.checks:
-        status = f"{c.status}, repaired" if c.repaired else c.status
-        rows.append([status, c.model, c.name, human_size(c.size), c.expected or "-"])
-    return table(rows)
+        state = f"{c.status}, repaired" if c.repaired else c.status
+        rows.append([state, c.model, c.name, human_size(c.size), c.expected or "-"])
+    table(None, rows, right=frozenset({3}))
 
 
-@app.command("rm")
+@app.command("rm", cls=HelpCommand)
 def rm(
-    name: Name,
+    names: Annotated[
+        list[str], typer.Argument(help="Models to delete: alias, org/name (every revision) or org/name@rev.")
+    ],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
     output_format: FormatOpt = Format.text,
 ) -> None:
-    """Delete NAME from the cache (every cached revision, or only NAME@revision)."""
+    """Delete NAMES from the cache (every cached revision, or only NAME@revision).
+
+    Nothing is deleted unless every name is in the cache. Declining the question exits 0.
+    """
     from gpt2cli.cache import plan_removal
 
-    plan = plan_removal(name)
-    listing = ", ".join(f"{m.repo_id}@{m.commit[:12]}" for m in plan.models)
+    plans = [plan_removal(name) for name in names]  # every name checked before anything goes
+    models = [m for plan in plans for m in plan.models]
+    listing = ", ".join(f"{m.repo_id}@{m.commit[:12]}" for m in models)
+    freeing = sum(plan.freed for plan in plans)
     if not yes:
         if not is_terminal(sys.stdin):
             raise BadInputError(
-                f"refusing to delete {name} without confirmation (stdin is not a terminal)",
-                hint=f"pass --yes: gpt2 models rm {name} --yes",
+                f"refusing to delete {' '.join(names)} without confirmation (stdin is not a terminal)",
+                hint=f"pass --yes: gpt2 models rm {' '.join(names)} --yes",
             )
-        if not _confirm(f"Delete {listing} ({human_size(plan.freed)})?"):
-            raise Gpt2Error(f"kept {name}: nothing deleted")
-    freed = plan.execute()
+        if not _confirm(f"Delete {listing} ({human_size(freeing)})?"):
+            sys.stderr.write("nothing deleted\n")
+            return
+    freed = sum(plan.execute() for plan in plans)
     if output_format is Format.json:
-        write_json({"removed": [m.to_dict() for m in plan.models], "freed": freed}, pretty=True)
+        write_json({"removed": [m.to_dict() for m in models], "freed": freed}, pretty=True)
     else:
         write(f"removed {listing}: freed {human_size(freed)}\n")
 
@@ -195,15 +236,6 @@ def _confirm(question: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- rendering helpers
-def table(rows: list[list[str]], indent: str = "") -> str:
-    """Left-aligned columns separated by two spaces (plain text: it reads the same piped)."""
-    if not rows:
-        return ""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "".join(f"{indent}{line}\n" for line in lines)
-
-
 def human_size(n: int) -> str:
     """Bytes in decimal units, as the Hub shows them (548.1 MB)."""
     size = float(n)
@@ -226,10 +258,3 @@ def _params(n: int | None) -> str:
 
 def _revision(m: CachedModel) -> str:
     return ",".join(m.refs) if m.refs else m.commit[:12]
-
-
-def _status(text: str) -> AbstractContextManager[Any]:
-    """A spinner on stderr while hashing, on a terminal only."""
-    if not is_terminal(sys.stderr):
-        return nullcontext(None)
-    return stderr_console().status(text)

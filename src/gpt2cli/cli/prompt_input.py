@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 
 from gpt2cli.cli.output import is_terminal, warn
@@ -25,8 +27,8 @@ def read_stdin_text() -> str:
         return data.decode("utf-8", errors="replace")
 
 
-def read_prompt(prompt: str | None) -> str:
-    """The prompt to use.
+def read_prompt(prompt: str | None, example: str = 'gpt2 generate "Once upon a time"') -> str:
+    """The prompt to use (``example`` shows how to pass one, in the error's hint).
 
     Raises:
         BadInputError: no prompt given and none on stdin, or the prompt is empty.
@@ -35,9 +37,7 @@ def read_prompt(prompt: str | None) -> str:
         text = read_stdin_text()
         source = "stdin"
     elif prompt is None:
-        raise BadInputError(
-            "no prompt given", hint='pass one: gpt2 generate "Once upon a time", or pipe text on stdin'
-        )
+        raise BadInputError("no prompt given", hint=f"pass one: {example}, or pipe text on stdin")
     else:
         text, source = prompt, "the prompt"
     if not text.strip() and not text:
@@ -46,3 +46,21 @@ def read_prompt(prompt: str | None) -> str:
             hint="give some text; to generate unconditionally, use '<|endoftext|>' as the prompt",
         )
     return text
+
+
+def note_ignored_stdin() -> None:
+    """Say on stderr that piped text on stdin is not used when a PROMPT argument was given.
+
+    Only text already waiting counts: an empty or idle stdin is never read or waited for.
+    """
+    stream = sys.stdin
+    if stream is None or is_terminal(stream):
+        return
+    try:
+        fd = stream.fileno()
+        ready, _, _ = select.select([fd], [], [], 0)
+        pending = bool(ready) and bool(os.read(fd, 1))
+    except (OSError, ValueError):
+        return
+    if pending:
+        warn("stdin was ignored because a PROMPT was given (pass '-' as the prompt to read stdin)")

@@ -68,10 +68,10 @@ def repl(
     kind = template.value if template else None
     pick_template(model, kind, user_name, bot_name)  # bad names fail before the model loads
 
-    from gpt2cli.api import load
+    from gpt2cli.cli.loading import load_model
     from gpt2cli.repl.session import make_session
 
-    lm = load(
+    lm = load_model(
         model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, quantize=quantize
     )
     session = make_session(lm, cfg, template=kind, user_name=user_name, bot_name=bot_name, mode=mode.value)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ SETTINGS: dict[str, type] = {
     "seed": int,
 }
 _OPTIONAL = {"top_k", "top_p", "min_p", "repetition_penalty", "seed"}
+SET_NAMES = {key: key for key in SETTINGS}  # messages name values as /set takes them
 
 
 @dataclass
@@ -56,11 +57,16 @@ class Turn:
 
 @dataclass
 class Outcome:
-    """What a slash command answers: text to show, whether it is an error, whether to leave."""
+    """What a slash command answers: text to show, whether it is an error, whether to leave.
+
+    ``confirm``: the command to run if the user agrees to the question in ``text`` (a terminal
+    asks; a script cannot, so it is an error there).
+    """
 
     text: str = ""
     error: bool = False
     leave: bool = False
+    confirm: str | None = None
 
 
 @dataclass
@@ -245,7 +251,7 @@ class Session:
             except ValueError:
                 kind = "an integer" if SETTINGS[key] is int else "a number"
                 raise BadInputError(f"{key} must be {kind}, got {raw!r}") from None
-        self.cfg = dataclasses.replace(self.cfg, **{key: value}).validate()
+        self.cfg = dataclasses.replace(self.cfg, **{key: value}).validate(names=SET_NAMES)
 
     def settings(self) -> dict[str, Any]:
         return {key: getattr(self.cfg, key) for key in SETTINGS}
@@ -297,13 +303,15 @@ class Session:
             "turns": [turn.to_json() for turn in self.turns],
         }
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, overwrite: bool = True) -> Path:
         """Write the transcript as JSON.
 
         Raises:
-            Gpt2Error: the file cannot be written.
+            Gpt2Error: the file cannot be written (or exists, without ``overwrite``).
         """
         path = Path(path).expanduser()
+        if not overwrite and path.exists():
+            raise Gpt2Error(f"{path} exists", hint=f"/save! {path} overwrites it")
         try:
             path.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n", "utf-8")
         except OSError as exc:
@@ -364,8 +372,9 @@ class Session:
 
 
 def _help(session: Session, arg: str) -> Outcome:
-    width = max(len(c.usage) for c in COMMANDS)
-    lines = [f"{c.usage:<{width}}  {c.help}" for c in COMMANDS]
+    usages = [", ".join([c.usage, *c.aliases]) for c in COMMANDS]
+    width = max(len(u) for u in usages)
+    lines = [f"{u:<{width}}  {c.help}" for u, c in zip(usages, COMMANDS, strict=True)]
     lines += [
         "",
         f"/set options: {', '.join(SETTINGS)} ('none' clears top_k, top_p, min_p, repetition_penalty, seed)",
@@ -402,6 +411,14 @@ def _undo(session: Session, arg: str) -> Outcome:
 def _save(session: Session, arg: str) -> Outcome:
     if not arg:
         return Outcome("usage: /save FILE", error=True)
+    if Path(arg).expanduser().exists():
+        return Outcome(f"{arg} exists: overwrite it?", error=True, confirm=f"/save! {arg}")
+    return Outcome(f"saved {len(session.turns)} turns to {session.save(arg, overwrite=False)}")
+
+
+def _save_over(session: Session, arg: str) -> Outcome:
+    if not arg:
+        return Outcome("usage: /save! FILE", error=True)
     return Outcome(f"saved {len(session.turns)} turns to {session.save(arg)}")
 
 
@@ -413,10 +430,9 @@ def _load(session: Session, arg: str) -> Outcome:
 
 
 def _mode(session: Session, arg: str) -> Outcome:
-    if arg:
-        session.set_mode(arg.lower())
-    else:  # no argument: switch to the other mode
-        session.set_mode(MODES[1 - MODES.index(session.mode)])
+    if not arg:  # no argument: say which mode this is
+        return Outcome(f"mode: {session.mode} (/mode {' or /mode '.join(MODES)} switches)")
+    session.set_mode(arg.lower())
     return Outcome(f"mode: {session.mode}")
 
 
@@ -430,10 +446,11 @@ COMMANDS = [
     Command("/show", "/show", "model, device, settings and context use", _show),
     Command("/reset", "/reset", "forget the conversation", _reset, ("/clear",)),
     Command("/undo", "/undo", "drop the last exchange", _undo),
-    Command("/save", "/save FILE", "save the conversation as a JSON transcript", _save),
+    Command("/save", "/save FILE", "save the conversation as JSON (asks before overwriting)", _save),
+    Command("/save!", "/save! FILE", "save, overwriting FILE", _save_over),
     Command("/load", "/load FILE", "load a saved transcript (with its mode and settings)", _load),
-    Command("/mode", "/mode [chat|complete]", "switch between chat and completion", _mode),
-    Command("/exit", "/exit", "leave (also /quit, /bye, Ctrl-D)", _exit, ("/quit", "/bye")),
+    Command("/mode", "/mode [chat|complete]", "show the mode, or switch between chat and completion", _mode),
+    Command("/exit", "/exit", "leave (Ctrl-D too)", _exit, ("/quit", "/bye")),
 ]
 COMMAND_INDEX = {name: c for c in COMMANDS for name in (c.name, *c.aliases)}
 COMMAND_NAMES = sorted(COMMAND_INDEX)
@@ -456,3 +473,42 @@ def make_session(
     if template is not None and template not in TEMPLATES:
         raise BadInputError(f"unknown chat template {template!r}", hint=f"use one of: {', '.join(TEMPLATES)}")
     return Session(lm, cfg, pick_template(lm.name, template, user_name, bot_name), mode)
+
+
+BLOCK = '"""'
+
+
+def block_is_open(text: str) -> bool:
+    """Whether ``text`` opens a triple-quoted block (as in ollama) that it has not closed yet."""
+    stripped = text.lstrip()
+    return stripped.startswith(BLOCK) and not stripped[len(BLOCK) :].rstrip().endswith(BLOCK)
+
+
+def unblock(text: str) -> str:
+    """The text inside a triple-quoted block (newlines kept), or ``text`` itself if it is none."""
+    stripped = text.lstrip()
+    if not stripped.startswith(BLOCK):
+        return text
+    body = stripped[len(BLOCK) :].rstrip()
+    if body.endswith(BLOCK):
+        body = body[: -len(BLOCK)]
+    return body.strip("\n")
+
+
+def script_inputs(lines: Iterator[str]) -> Iterator[tuple[int, str]]:
+    """(line number, input) for a piped script: each line is an input, a block is one."""
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r\n")
+        if pending:
+            pending.append(line)
+            if not block_is_open("\n".join(pending)):
+                yield start, unblock("\n".join(pending))
+                pending = []
+        elif block_is_open(line):
+            pending, start = [line], number
+        else:
+            yield number, unblock(line)
+    if pending:  # a block never closed: what was typed is still a turn
+        yield start, unblock("\n".join(pending))

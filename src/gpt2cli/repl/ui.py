@@ -6,6 +6,7 @@ All conversation logic lives in ``repl.session``; this module only reads input a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -13,17 +14,29 @@ from pathlib import Path
 from typing import Any
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.application.current import get_app
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
+from prompt_toolkit.filters import Condition
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
 from gpt2cli.cli.output import color_allowed, stderr_console, write
-from gpt2cli.repl.session import COMMAND_NAMES, MODES, SETTINGS, Outcome, Session
+from gpt2cli.errors import BadInputError
+from gpt2cli.repl.session import (
+    COMMAND_NAMES,
+    MODES,
+    SETTINGS,
+    Outcome,
+    Session,
+    block_is_open,
+    script_inputs,
+    unblock,
+)
 from gpt2cli.text import trimmed
 
-BLOCK = '"""'
 LEAVE_HINT = "Use Ctrl-D or /bye to leave."
+FILE_COMMANDS = ("/save", "/save!", "/load")
 
 
 def data_dir() -> Path:
@@ -48,13 +61,19 @@ def _history() -> History:
 
 
 class SlashCompleter(Completer):
-    """Completes slash commands, /set options and /mode values."""
+    """Completes slash commands, /set options, /mode values and the file names of /save and /load."""
+
+    def __init__(self) -> None:
+        self.paths = PathCompleter(expanduser=True)
 
     def get_completions(self, document: Document, complete_event: Any) -> Iterator[Completion]:
         text = document.text_before_cursor
         if not text.startswith("/") or "\n" in text:
             return
         head, _, rest = text.partition(" ")
+        if _ and head in FILE_COMMANDS:
+            yield from self.paths.get_completions(Document(rest, len(rest)), complete_event)
+            return
         if not _:
             choices: Iterable[str] = COMMAND_NAMES
             word = head
@@ -75,7 +94,38 @@ def _key_bindings() -> KeyBindings:
         """Alt-Enter (Esc then Enter) inserts a new line instead of sending."""
         event.current_buffer.insert_text("\n")
 
+    @kb.add("enter", filter=Condition(lambda: block_is_open(get_app().current_buffer.text)))
+    def _in_block(event: KeyPressEvent) -> None:
+        """Enter inside an open \"\"\" block starts the next line: the block is one input (and
+        one history entry)."""
+        event.current_buffer.insert_text("\n")
+
     return kb
+
+
+@contextlib.contextmanager
+def no_echo(stream: Any = None) -> Iterator[None]:
+    """Keys typed while a reply streams are not echoed into it (they wait for the next prompt).
+
+    Turns off the terminal's echo and line editing on ``stream`` (stdin) and restores them;
+    Ctrl-C still interrupts. Does nothing when ``stream`` is not a terminal.
+    """
+    stream = sys.stdin if stream is None else stream
+    try:
+        import termios
+
+        fd = stream.fileno()
+        before = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    quiet = list(before)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)  # lflags; ISIG stays: Ctrl-C still works
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, before)
 
 
 class TerminalUI:
@@ -110,6 +160,7 @@ class TerminalUI:
             complete_while_typing=False,
             key_bindings=_key_bindings(),
             bottom_toolbar=self.toolbar,
+            prompt_continuation="... ",
             output=output,
         )
 
@@ -147,27 +198,22 @@ class TerminalUI:
             self.reply(text)
 
     def read(self) -> str:
-        """One input: a line, or a block between triple quotes (as in ollama).
+        """One input: a line, or a block between triple quotes (as in ollama); Enter inside an
+        open block adds a line, so the block is one input and one history entry.
 
         Raises:
             KeyboardInterrupt: Ctrl-C. EOFError: Ctrl-D on an empty line.
         """
-        line = self.prompt.prompt(">>> ")
-        if not line.lstrip().startswith(BLOCK):
-            return line
-        body = line.lstrip()[len(BLOCK) :]
-        if body.rstrip().endswith(BLOCK):
-            return body.rstrip()[: -len(BLOCK)]
-        parts = [body] if body else []
-        while True:
-            more = self.prompt.prompt("... ")
-            if more.rstrip().endswith(BLOCK):
-                parts.append(more.rstrip()[: -len(BLOCK)])
-                return "\n".join(parts).strip("\n")
-            parts.append(more)
+        return unblock(self.prompt.prompt(">>> "))
 
     def show_outcome(self, outcome: Outcome) -> None:
-        if outcome.error:
+        if outcome.confirm is not None:  # a question: ask it, and run the command on yes
+            answer = self.prompt.prompt(f"{outcome.text} [y/N] ", bottom_toolbar=None)
+            if answer.strip().lower() in ("y", "yes"):
+                self.show_outcome(self.session.command(outcome.confirm))
+            else:
+                self.note("nothing saved")
+        elif outcome.error:
             self.note(outcome.text, error=True)
         elif outcome.text:
             self.notes.print(outcome.text)
@@ -177,9 +223,10 @@ class TerminalUI:
         pieces = self.session.respond(text)
         shown = False
         try:
-            for piece in trimmed(pieces):
-                self.console.out(piece, end="", highlight=False)
-                shown = True
+            with no_echo():
+                for piece in trimmed(pieces):
+                    self.console.out(piece, end="", highlight=False)
+                    shown = True
         except KeyboardInterrupt:
             pieces.close()  # commits the exchange with what was shown
             self.console.out("" if not shown else "\n", end="")
@@ -200,17 +247,21 @@ def terminal_ui(session: Session) -> TerminalUI:
 
 
 def run_piped(session: Session, lines: Iterable[str]) -> None:
-    """Each input line is a turn; replies go to stdout as plain text, notes to stderr.
+    """Each input line is a turn (a \"\"\" block is one); replies go to stdout as plain text,
+    notes to stderr. A failing command ends the script (its replies so far are out).
 
     Raises:
         KeyboardInterrupt: Ctrl-C (after ending the reply's line).
+        BadInputError: a slash command failed (exit 2), naming its line.
     """
-    for line in lines:
-        text = line.rstrip("\r\n")
+    for number, text in script_inputs(iter(lines)):
         if not text.strip():
             continue
-        if text.startswith("/"):
+        if text.startswith("/") and "\n" not in text:
             outcome = session.command(text)
+            if outcome.error or outcome.confirm is not None:
+                hint = f"{outcome.confirm} does it without asking" if outcome.confirm else None
+                raise BadInputError(f"line {number}: {text}: {outcome.text}", hint=hint)
             if outcome.text:
                 sys.stderr.write(outcome.text + "\n")
                 sys.stderr.flush()

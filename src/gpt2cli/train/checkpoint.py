@@ -69,6 +69,7 @@ def save(
     path = path.absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual mode
     try:
         hub = {k: v.float().cpu().contiguous() for k, v in to_hub_layout(state).items()}
         save_file(hub, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -81,6 +82,13 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

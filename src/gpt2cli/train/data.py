@@ -1,5 +1,6 @@
-"""Training data: documents read from files, tokenized, joined with <|endoftext|>, packed into
-blocks, split into train and held-out sets, and served in batches sharded across DDP ranks.
+"""Training data: files found (directories walked), documents read from them, tokenized, joined
+with <|endoftext|>, packed into blocks, split into train and held-out sets, and served in
+batches sharded across DDP ranks.
 
 The order of the training blocks is a permutation seeded by (seed, epoch), so the position in
 the data is fully described by the global step: resuming needs no other data state.
@@ -8,37 +9,93 @@ the data is fully described by the global step: resuming needs no other data sta
 from __future__ import annotations
 
 import hashlib
-import json
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gpt2cli.errors import BadInputError
+from gpt2cli.jsonl import read_jsonl_texts
 from gpt2cli.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 
 
-def read_documents(paths: list[Path]) -> list[str]:
-    """The documents in ``paths``: a whole .txt/.md file is one, each .jsonl line's ``text`` is one.
+@dataclass
+class DataFiles:
+    """The files a run reads, in order, and what the directories held besides."""
+
+    files: list[Path]
+    skipped: list[Path] = field(default_factory=list)  # files of other kinds inside directories
+
+    def describe(self) -> str:
+        """``3 files (2 .txt, 1 .jsonl)``, plus the skipped ones, for the progress output."""
+        kinds = Counter(p.suffix.lower() or "(no suffix)" for p in self.files)
+        text = f"{len(self.files)} file{'s' if len(self.files) != 1 else ''} ("
+        text += ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) + ")"
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)} other files (--data-format text takes them)"
+        return text
+
+
+def collect_files(paths: list[Path], data_format: str = "auto") -> DataFiles:
+    """The data files ``paths`` name: files as given, directories walked recursively (sorted).
+
+    In a directory, ``auto`` and ``jsonl`` take the .txt/.md/.jsonl files; ``text`` takes
+    every file. Hidden files and directories are skipped.
+
+    Raises:
+        BadInputError: a path that does not exist, a given file of an unknown kind (auto), or a
+            directory with nothing to read.
+    """
+    found = DataFiles([])
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            wanted = [p for p in inside if data_format == "text" or p.suffix.lower() in TEXT_SUFFIXES]
+            if not wanted:
+                raise BadInputError(
+                    f"data directory {path} holds no .txt, .md or .jsonl files"
+                    + (f" ({len(inside)} other files)" if inside else ""),
+                    hint="pass --data-format text to take every file as a document",
+                )
+            found.files += wanted
+            found.skipped += [p for p in inside if p not in wanted]
+        elif path.is_file():
+            if data_format == "auto" and path.suffix.lower() not in TEXT_SUFFIXES:
+                raise BadInputError(
+                    f"{path}: unsupported data file type {path.suffix or '(none)'!r}",
+                    hint='use .txt/.md (one document per file), .jsonl (one {"text": ...} per line), '
+                    "or --data-format text to take any file as one document",
+                )
+            found.files.append(path)
+        else:
+            raise BadInputError(
+                f"data path {path} does not exist",
+                hint="pass .txt, .md or .jsonl files, or directories of them",
+            )
+    return found
+
+
+def read_documents(paths: list[Path], data_format: str = "auto") -> list[str]:
+    """The documents in ``paths`` (files, see ``collect_files``): a .txt/.md file (any file with
+    ``text``) is one; each JSONL line's ``text`` is one (.jsonl in ``auto``, every file in ``jsonl``).
 
     Raises:
         BadInputError: a file is missing, unreadable, not UTF-8, of an unknown kind, a JSONL
             line is not an object with a string ``text``, or there is no text at all.
     """
     docs: list[str] = []
-    for path in paths:
-        if not path.is_file():
-            raise BadInputError(f"data file {path} does not exist", hint="pass .txt, .md or .jsonl files")
-        if path.suffix.lower() not in TEXT_SUFFIXES:
-            raise BadInputError(
-                f"{path}: unsupported data file type {path.suffix or '(none)'!r}",
-                hint='use .txt or .md (one document per file) or .jsonl (one {"text": ...} per line)',
-            )
+    for path in collect_files(paths, data_format).files:
         text = _read_text(path)
-        docs.extend(_jsonl_documents(path, text) if path.suffix.lower() == ".jsonl" else [text])
+        as_jsonl = data_format == "jsonl" or (data_format == "auto" and path.suffix.lower() == ".jsonl")
+        docs.extend(_jsonl_documents(path, text) if as_jsonl else [text])
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise BadInputError("the training data is empty", hint="the files hold no text to train on")
@@ -55,21 +112,7 @@ def _read_text(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, text: str) -> list[str]:
-    docs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise BadInputError(f"{path} line {number}: not valid JSON ({exc})") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise BadInputError(
-                f'{path} line {number}: no "text" string field',
-                hint='each JSONL line must be an object like {"text": "..."}',
-            )
-        docs.append(obj["text"])
-    return docs
+    return list(read_jsonl_texts(text.splitlines(), str(path)))
 
 
 def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> torch.Tensor:
@@ -143,7 +186,8 @@ class Batching:
 
 def epoch_order(n_train: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled block order of one epoch (the same on every rank)."""
-    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)  # any 64-bit seed
+    return torch.randperm(n_train, generator=generator)
 
 
 def step_batches(data: Dataset, batching: Batching, seed: int, step: int) -> Iterator[torch.Tensor]:

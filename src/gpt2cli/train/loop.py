@@ -29,6 +29,7 @@ from gpt2cli.train import checkpoint, distributed
 from gpt2cli.train.data import (
     Batching,
     Dataset,
+    collect_files,
     pack,
     read_documents,
     step_batches,
@@ -40,6 +41,14 @@ from gpt2cli.train.lora import adapter_state, apply_lora, merged_state_dict
 from gpt2cli.train.settings import FinetuneSettings
 
 STATE_VERSION = 1
+
+
+@dataclass
+class DataEvent:
+    """What the data paths held: the files read and the documents found in them."""
+
+    files: str  # DataFiles.describe()
+    documents: int
 
 
 @dataclass
@@ -80,7 +89,7 @@ class SaveEvent:
     final: bool
 
 
-Event = StartEvent | StepEvent | EvalEvent | SaveEvent
+Event = DataEvent | StartEvent | StepEvent | EvalEvent | SaveEvent
 
 
 @dataclass
@@ -166,7 +175,10 @@ class _Run:
                 f"block size {block} is larger than the model's window of {self.config.n_positions} tokens",
                 hint=f"pass --block-size {self.config.n_positions} or less",
             )
-        ids = tokenize_documents(read_documents(self.s.data), tokenizer)
+        found = collect_files(self.s.data, self.s.data_format)
+        docs = read_documents(found.files, self.s.data_format)
+        self.emit(DataEvent(found.describe(), len(docs)))
+        ids = tokenize_documents(docs, tokenizer)
         return pack(ids, block, self.s.val_fraction, self.s.seed)
 
     def _total_steps(self) -> int:

@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt2cli.config import check_seed
 from gpt2cli.errors import BadInputError
+
+DATA_FORMATS = ("auto", "text", "jsonl")  # auto: by suffix; text: any file is one document
 
 # Architectures for --from-scratch: (n_layer, n_head, n_embd, n_positions).
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -25,6 +28,7 @@ class FinetuneSettings:
     data: list[Path]
     output: Path
     model: str = "gpt2"
+    data_format: str = "auto"  # auto (by suffix), text (any file is a document), jsonl
     block_size: int | None = None
     val_fraction: float = 0.05
     epochs: int | None = None
@@ -58,6 +62,10 @@ class FinetuneSettings:
         """
         if not self.data:
             raise BadInputError("no training data given", hint="pass one or more .txt, .md or .jsonl files")
+        if self.data_format not in DATA_FORMATS:
+            raise BadInputError(
+                f"unknown data format {self.data_format!r}", hint=f"use one of {', '.join(DATA_FORMATS)}"
+            )
         if self.lora is not None and self.from_scratch:
             raise BadInputError(
                 "--lora cannot be combined with --from-scratch",
@@ -85,6 +93,14 @@ class FinetuneSettings:
             raise BadInputError(f"weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise BadInputError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise BadInputError(
+                f"lora-alpha must be a positive number, got {self.lora_alpha}",
+                hint="the update is scaled by alpha / rank; the default is 2 x rank",
+            )
+        if self.lora_alpha is not None and self.lora is None:
+            raise BadInputError("--lora-alpha needs --lora RANK", hint="pass --lora 8, say")
+        check_seed(self.seed, "seed", allow_random=False)  # the run is replayed from it: no -1
         return self
 
     @property
