@@ -1,33 +1,38 @@
-"""Aggregate tokens/s of `gpt2 serve` with 1, 4 and 8 concurrent clients, batching on and off.
+"""`gpt2 serve` under concurrent load: continuous batching against one request at a time.
 
-Starts the server in this process on a free 127.0.0.1 port and has C client threads each send
-R greedy completion requests (prompts of equal token length, so they can share a batch). The
-same loads run with ``--max-batch 1`` (one request at a time) side by side, so the table's
-ratio column is what batching buys on this machine, whatever else it is doing.
+Starts two servers in this process on free 127.0.0.1 ports, one with continuous batching
+(``--max-batch`` 8, the default) and one with ``--max-batch 1``, and runs the same load on
+each, side by side, so the ratio column is what batching buys on this machine whatever else
+it is doing. The load: C client threads (1, 4, 8, 16), each sending R greedy completion
+requests with prompts of mixed token lengths (2 to 400) and mixed ``max_tokens`` (8 to 256),
+all streamed or all not. Reported per row: aggregate generated tokens/s, p50/p99 request
+latency and (streamed) p50/p99 time to first token; then the time to first token of a short
+request sent while a 300-token generation runs (head-of-line blocking).
 
-    python benchmarks/serve_concurrency.py                 # a random GPT-2-shaped checkpoint
-    python benchmarks/serve_concurrency.py --model gpt2    # a real one, if it is cached
+    python benchmarks/serve_concurrency.py                   # a random 124M-shaped GPT-2 (12x768)
+    python benchmarks/serve_concurrency.py --model gpt2      # a real one, if it is cached
+    python benchmarks/serve_concurrency.py --layers 2 --embd 64 --clients 1 4 --requests 1  # quick
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-PROMPTS = [
-    "The meaning of life is",
-    "Once upon a time there",
-    "In the beginning God created",
-    "My favourite food is pasta",
-]
+PROMPT_TOKENS = (2, 12, 40, 100, 200, 400)
+MAX_TOKENS = (8, 16, 32, 64, 128, 256)
 
 
 def random_checkpoint(dest: Path, n_layer: int, n_embd: int) -> str:
@@ -38,55 +43,121 @@ def random_checkpoint(dest: Path, n_layer: int, n_embd: int) -> str:
     )
 
 
-def run_load(url: str, model: str, clients: int, requests: int, max_tokens: int) -> tuple[int, float]:
-    """(generated tokens, seconds) for ``clients`` threads sending ``requests`` each."""
-    counts: list[int] = []
-    errors: list[str] = []
+@dataclass
+class Load:
+    """What one run of C clients measured."""
 
-    def client(k: int) -> None:
-        with httpx.Client(timeout=600) as http:
-            for r in range(requests):
-                body = {
-                    "model": model,
-                    "prompt": PROMPTS[(k + r) % len(PROMPTS)],
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                }
-                resp = http.post(url + "/v1/completions", json=body)
-                if resp.status_code != 200:
-                    errors.append(resp.text)
+    tokens: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def request(http: httpx.Client, url: str, body: dict) -> tuple[int, float, float | None]:
+    """(completion tokens, seconds, seconds to the first token or None) of one completion."""
+    t0 = time.perf_counter()
+    if not body.get("stream"):
+        resp = http.post(url + "/v1/completions", json=body)
+        resp.raise_for_status()
+        return resp.json()["usage"]["completion_tokens"], time.perf_counter() - t0, None
+    first = None
+    tokens = 0
+    body = {**body, "stream_options": {"include_usage": True}}
+    with http.stream("POST", url + "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+    return tokens, time.perf_counter() - t0, first
+
+
+def workload(clients: int, requests: int, vocab: int) -> list[list[tuple[list[int], int]]]:
+    """Each client's requests: (prompt ids, max_tokens), the same for both servers."""
+    out = []
+    for k in range(clients):
+        rng = random.Random(1000 * clients + k)
+        out.append(
+            [
+                ([rng.randrange(vocab) for _ in range(rng.choice(PROMPT_TOKENS))], rng.choice(MAX_TOKENS))
+                for _ in range(requests)
+            ]
+        )
+    return out
+
+
+def run_load(url: str, model: str, plan: list[list[tuple[list[int], int]]], stream: bool) -> Load:
+    load = Load()
+    lock = threading.Lock()
+
+    def client(jobs: list[tuple[list[int], int]]) -> None:
+        with httpx.Client(timeout=3600) as http:
+            for prompt, max_tokens in jobs:
+                body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+                try:
+                    tokens, seconds, ttft = request(http, url, {**body, "stream": stream})
+                except httpx.HTTPError as exc:
+                    with lock:
+                        load.errors.append(repr(exc))
                     continue
-                counts.append(resp.json()["usage"]["completion_tokens"])
+                with lock:
+                    load.tokens += tokens
+                    load.latencies.append(seconds)
+                    if ttft is not None:
+                        load.ttfts.append(ttft)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    threads = [threading.Thread(target=client, args=(jobs,)) for jobs in plan]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - t0
-    if errors:
-        raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    return sum(counts), seconds
+    load.seconds = time.perf_counter() - t0
+    if load.errors:
+        raise SystemExit(f"{len(load.errors)} requests failed, e.g. {load.errors[0]}")
+    return load
 
 
-def engine_only(lm, max_tokens: int) -> None:
-    """The batch itself, without HTTP: B equal prompts run as one ``BatchRun``, B = 1, 4, 8."""
-    from gpt2cli.config import GenerationConfig
-    from gpt2cli.server.batch import BatchRun, Job
+def short_behind_long(url: str, model: str, vocab: int, repeats: int = 3) -> float:
+    """Median time to first token of a 4-token request sent while a 300-token generation runs."""
+    rng = random.Random(7)
+    times = []
+    with httpx.Client(timeout=3600) as http:
+        for _ in range(repeats):
+            long_body = {"model": model, "prompt": [rng.randrange(vocab) for _ in range(20)]}
+            long_body |= {"max_tokens": 300, "temperature": 0, "stream": True}
+            with http.stream("POST", url + "/v1/completions", json=long_body) as long:
+                lines = long.iter_lines()
+                next(line for line in lines if line.startswith("data: {"))  # it is generating
+                short = {"model": model, "prompt": [rng.randrange(vocab) for _ in range(4)]}
+                short |= {"max_tokens": 8, "temperature": 0, "stream": True}
+                with httpx.Client(timeout=3600) as other:
+                    _, _, ttft = request(other, url, short)
+                assert ttft is not None
+                times.append(ttft)
+                for _ in lines:  # let the long one finish
+                    pass
+    return statistics.median(times)
 
-    prompt = lm.encode(PROMPTS[0])
-    cfg = GenerationConfig(max_new_tokens=max_tokens, temperature=0)
 
-    def rate(b: int) -> float:
-        jobs = [Job(prompt, cfg, lambda event: None, eos_id=None) for _ in range(b)]
-        t0 = time.perf_counter()
-        BatchRun(lm.model, lm.tokenizer, jobs).run()
-        return b * max_tokens / (time.perf_counter() - t0)
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
-    rate(1)  # warm-up
-    one, four, eight = rate(1), rate(4), rate(8)
-    print(f"engine alone: {one:.1f} tok/s at B=1; B=4 {four / one:.2f}x, B=8 {eight / one:.2f}x\n")
+
+def spread(values: list[float]) -> str:
+    return f"{pct(values, 0.5):.2f} / {pct(values, 0.99):.2f}" if values else "-"
 
 
 def main() -> None:
@@ -94,22 +165,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="model spec (default: a random checkpoint, see --layers/--embd)")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--embd", type=int, default=256)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--embd", type=int, default=768)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-batch", type=int, default=8, help="the batching server's --max-batch")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (1 is steadier on a shared, oversubscribed machine)"
-    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
         from gpt2cli.device import configure_threads
 
         configure_threads(args.threads)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from serverutil import ServerThread
 
     from gpt2cli import load
@@ -117,26 +185,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.model or random_checkpoint(Path(tmp) / "ckpt", args.layers, args.embd)
         lm = load(spec, device=args.device)
+        model = Path(spec).name if Path(spec).is_dir() else spec
+        vocab = lm.tokenizer.n_vocab - 1  # no <|endoftext|> in the prompts
         servers = {
-            "batched": ServerThread(lm, max_batch=8).start(),
-            "one at a time": ServerThread(lm, max_batch=1).start(),
+            "batched": ServerThread(lm, max_batch=args.max_batch, cache_tokens=0).start(),
+            "one at a time": ServerThread(lm, max_batch=1, cache_tokens=0).start(),
         }
         try:
-            run_load(servers["batched"].url, spec, 1, 1, 4)  # warm-up
-            engine_only(lm, args.max_tokens)
+            for srv in servers.values():  # warm-up
+                run_load(srv.url, model, workload(1, 1, vocab), stream=False)
+            name = args.model or f"random {args.layers}x{args.embd}"
             print(
-                f"model: {args.model or f'random {args.layers}x{args.embd}'} on {args.device}; "
-                f"{args.requests} requests x {args.max_tokens} tokens per client, greedy\n"
+                f"model: {name} on {args.device}; {args.requests} requests per client, prompts of "
+                f"{min(PROMPT_TOKENS)}-{max(PROMPT_TOKENS)} tokens, max_tokens {min(MAX_TOKENS)}-"
+                f"{max(MAX_TOKENS)}, greedy; batched = --max-batch {args.max_batch}, 1 = --max-batch 1\n"
             )
-            print("| clients | batched tok/s | one at a time tok/s | batched / one at a time |")
-            print("|---:|---:|---:|---:|")
+            print(
+                "| clients | stream | tok/s batched | tok/s 1 | ratio | latency p50 / p99 s batched "
+                "| latency p50 / p99 s 1 | TTFT p50 / p99 s batched | TTFT p50 / p99 s 1 |"
+            )
+            print("|---:|:---:|---:|---:|---:|---:|---:|---:|---:|")
             for c in args.clients:
-                rates = {}
-                for name, srv in servers.items():  # side by side, same load
-                    tokens, seconds = run_load(srv.url, spec, c, args.requests, args.max_tokens)
-                    rates[name] = tokens / seconds
-                b, s = rates["batched"], rates["one at a time"]
-                print(f"| {c} | {b:.1f} | {s:.1f} | {b / s:.2f}x |", flush=True)
+                plan = workload(c, args.requests, vocab)
+                for stream in (False, True):
+                    b, s = (run_load(srv.url, model, plan, stream) for srv in servers.values())
+                    print(
+                        f"| {c} | {'yes' if stream else 'no'} | {b.rate:.1f} | {s.rate:.1f} | "
+                        f"{b.rate / s.rate:.2f}x | {spread(b.latencies)} | {spread(s.latencies)} | "
+                        f"{spread(b.ttfts)} | {spread(s.ttfts)} |",
+                        flush=True,
+                    )
+            hol = {n: short_behind_long(srv.url, model, vocab) for n, srv in servers.items()}
+            print(
+                f"\ntime to first token of a 4-token request while a 300-token generation runs "
+                f"(median of 3): batched {hol['batched']:.2f} s, one at a time {hol['one at a time']:.2f} s"
+            )
         finally:
             for srv in servers.values():
                 srv.stop()

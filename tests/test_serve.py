@@ -492,7 +492,8 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    _, err_bytes = proc.communicate()  # reads and closes both pipes
+    err = err_bytes.decode()
     assert code == 0, err
     assert received[-1] == "data: [DONE]"
     assert json.loads(received[-2][6:])["error"]["code"] == "shutting_down"

@@ -269,8 +269,9 @@ def test_each_bad_value_is_a_400_naming_its_field(ckpt_h: Path, lm_h) -> None:
         r = httpx.post(srv.url + "/v1/chat/completions", json=chat, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
         # the largest seed and the smallest temperature are fine
-        good = {**ok, "seed": 2**64 - 1, "temperature": 1e-3}
-        assert httpx.post(srv.url + "/v1/completions", json=good, timeout=60).status_code == 200
+        for seed in (2**64 - 1, -1):  # -1: a random seed, as in `gpt2 generate --seed -1`
+            good = {**ok, "seed": seed, "temperature": 1e-3}
+            assert httpx.post(srv.url + "/v1/completions", json=good, timeout=60).status_code == 200
     finally:
         srv.stop()
     assert not any("internal error" in line for line in srv.lines)

@@ -35,6 +35,7 @@ from gpt2cli.server.batch import Done, Event, Failed, Job
 from gpt2cli.server.metrics import CONTENT_TYPE, Gauges, Metrics
 from gpt2cli.server.middleware import CLIENT_CLOSED, AuthMiddleware, BodyLimitMiddleware, LogMiddleware
 from gpt2cli.server.protocol import (
+    API_NAMES,
     ApiError,
     ChatMessage,
     ChatRequest,
@@ -359,12 +360,12 @@ def _generation_config(
         top_p=body.top_p,
         min_p=body.min_p,
         repetition_penalty=body.repetition_penalty,
-        seed=body.seed_value,
+        seed=body.seed,
         stop=stops,
         num_samples=body.n,
     )
     if max_tokens > 0:
-        cfg.validate()  # the CLI's rules; the request models already checked each field's range
+        cfg.validate(API_NAMES)  # the CLI's rules (-1 becomes a random seed); the models checked each range
     return cfg
 
 

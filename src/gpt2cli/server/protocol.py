@@ -15,14 +15,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gpt2cli.config import (
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    RANDOM_SEED,
+    SEED_MAX,
+)
+
 MAX_LOGPROBS = 20
 MAX_N = 16
 MAX_STOPS = 16
 MAX_JSON_DEPTH = 64  # the deepest a request body may nest (OpenAI's deepest field is ~5)
-# The sampling ranges of GenerationConfig.validate, named here for the 400s.
-MIN_TEMPERATURE = 1e-3  # below it, logits / T overflows float32 into inf and nan
-MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 1e2
-SEED_MAX = 2**64 - 1  # torch.Generator takes 64-bit seeds; -1 means a random one (llama.cpp)
+# How GenerationConfig.validate should name the fields, were one to get past the models here.
+API_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}
 
 
 class ApiError(Exception):
@@ -101,7 +107,7 @@ class _Request(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
+    seed: int | None = Field(default=None, ge=RANDOM_SEED, le=SEED_MAX)  # -1: a random one
     # OpenAI's additive penalties: accepted at 0 (clients send their defaults), else refused.
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
@@ -129,11 +135,6 @@ class _Request(_Strict):
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
-
-    @property
-    def seed_value(self) -> int | None:
-        """The seed to use: None (random) for none or -1."""
-        return None if self.seed in (None, -1) else self.seed
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
