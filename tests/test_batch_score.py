@@ -148,12 +148,35 @@ def test_kill_then_resume_equals_an_uninterrupted_run(ckpt_h: Path, docs, tmp_pa
     assert_same_lines(got, read_jsonl(whole))
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_keeps_the_lines_written_and_exits_130(
+    ckpt_h: Path, docs, tmp_path: Path, workers: str
+) -> None:
+    out = tmp_path / "out.jsonl"
+    args = ["score", "-m", str(ckpt_h), *WINDOW, "--lookahead", "2", "--jsonl", "-", "-o", str(out)]
+    proc = subprocess.Popen(
+        [str(GPT2_BIN), *args, "--workers", workers], stdin=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    proc.stdin.write("".join(json.dumps(d) + "\n" for d in docs[:6]).encode())
+    proc.stdin.flush()
+    _wait_for_lines(out, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and b"interrupted: --resume continues" in err
+    kept = read_jsonl(out)  # every line whole
+    assert [k["id"] for k in kept] == [d["id"] for d in docs[: len(kept)]] and len(kept) >= 2
+
+
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen) -> None:
-    """Block until ``path`` holds ``n`` complete lines (an event, not a duration)."""
+    """Block until ``path`` holds ``n`` complete lines (an event; the deadline only stops a hang)."""
     import time
 
+    deadline = time.monotonic() + 600
     while not (path.exists() and path.read_bytes().count(b"\n") >= n):
         assert proc.poll() is None, "the job ended early"
+        assert time.monotonic() < deadline, f"no {n} lines in {path} while the input is open"
         time.sleep(0.05)
 
 
@@ -315,21 +338,14 @@ def mixed_input(tmp_path_factory: pytest.TempPathFactory, docs) -> Path:
     return path
 
 
+def job_args(ckpt: Path, src: Path, out: Path) -> list[str]:
+    return ["score", "-m", str(ckpt), *WINDOW, "--lookahead", "5", "--jsonl", str(src), "-o", str(out)]
+
+
 @pytest.fixture(scope="module")
 def local_run(ckpt_h: Path, mixed_input: Path) -> list[dict]:
     out = mixed_input.with_name("local.jsonl")
-    args = [
-        "score",
-        "-m",
-        str(ckpt_h),
-        *WINDOW,
-        "--lookahead",
-        "5",
-        "--jsonl",
-        str(mixed_input),
-        "-o",
-        str(out),
-    ]
+    args = job_args(ckpt_h, mixed_input, out)
     result = run_subprocess(args)
     assert result.code == 0, result.err
     return read_jsonl(out)
@@ -339,18 +355,7 @@ def test_workers_2_equals_workers_1(
     ckpt_h: Path, mixed_input: Path, local_run: list[dict], tmp_path: Path
 ) -> None:
     out = tmp_path / "w2.jsonl"
-    args = [
-        "score",
-        "-m",
-        str(ckpt_h),
-        *WINDOW,
-        "--lookahead",
-        "5",
-        "--jsonl",
-        str(mixed_input),
-        "-o",
-        str(out),
-    ]
+    args = job_args(ckpt_h, mixed_input, out)
     result = run_subprocess([*args, "--workers", "2"])
     assert result.code == 0, result.err
     assert "2 errors" in result.err and "on 2 worker processes" in result.err
@@ -362,18 +367,7 @@ def test_ray_local_equals_the_local_run(
 ) -> None:
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'gpt2cli[ray]')")
     out = tmp_path / "ray.jsonl"
-    args = [
-        "score",
-        "-m",
-        str(ckpt_h),
-        *WINDOW,
-        "--lookahead",
-        "5",
-        "--jsonl",
-        str(mixed_input),
-        "-o",
-        str(out),
-    ]
+    args = job_args(ckpt_h, mixed_input, out)
     ray_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a limit
     env = {"GPT2_THREADS": "1", "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir)}  # two one-thread actors
     try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import queue
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -276,25 +278,51 @@ def _pool(
     skip: tuple[str, set[str]],
     workers: int,
 ) -> Iterator[Outcome]:
-    """Chunks handed to ``workers`` processes, two each in flight, results yielded in order."""
+    """Chunks handed to ``workers`` processes, two each in flight, results yielded in order.
+
+    The input is read by a thread, so a chunk's results are written as soon as it is done
+    even while the next input line is slow to come (a pipe).
+    """
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     pool = ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(model, task, *skip)
     )
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()  # ("chunk", lines) | ("end", error) | ("done", None)
+    slots = threading.Semaphore(2 * workers)  # chunks read but not yet written
+    threading.Thread(target=_read_ahead, args=(chunks, events, slots), daemon=True).start()
     pending: deque[Future[list[Outcome]]] = deque()
+    ended = False
     try:
-        for chunk in chunks:
-            pending.append(pool.submit(_work, chunk))
-            while len(pending) >= 2 * workers:
+        while pending or not ended:
+            kind, value = events.get()
+            if kind == "chunk":
+                future = pool.submit(_work, value)
+                future.add_done_callback(lambda _: events.put(("done", None)))
+                pending.append(future)
+            elif kind == "end":
+                if value is not None:
+                    raise value
+                ended = True
+            while pending and pending[0].done():
                 yield from _result(pending.popleft())
-        while pending:
-            yield from _result(pending.popleft())
+                slots.release()
     finally:
         for future in pending:
             future.cancel()
         for process in list(getattr(pool, "_processes", {}).values()):
             process.terminate()  # a chunk in flight is lost; --resume redoes it
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_ahead(chunks: Iterator[list[Line]], events: queue.Queue[tuple[str, Any]], slots: Any) -> None:
+    """Put each chunk on ``events`` when a slot is free, then ``("end", None or the error)``."""
+    try:
+        while slots.acquire() and (chunk := next(chunks, None)) is not None:
+            events.put(("chunk", chunk))
+    except Exception as exc:  # noqa: BLE001 - handed to the reading loop, which raises it
+        events.put(("end", exc))
+        return
+    events.put(("end", None))
 
 
 def _result(future: Future[list[Outcome]]) -> list[Outcome]:
