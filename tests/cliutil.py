@@ -117,3 +117,28 @@ def in_namespace(*mounts: str) -> list[str]:
 def read_only(*dirs: str | Path) -> list[str]:
     """``in_namespace`` with each of ``dirs`` bind-mounted read-only onto itself."""
     return in_namespace(*(f"mount --bind -o ro {d} {d}" for d in dirs))
+
+
+def run_with_terminal_stderr(args: list[str], env: dict[str, str]) -> tuple[int, str, bytes]:
+    """Run ``gpt2 ARGS`` with stderr on a pseudo-terminal (stdout piped): (exit code, what the
+    terminal showed, stdout's bytes). ``env`` is the whole environment."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(GPT2_BIN), *args], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, env=env
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the other end closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out = proc.stdout.read() if proc.stdout else b""
+    code = proc.wait(timeout=HANG_GUARD)
+    os.close(master)
+    return code, b"".join(chunks).decode("utf-8", "replace"), out

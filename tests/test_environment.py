@@ -17,6 +17,7 @@ from cliutil import (
     read_only,
     run_inprocess,
     run_subprocess,
+    run_with_terminal_stderr,
 )
 
 import gpt2cli
@@ -173,33 +174,10 @@ def test_piped_text_ends_with_one_newline_never_two(ckpt_h: Path, capsys, monkey
 
 
 def test_loading_shows_a_status_line_on_a_terminal(ckpt_h: Path) -> None:
-    import pty
-
-    master, slave = pty.openpty()
     env = {**os.environ, "TERM": "xterm", "COLUMNS": "100"}
     env.pop("NO_COLOR", None)
-    from cliutil import GPT2_BIN
-
-    proc = subprocess.Popen(
-        [str(GPT2_BIN), "generate", "-m", str(ckpt_h), "Hi", "-n", "2"],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert proc.wait(timeout=HANG_GUARD) == 0
-    os.close(master)
-    terminal = b"".join(chunks).decode("utf-8", "replace")
+    code, terminal, _ = run_with_terminal_stderr(["generate", "-m", str(ckpt_h), "Hi", "-n", "2"], env)
+    assert code == 0
     assert f"loading {ckpt_h}" in terminal
     piped = run_subprocess(["generate", "-m", str(ckpt_h), "Hi", "-n", "2"])
     assert "loading" not in piped.err

@@ -18,6 +18,7 @@ from cliutil import (
     needs_namespaces,
     read_only,
     run_subprocess,
+    run_with_terminal_stderr,
 )
 from hubsim import HubSim
 
@@ -194,38 +195,14 @@ def test_choose_files() -> None:
 def test_download_progress_on_a_terminal(hub: HubSim, tmp_path: Path) -> None:
     """With stderr on a terminal, a Rich progress display names each file; stdout stays clean."""
     import os
-    import pty
-    import subprocess
-
-    from cliutil import GPT2_BIN
 
     ckpt = make_checkpoint(tmp_path / "ck")
     hub.add_repo("acme/tiny-gpt2", repo_files(ckpt))
-    master, slave = pty.openpty()
     env = {**os.environ, **hub_env(hub, tmp_path), "TERM": "xterm", "COLUMNS": "120"}
     env.pop("NO_COLOR", None)
     env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-    proc = subprocess.Popen(
-        [str(GPT2_BIN), "generate", "-m", "acme/tiny-gpt2", "Hi", "-n", "2"],
-        stdout=subprocess.PIPE,
-        stderr=slave,
-        stdin=subprocess.DEVNULL,
-        env=env,
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    out = proc.stdout.read() if proc.stdout else b""
-    assert proc.wait(timeout=HANG_GUARD) == 0
-    os.close(master)
-    terminal = b"".join(chunks).decode("utf-8", "replace")
+    code, terminal, out = run_with_terminal_stderr(["generate", "-m", "acme/tiny-gpt2", "Hi", "-n", "2"], env)
+    assert code == 0
     assert "model.safetensors" in terminal and "config.json" in terminal
     assert "\x1b" not in out.decode()
 
