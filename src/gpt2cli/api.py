@@ -101,7 +101,9 @@ class LM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.wte.weight.dtype
+        """The weights' float dtype (float32 for an int8 model, whose activations are float32)."""
+        stored = self.model.wte.weight.dtype
+        return stored if stored.is_floating_point else self.model.compute_dtype
 
     @property
     def window(self) -> int:
@@ -367,13 +369,14 @@ def load_resolved(
     config = GPT2Config.from_json(path / "config.json")
     tokenizer = _load_tokenizer(path, config)
     try:
-        raw_state = read_state_dict(weight_files(path, allow_pickle))
+        converter = fastpath.storage_converter(torch_device, torch_dtype, method)
+        raw_state = read_state_dict(weight_files(path, allow_pickle), converter)
     except CorruptWeightsError as exc:
         if resolved.spec.repo_id is not None:  # a Hub model in the cache: the cache can repair it
             exc.hint = f"re-download it: `gpt2 models verify {resolved.name} --repair`"
         raise
     model = build_model(config, raw_state)
-    fastpath.place(model, torch_device, torch_dtype, method)
+    fastpath.place(model, torch_device, torch_dtype, method, converter)
     lm = LM(model, tokenizer, resolved)
     if compile:
         fastpath.compile_decode(lm.engine)
@@ -388,6 +391,7 @@ def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor]) -> GPT2:
         state[name] = state[name].contiguous()
     with torch.device("meta"):
         model = GPT2(config)
+    model.requires_grad_(False)  # weights read as int8 cannot be parameters that require grad
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     return model

@@ -100,14 +100,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding``; built on meta (weights assigned later) without its random init:
+    ``normal_`` on meta goes through torch._refs, whose import of torch._dynamo costs ~70 MB
+    of RSS and a second of start-up."""
+    if torch.get_default_device().type == "meta":
+        return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+    return nn.Embedding(n, dim)
+
+
 class GPT2(nn.Module):
     """GPT-2 language model; ``lm_head`` is tied to ``wte``."""
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wte = _embedding(config.vocab_size, config.n_embd)
+        self.wpe = _embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.forward_tokens = 0  # tokens run through the network, for tests and stats
