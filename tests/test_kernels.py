@@ -28,17 +28,20 @@ def _data(out_f: int, in_f: int, rows: int, seed: int = 0) -> tuple[torch.Tensor
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[int]]:
-    """Counts the calls of a numba kernel by name (proves which path ran)."""
+    """Counts the calls of a numba kernel kind ("f32", "bf16", "f16", "i8"): proves which path ran."""
 
-    def install(name: str) -> list[int]:
+    def install(kind: str) -> list[int]:
         calls: list[int] = []
-        real = getattr(kernels._nk, name)
 
-        def counted(*args: object) -> object:
-            calls.append(1)
-            return real(*args)
+        def counted(real: Callable) -> Callable:
+            def call(*args: object) -> object:
+                calls.append(1)
+                return real(*args)
 
-        monkeypatch.setattr(kernels._nk, name, counted)
+            return call
+
+        parallel, serial = kernels._nk.GEMV[kind]
+        monkeypatch.setitem(kernels._nk.GEMV, kind, (counted(parallel), counted(serial)))
         return calls
 
     return install
@@ -49,7 +52,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[int]]:
 @pytest.mark.parametrize(("out_f", "in_f", "bias"), [(96, 32, True), (37, 130, True), (300, 64, False)])
 def test_gemv_f32_matches_f_linear(spy, rows: int, out_f: int, in_f: int, bias: bool) -> None:
     x, w, b = _data(out_f, in_f, rows)
-    calls = spy("gemv_f32")
+    calls = spy("f32")
     bb = b if bias else None
     with torch.inference_mode():
         torch.testing.assert_close(kernels.linear(x, w, bb), F.linear(x, w, bb), atol=1e-5, rtol=1e-5)
@@ -65,7 +68,7 @@ def test_gemv_f32_matches_f_linear(spy, rows: int, out_f: int, in_f: int, bias: 
 def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) -> None:
     x, w, b = _data(77, 200, rows)
     wh = w.to(dtype)
-    calls = spy("gemv_bf16" if dtype == torch.bfloat16 else "gemv_f16")
+    calls = spy("bf16" if dtype == torch.bfloat16 else "f16")
     with torch.inference_mode():
         y = kernels.linear(x, wh, b)
     # float32 x times the exactly widened weights: only summation order differs
@@ -78,13 +81,34 @@ def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) ->
 def test_gemv_int8_matches_dequantised_linear(spy, rows: int) -> None:
     x, w, b = _data(64, 48, rows)
     q, scale = quantize_rows(w)
-    calls = spy("gemv_i8")
+    calls = spy("i8")
     expected = F.linear(x, q.float() * scale[:, None], b)
     torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
         kernels.linear_int8(x, q, scale, None), F.linear(x, q.float() * scale[:, None]), atol=1e-5, rtol=1e-5
     )
     assert len(calls) == 2
+
+
+@needs_numba
+def test_serial_and_parallel_kernels_are_bit_identical() -> None:
+    """One thread runs the serial twins: the sums must not change with the thread count."""
+    nk = kernels._nk
+    x, w, b = _data(333, 200, 3)
+    q, scale = quantize_rows(w)
+    cases = {
+        "f32": (w.numpy(),),
+        "bf16": (w.to(torch.bfloat16).view(torch.int16).numpy(),),
+        "f16": (w.to(torch.float16).view(torch.int16).numpy(),),
+        "i8": (q.numpy(), scale.numpy()),
+    }
+    for kind, weights in cases.items():
+        outs = []
+        for kernel in nk.GEMV[kind]:
+            out = torch.empty(3, 333)
+            kernel(x.numpy(), *weights, b.numpy(), out.numpy())
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), kind
 
 
 @pytest.mark.skipif("int8" not in kernels._capabilities(), reason="no int8 GEMM instructions here")

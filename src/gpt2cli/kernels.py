@@ -20,8 +20,10 @@ Inside ``torch.compile`` graphs the numba kernels run as custom ops (``torch.ops
 with fake implementations for tracing); eager calls skip the dispatcher (~10 us a call).
 
 Threads: the numba kernels use as many threads as torch's intra-op pool
-(``torch.set_num_threads``, ``--threads``, ``GPT2_THREADS``); numba's threading layer is
-``DEFAULT_THREADING_LAYER`` unless ``NUMBA_THREADING_LAYER`` is set (docs/performance.md).
+(``torch.set_num_threads``, ``--threads``, ``GPT2_THREADS``), fewer while other processes keep
+cores busy (``cpuload.LoadWatch``; ``GPT2_ADAPTIVE_THREADS=0`` turns that off). One thread
+runs the ``_serial`` kernels in the calling thread; several use numba's OpenMP layer (first in
+``THREADING_LAYERS``; ``NUMBA_THREADING_LAYER`` overrides). Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -35,17 +37,25 @@ import torch
 import torch.nn.functional as F
 from torch.library import custom_op
 
+from gpt2cli.cpuload import LoadWatch
+
 SMALL_BATCH = 16
 """Up to this many rows the weight-streaming kernels beat GEMM: they read the weights once for all rows."""
 
-DEFAULT_THREADING_LAYER = "workqueue"
-"""numba's layer when NUMBA_THREADING_LAYER is unset: it does not spin beside torch's OpenMP pool."""
+THREADING_LAYERS = ["omp", "tbb", "workqueue"]
+"""numba's layers in order of preference when NUMBA_THREADING_LAYER is unset: OpenMP launches a
+region in microseconds where workqueue takes ~50 us (49 regions a token)."""
+
+OMP_SPINCOUNT = "10000"
+"""GOMP_SPINCOUNT for numba's OpenMP pool (unless set): idle threads spin ~10 us, not ~0.3 ms,
+beside torch's own pool (a second libgomp)."""
 
 HALF = (torch.float16, torch.bfloat16)
 
 _nk: Any = None  # the gpt2cli.numba_kernels module, once compiled
 _state = "unknown"  # unknown | ready | missing | off
-_numba_threads = 0  # numba's thread count as last set (follows torch.get_num_threads())
+_numba_threads = 0  # numba's thread count as last set
+_watch = LoadWatch()
 
 
 # --- set-up ----------------------------------------------------------------------------------
@@ -63,26 +73,43 @@ def _build() -> bool:
         import numba
 
         if not os.environ.get("NUMBA_THREADING_LAYER"):
-            numba.config.THREADING_LAYER = DEFAULT_THREADING_LAYER  # type: ignore[attr-defined]
+            numba.config.THREADING_LAYER_PRIORITY = THREADING_LAYERS  # type: ignore[attr-defined]
         from gpt2cli import numba_kernels
     except ImportError:
         _state = "missing"
         return False
-    numba_kernels.warm_up()
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    os.environ["GOMP_SPINCOUNT"] = spin or OMP_SPINCOUNT  # read once, when the pool starts
+    try:
+        numba_kernels.warm_up()
+    finally:
+        if spin is None:
+            del os.environ["GOMP_SPINCOUNT"]
     _nk = numba_kernels
     _state = "ready"
+    _watch.sample()
     return True
 
 
-def _sync_threads() -> None:
-    """numba's pool uses as many threads as torch's intra-op pool (checked every call: cheap)."""
+def kernel_threads() -> int:
+    """Threads for the next kernel call: torch's count, fewer while the machine is busy."""
     global _numba_threads
     n = torch.get_num_threads()
-    if n != _numba_threads:
+    if n > 1 and os.environ.get("GPT2_ADAPTIVE_THREADS", "1") != "0":
+        n = _watch.threads(n)
+    if n > 1 and n != _numba_threads:
         import numba
 
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+        n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+        numba.set_num_threads(n)
         _numba_threads = n
+    return n
+
+
+def _kernel(kind: str) -> Any:
+    """The parallel or serial numba kernel of ``kind`` for the threads available now."""
+    parallel, serial = _nk.GEMV[kind]
+    return parallel if kernel_threads() > 1 else serial
 
 
 def available() -> bool:
@@ -192,7 +219,6 @@ def embedding_int8(ids: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     if ids.device.type == "cpu" and is_enabled() and not torch.compiler.is_compiling():
         flat = ids.reshape(-1).contiguous()
         out = torch.empty(flat.shape[0], qweight.shape[1])
-        _sync_threads()
         _nk.embed_i8(flat.numpy(), qweight.numpy(), scale.numpy(), out.numpy())
         return out.view(*ids.shape, qweight.shape[1])
     return qweight[ids].float() * scale[ids].unsqueeze(-1)
@@ -212,13 +238,12 @@ def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     w = weight.contiguous()
     out = torch.empty(x2.shape[0], w.shape[0])
     b = (bias.float() if bias is not None else _zeros(w.shape[0])).numpy()
-    _sync_threads()
     if w.dtype == torch.float32:
-        _nk.gemv_f32(xv, w.numpy(), b, out.numpy())
+        _kernel("f32")(xv, w.numpy(), b, out.numpy())
     elif w.dtype == torch.bfloat16:
-        _nk.gemv_bf16(xv, w.view(torch.int16).numpy(), b, out.numpy())
+        _kernel("bf16")(xv, w.view(torch.int16).numpy(), b, out.numpy())
     elif w.dtype == torch.float16:
-        _nk.gemv_f16(xv, w.view(torch.int16).numpy(), b, out.numpy())
+        _kernel("f16")(xv, w.view(torch.int16).numpy(), b, out.numpy())
     else:
         raise TypeError(f"no decode kernel for {w.dtype} weights")
     return out
@@ -230,8 +255,7 @@ def _gemv_int8(
     """x2 float32 (B, in), int8 qweight (out, in), scale (out,) -> float32 (B, out)."""
     out = torch.empty(x2.shape[0], qweight.shape[0])
     b = bias.float() if bias is not None else _zeros(qweight.shape[0])
-    _sync_threads()
-    _nk.gemv_i8(x2.contiguous().numpy(), qweight.numpy(), scale.numpy(), b.numpy(), out.numpy())
+    _kernel("i8")(x2.contiguous().numpy(), qweight.numpy(), scale.numpy(), b.numpy(), out.numpy())
     return out
 
 

@@ -6,7 +6,8 @@ weight (out, in) in its storage type,
 
     out[r, o] = sum_i x[r, i] * w[o, i]  (+ per-row scale for int8)  + b[o]
 
-with one dot product per output row, rows split between threads (``prange``). Each weight
+with one dot product per output row, rows split between threads (``prange``) or run in the
+calling thread (the ``_serial`` twins). Each weight
 row is read from memory once and reused from L1 for every row of x, so B <= 16 rows cost
 little more than one. ``fastmath`` lets LLVM vectorise the reduction (reassociated sums): the
 result differs from BLAS by rounding only (~1e-6 relative). The order of the sum does not
@@ -49,61 +50,120 @@ def f16_bits_to_f32(typingctx: Any, bits: Any) -> Any:
     return types.float32(bits), codegen
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def gemv_f32(x, w, b, out):  # type: ignore[no-untyped-def]  # x (B, in), w (out, in), b (out,), out (B, out)
+# One output row per call of a ``_row_*`` function; ``gemv_*`` splits the rows between numba's
+# threads, ``gemv_*_serial`` runs them in the calling thread (no thread pool involved: what a
+# busy machine needs). Both inline the same row function, so their sums are bit-identical.
+_ROW = {"fastmath": True, "cache": True, "nogil": True, "inline": "always"}
+
+
+@numba.njit(**_ROW)  # type: ignore[call-overload]
+def _row_f32(x, w, b, out, o):  # type: ignore[no-untyped-def]  # x (B, in), w (out, in), b (out,), out (B, out)
+    row = w[o]
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0.0)
+        for i in range(x.shape[1]):
+            acc += xr[i] * row[i]
+        out[r, o] = acc + b[o]
+
+
+@numba.njit(**_ROW)  # type: ignore[call-overload]
+def _row_bf16(x, w, b, out, o):  # type: ignore[no-untyped-def]  # w: int16 bits of bfloat16
+    row = w[o]
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0.0)
+        for i in range(x.shape[1]):
+            acc += xr[i] * bf16_bits_to_f32(row[i])  # type: ignore[call-arg]
+        out[r, o] = acc + b[o]
+
+
+@numba.njit(**_ROW)  # type: ignore[call-overload]
+def _row_f16(x, w, b, out, o):  # type: ignore[no-untyped-def]  # w: int16 bits of float16
+    row = w[o]
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0.0)
+        for i in range(x.shape[1]):
+            acc += xr[i] * f16_bits_to_f32(row[i])  # type: ignore[call-arg]
+        out[r, o] = acc + b[o]
+
+
+@numba.njit(**_ROW)  # type: ignore[call-overload]
+def _row_i8(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # w int8 (out, in), scale (out,)
+    row = w[o]
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0.0)
+        for i in range(x.shape[1]):
+            acc += xr[i] * np.float32(row[i])
+        out[r, o] = acc * scale[o] + b[o]
+
+
+_PAR = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
+_SER = {"fastmath": True, "cache": True, "nogil": True}
+
+
+@numba.njit(**_PAR)  # type: ignore[call-overload]
+def gemv_f32(x, w, b, out):  # type: ignore[no-untyped-def]
     for o in prange(w.shape[0]):
-        row = w[o]
-        for r in range(x.shape[0]):
-            xr = x[r]
-            acc = np.float32(0.0)
-            for i in range(x.shape[1]):
-                acc += xr[i] * row[i]
-            out[r, o] = acc + b[o]
+        _row_f32(x, w, b, out, o)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def gemv_bf16(x, w, b, out):  # type: ignore[no-untyped-def]  # w: int16 bits of bfloat16
+@numba.njit(**_SER)  # type: ignore[call-overload]
+def gemv_f32_serial(x, w, b, out):  # type: ignore[no-untyped-def]
+    for o in range(w.shape[0]):
+        _row_f32(x, w, b, out, o)
+
+
+@numba.njit(**_PAR)  # type: ignore[call-overload]
+def gemv_bf16(x, w, b, out):  # type: ignore[no-untyped-def]
     for o in prange(w.shape[0]):
-        row = w[o]
-        for r in range(x.shape[0]):
-            xr = x[r]
-            acc = np.float32(0.0)
-            for i in range(x.shape[1]):
-                acc += xr[i] * bf16_bits_to_f32(row[i])  # type: ignore[call-arg]
-            out[r, o] = acc + b[o]
+        _row_bf16(x, w, b, out, o)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def gemv_f16(x, w, b, out):  # type: ignore[no-untyped-def]  # w: int16 bits of float16
+@numba.njit(**_SER)  # type: ignore[call-overload]
+def gemv_bf16_serial(x, w, b, out):  # type: ignore[no-untyped-def]
+    for o in range(w.shape[0]):
+        _row_bf16(x, w, b, out, o)
+
+
+@numba.njit(**_PAR)  # type: ignore[call-overload]
+def gemv_f16(x, w, b, out):  # type: ignore[no-untyped-def]
     for o in prange(w.shape[0]):
-        row = w[o]
-        for r in range(x.shape[0]):
-            xr = x[r]
-            acc = np.float32(0.0)
-            for i in range(x.shape[1]):
-                acc += xr[i] * f16_bits_to_f32(row[i])  # type: ignore[call-arg]
-            out[r, o] = acc + b[o]
+        _row_f16(x, w, b, out, o)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def gemv_i8(x, w, scale, b, out):  # type: ignore[no-untyped-def]  # w int8 (out, in), scale (out,)
+@numba.njit(**_SER)  # type: ignore[call-overload]
+def gemv_f16_serial(x, w, b, out):  # type: ignore[no-untyped-def]
+    for o in range(w.shape[0]):
+        _row_f16(x, w, b, out, o)
+
+
+@numba.njit(**_PAR)  # type: ignore[call-overload]
+def gemv_i8(x, w, scale, b, out):  # type: ignore[no-untyped-def]
     for o in prange(w.shape[0]):
-        row = w[o]
-        for r in range(x.shape[0]):
-            xr = x[r]
-            acc = np.float32(0.0)
-            for i in range(x.shape[1]):
-                acc += xr[i] * np.float32(row[i])
-            out[r, o] = acc * scale[o] + b[o]
+        _row_i8(x, w, scale, b, out, o)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@numba.njit(**_SER)  # type: ignore[call-overload]
+def gemv_i8_serial(x, w, scale, b, out):  # type: ignore[no-untyped-def]
+    for o in range(w.shape[0]):
+        _row_i8(x, w, scale, b, out, o)
+
+
+@numba.njit(**_SER)  # type: ignore[call-overload]
 def embed_i8(ids, w, scale, out):  # type: ignore[no-untyped-def]  # ids (n,), w int8 (V, C) -> out (n, C)
-    for t in prange(ids.shape[0]):
+    for t in range(ids.shape[0]):
         row = w[ids[t]]
         s = scale[ids[t]]
         for i in range(w.shape[1]):
             out[t, i] = np.float32(row[i]) * s
+
+
+GEMV = {"f32": (gemv_f32, gemv_f32_serial), "bf16": (gemv_bf16, gemv_bf16_serial),
+        "f16": (gemv_f16, gemv_f16_serial), "i8": (gemv_i8, gemv_i8_serial)}  # fmt: skip
+"""kind -> (parallel kernel, serial kernel)."""
 
 
 def warm_up() -> None:
@@ -111,8 +171,10 @@ def warm_up() -> None:
     x = np.zeros((1, 8), np.float32)
     b = np.zeros(4, np.float32)
     out = np.empty((1, 4), np.float32)
-    gemv_f32(x, np.zeros((4, 8), np.float32), b, out)
-    gemv_bf16(x, np.zeros((4, 8), np.int16), b, out)
-    gemv_f16(x, np.zeros((4, 8), np.int16), b, out)
-    gemv_i8(x, np.zeros((4, 8), np.int8), b, b, out)
+    for kernel in (gemv_f32, gemv_f32_serial):
+        kernel(x, np.zeros((4, 8), np.float32), b, out)
+    for kernel in (gemv_bf16, gemv_bf16_serial, gemv_f16, gemv_f16_serial):
+        kernel(x, np.zeros((4, 8), np.int16), b, out)
+    for kernel in (gemv_i8, gemv_i8_serial):
+        kernel(x, np.zeros((4, 8), np.int8), b, b, out)
     embed_i8(np.zeros(1, np.int64), np.zeros((4, 4), np.int8), b, out)
