@@ -6,10 +6,10 @@ float32 (..., in) and a weight (out, in) on CPU:
 
 | weight | up to 16 rows (decode) | more rows (prefill, scoring) |
 |---|---|---|
-| float32 | numba ``gemv_f32`` | ``F.linear`` (BLAS GEMM) |
-| bfloat16 | numba ``gemv_bf16`` | oneDNN bf16 GEMM (AVX512-BF16/AMX), x rounded to bf16 |
-| float16 | numba ``gemv_f16`` | oneDNN f16 GEMM (AVX512-FP16/AMX-FP16), x rounded to f16 |
-| int8, per-row scale | numba ``gemv_i8`` (x stays float32) | ``torch._int_mm`` (VNNI/AMX), x int8 per row |
+| float32 | numba ``gemv`` | ``F.linear`` (BLAS GEMM) |
+| bfloat16 | numba ``gemv`` (bits widened) | oneDNN bf16 GEMM (AVX512-BF16/AMX), x rounded to bf16 |
+| float16 | numba ``gemv`` (bits widened) | oneDNN f16 GEMM (AVX512-FP16/AMX-FP16), x rounded to f16 |
+| int8, per-row scale | numba ``gemv`` (x stays float32) | ``torch._int_mm`` (VNNI/AMX), x int8 per row |
 
 Where the CPU lacks the instructions (an AVX2-only CPU: no bf16/f16 GEMM, no VNNI), or numba is
 not installed, or ``GPT2_KERNELS=torch``, each path falls back to pure torch: half weights are
@@ -22,7 +22,7 @@ with fake implementations for tracing); eager calls skip the dispatcher (~10 us 
 Threads: the numba kernels use as many threads as torch's intra-op pool
 (``torch.set_num_threads``, ``--threads``, ``GPT2_THREADS``), fewer while other processes keep
 cores busy (``cpuload.LoadWatch``; ``GPT2_ADAPTIVE_THREADS=0`` turns that off). One thread
-runs the ``_serial`` kernels in the calling thread; several use numba's OpenMP layer (first in
+runs ``gemv_serial`` in the calling thread; several use numba's OpenMP layer (first in
 ``THREADING_LAYERS``; ``NUMBA_THREADING_LAYER`` overrides). Measurements: docs/performance.md.
 """
 
@@ -106,10 +106,9 @@ def kernel_threads() -> int:
     return n
 
 
-def _kernel(kind: str) -> Any:
-    """The parallel or serial numba kernel of ``kind`` for the threads available now."""
-    parallel, serial = _nk.GEMV[kind]
-    return parallel if kernel_threads() > 1 else serial
+def _kernel() -> Any:
+    """The parallel or the serial numba kernel, for the threads available now."""
+    return _nk.gemv if kernel_threads() > 1 else _nk.gemv_serial
 
 
 def available() -> bool:
@@ -232,30 +231,34 @@ def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n)
 
 
+@functools.cache
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n)
+
+
+_STORED_AS = {torch.float32: torch.float32, torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+"""How each weight dtype reaches numba: floats as they are, half precision as raw 16 bits."""
+
+
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 float32 (B, in), weight float32/bfloat16/float16 (out, in) -> float32 (B, out)."""
-    xv = x2.contiguous().numpy()
-    w = weight.contiguous()
-    out = torch.empty(x2.shape[0], w.shape[0])
-    b = (bias.float() if bias is not None else _zeros(w.shape[0])).numpy()
-    if w.dtype == torch.float32:
-        _kernel("f32")(xv, w.numpy(), b, out.numpy())
-    elif w.dtype == torch.bfloat16:
-        _kernel("bf16")(xv, w.view(torch.int16).numpy(), b, out.numpy())
-    elif w.dtype == torch.float16:
-        _kernel("f16")(xv, w.view(torch.int16).numpy(), b, out.numpy())
-    else:
-        raise TypeError(f"no decode kernel for {w.dtype} weights")
-    return out
+    if weight.dtype not in _STORED_AS:
+        raise TypeError(f"no decode kernel for {weight.dtype} weights")
+    w = weight.contiguous().view(_STORED_AS[weight.dtype])
+    return _run(x2, w, _ones(w.shape[0]), bias)
 
 
 def _gemv_int8(
     x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x2 float32 (B, in), int8 qweight (out, in), scale (out,) -> float32 (B, out)."""
-    out = torch.empty(x2.shape[0], qweight.shape[0])
-    b = bias.float() if bias is not None else _zeros(qweight.shape[0])
-    _kernel("i8")(x2.contiguous().numpy(), qweight.numpy(), scale.numpy(), b.numpy(), out.numpy())
+    return _run(x2, qweight.contiguous(), scale, bias)
+
+
+def _run(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty(x2.shape[0], w.shape[0])
+    b = bias.float() if bias is not None else _zeros(w.shape[0])
+    _kernel()(x2.contiguous().numpy(), w.numpy(), scale.numpy(), b.numpy(), out.numpy())
     return out
 
 

@@ -4,7 +4,7 @@ Imported by ``kernels.py`` only where numba is installed; ``kernels.py`` owns th
 path, the threads and the torch-facing wrappers. Every kernel computes, for x (B, in) and a
 weight (out, in) in its storage type,
 
-    out[r, o] = sum_i x[r, i] * w[o, i]  (+ per-row scale for int8)  + b[o]
+    out[r, o] = scale[o] * sum_i x[r, i] * w[o, i]  +  b[o]      (scale: 1 unless int8)
 
 with one dot product per output row, rows split between threads (``prange``) or run in the
 calling thread (the ``_serial`` twins). Each weight
@@ -13,9 +13,10 @@ little more than one. ``fastmath`` lets LLVM vectorise the reduction (reassociat
 result differs from BLAS by rounding only (~1e-6 relative). The order of the sum does not
 depend on the number of threads, so the output is bit-identical for 1, 2 or N threads.
 
-Half-precision weights arrive as their raw 16 bits (an int16 view): bfloat16 -> float32 is
-a 16-bit shift, float16 -> float32 one ``vcvtph2ps`` (F16C, on every AVX2 CPU), so both
-vectorise like the float32 kernel while reading half the bytes.
+One kernel serves every storage type: ``widen`` is compiled per weight element type.
+Half-precision weights arrive as their raw 16 bits (bfloat16 as uint16, float16 as int16):
+bfloat16 -> float32 is a 16-bit shift, float16 -> float32 one ``vcvtph2ps`` (F16C, on every
+AVX2 CPU), so both vectorise like the float32 kernel while reading half the bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 
 @intrinsic
@@ -50,109 +52,126 @@ def f16_bits_to_f32(typingctx: Any, bits: Any) -> Any:
     return types.float32(bits), codegen
 
 
-# One output row per call of a ``_row_*`` function; ``gemv_*`` splits the rows between numba's
-# threads, ``gemv_*_serial`` runs them in the calling thread (no thread pool involved: what a
-# busy machine needs). Both inline the same row function, so their sums are bit-identical.
-_ROW = {"fastmath": True, "cache": True, "nogil": True, "inline": "always"}
+@intrinsic
+def prefetch(typingctx: Any, arr: Any, i: Any, j: Any) -> Any:
+    """Ask for the cache line of ``arr[i, j]`` now (llvm.prefetch: read, keep in all levels)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], args[2]], wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8"
+        )
+        flags = [ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+        builder.call(fn, [builder.bitcast(ptr, i8p), *flags])
+        return context.get_dummy_value()
+
+    return types.void(arr, i, j), codegen
 
 
-@numba.njit(**_ROW)  # type: ignore[call-overload]
-def _row_f32(x, w, b, out, o):  # type: ignore[no-untyped-def]  # x (B, in), w (out, in), b (out,), out (B, out)
+PREFETCH_BLOCKS = 2
+"""Prefetch distance in blocks of four rows (8 rows ahead)."""
+
+
+def prefetch_block(w, o):  # type: ignore[no-untyped-def]
+    """Prefetch rows o..o+3 of w, where that pays (compiled per storage type)."""
+    raise NotImplementedError  # only called inside numba-compiled code
+
+
+@overload(prefetch_block, inline="always")
+def _prefetch_block(w, o):  # type: ignore[no-untyped-def]
+    # float32 rows stream at the memory's pace on their own; 16- and 8-bit rows take twice or
+    # four times the instructions per cache line, so the out-of-order window sees too few lines
+    # ahead: prefetching the block after next lifts them from ~6 to ~9 GB/s on one core here.
+    if w.dtype == types.float32:
+        return lambda w, o: None
+
+    def impl(w, o):  # type: ignore[no-untyped-def]
+        if o + 3 < w.shape[0]:
+            step = 64 // w.itemsize
+            for k in range(4):
+                for j in range(0, w.shape[1], step):
+                    prefetch(w, o + k, j)  # type: ignore[call-arg]
+
+    return impl
+
+
+def widen(v):  # type: ignore[no-untyped-def]
+    """One stored weight as float32 (compiled per storage type by the overload below)."""
+    raise NotImplementedError  # only called inside numba-compiled code
+
+
+@overload(widen, inline="always")
+def _widen(v):  # type: ignore[no-untyped-def]
+    if v == types.float32:
+        return lambda v: v
+    if v == types.int8:
+        return lambda v: np.float32(v)
+    if v == types.uint16:  # bfloat16 bits
+        return lambda v: bf16_bits_to_f32(v)  # type: ignore[call-arg]
+    if v == types.int16:  # float16 bits
+        return lambda v: f16_bits_to_f32(v)  # type: ignore[call-arg]
+    return None
+
+
+# The weight rows are taken four at a time: x is loaded once for four dot products (four
+# independent sums in flight), ~15-25% faster than one row at a time here. ``gemv`` splits the
+# blocks between numba's threads, ``gemv_serial`` runs them in the calling thread (no thread
+# pool: what a busy machine needs). Both inline the same block code: bit-identical sums.
+_INLINE = {"fastmath": True, "cache": True, "nogil": True, "inline": "always"}
+
+
+@numba.njit(**_INLINE)  # type: ignore[call-overload]
+def _block(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # rows o..o+3 of w
+    prefetch_block(w, o + 4 * PREFETCH_BLOCKS)
+    w0, w1, w2, w3 = w[o], w[o + 1], w[o + 2], w[o + 3]
+    for r in range(x.shape[0]):
+        xr = x[r]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for i in range(x.shape[1]):
+            xi = xr[i]
+            a0 += xi * widen(w0[i])
+            a1 += xi * widen(w1[i])
+            a2 += xi * widen(w2[i])
+            a3 += xi * widen(w3[i])
+        out[r, o] = a0 * scale[o] + b[o]
+        out[r, o + 1] = a1 * scale[o + 1] + b[o + 1]
+        out[r, o + 2] = a2 * scale[o + 2] + b[o + 2]
+        out[r, o + 3] = a3 * scale[o + 3] + b[o + 3]
+
+
+@numba.njit(**_INLINE)  # type: ignore[call-overload]
+def _row(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # the last out % 4 rows
     row = w[o]
     for r in range(x.shape[0]):
         xr = x[r]
         acc = np.float32(0.0)
         for i in range(x.shape[1]):
-            acc += xr[i] * row[i]
-        out[r, o] = acc + b[o]
-
-
-@numba.njit(**_ROW)  # type: ignore[call-overload]
-def _row_bf16(x, w, b, out, o):  # type: ignore[no-untyped-def]  # w: int16 bits of bfloat16
-    row = w[o]
-    for r in range(x.shape[0]):
-        xr = x[r]
-        acc = np.float32(0.0)
-        for i in range(x.shape[1]):
-            acc += xr[i] * bf16_bits_to_f32(row[i])  # type: ignore[call-arg]
-        out[r, o] = acc + b[o]
-
-
-@numba.njit(**_ROW)  # type: ignore[call-overload]
-def _row_f16(x, w, b, out, o):  # type: ignore[no-untyped-def]  # w: int16 bits of float16
-    row = w[o]
-    for r in range(x.shape[0]):
-        xr = x[r]
-        acc = np.float32(0.0)
-        for i in range(x.shape[1]):
-            acc += xr[i] * f16_bits_to_f32(row[i])  # type: ignore[call-arg]
-        out[r, o] = acc + b[o]
-
-
-@numba.njit(**_ROW)  # type: ignore[call-overload]
-def _row_i8(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # w int8 (out, in), scale (out,)
-    row = w[o]
-    for r in range(x.shape[0]):
-        xr = x[r]
-        acc = np.float32(0.0)
-        for i in range(x.shape[1]):
-            acc += xr[i] * np.float32(row[i])
+            acc += xr[i] * widen(row[i])
         out[r, o] = acc * scale[o] + b[o]
 
 
-_PAR = {"parallel": True, "fastmath": True, "cache": True, "nogil": True}
-_SER = {"fastmath": True, "cache": True, "nogil": True}
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def gemv(x, w, scale, b, out):  # type: ignore[no-untyped-def]
+    n4 = w.shape[0] // 4
+    for t in prange(n4):
+        _block(x, w, scale, b, out, 4 * t)
+    for o in range(4 * n4, w.shape[0]):
+        _row(x, w, scale, b, out, o)
 
 
-@numba.njit(**_PAR)  # type: ignore[call-overload]
-def gemv_f32(x, w, b, out):  # type: ignore[no-untyped-def]
-    for o in prange(w.shape[0]):
-        _row_f32(x, w, b, out, o)
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def gemv_serial(x, w, scale, b, out):  # type: ignore[no-untyped-def]
+    n4 = w.shape[0] // 4
+    for t in range(n4):
+        _block(x, w, scale, b, out, 4 * t)
+    for o in range(4 * n4, w.shape[0]):
+        _row(x, w, scale, b, out, o)
 
 
-@numba.njit(**_SER)  # type: ignore[call-overload]
-def gemv_f32_serial(x, w, b, out):  # type: ignore[no-untyped-def]
-    for o in range(w.shape[0]):
-        _row_f32(x, w, b, out, o)
-
-
-@numba.njit(**_PAR)  # type: ignore[call-overload]
-def gemv_bf16(x, w, b, out):  # type: ignore[no-untyped-def]
-    for o in prange(w.shape[0]):
-        _row_bf16(x, w, b, out, o)
-
-
-@numba.njit(**_SER)  # type: ignore[call-overload]
-def gemv_bf16_serial(x, w, b, out):  # type: ignore[no-untyped-def]
-    for o in range(w.shape[0]):
-        _row_bf16(x, w, b, out, o)
-
-
-@numba.njit(**_PAR)  # type: ignore[call-overload]
-def gemv_f16(x, w, b, out):  # type: ignore[no-untyped-def]
-    for o in prange(w.shape[0]):
-        _row_f16(x, w, b, out, o)
-
-
-@numba.njit(**_SER)  # type: ignore[call-overload]
-def gemv_f16_serial(x, w, b, out):  # type: ignore[no-untyped-def]
-    for o in range(w.shape[0]):
-        _row_f16(x, w, b, out, o)
-
-
-@numba.njit(**_PAR)  # type: ignore[call-overload]
-def gemv_i8(x, w, scale, b, out):  # type: ignore[no-untyped-def]
-    for o in prange(w.shape[0]):
-        _row_i8(x, w, scale, b, out, o)
-
-
-@numba.njit(**_SER)  # type: ignore[call-overload]
-def gemv_i8_serial(x, w, scale, b, out):  # type: ignore[no-untyped-def]
-    for o in range(w.shape[0]):
-        _row_i8(x, w, scale, b, out, o)
-
-
-@numba.njit(**_SER)  # type: ignore[call-overload]
+@numba.njit(fastmath=True, cache=True, nogil=True)
 def embed_i8(ids, w, scale, out):  # type: ignore[no-untyped-def]  # ids (n,), w int8 (V, C) -> out (n, C)
     for t in range(ids.shape[0]):
         row = w[ids[t]]
@@ -161,20 +180,16 @@ def embed_i8(ids, w, scale, out):  # type: ignore[no-untyped-def]  # ids (n,), w
             out[t, i] = np.float32(row[i]) * s
 
 
-GEMV = {"f32": (gemv_f32, gemv_f32_serial), "bf16": (gemv_bf16, gemv_bf16_serial),
-        "f16": (gemv_f16, gemv_f16_serial), "i8": (gemv_i8, gemv_i8_serial)}  # fmt: skip
-"""kind -> (parallel kernel, serial kernel)."""
+WEIGHT_TYPES = (np.float32, np.uint16, np.int16, np.int8)
+"""Stored weight element types: float32, bfloat16 bits, float16 bits, int8."""
 
 
 def warm_up() -> None:
     """Compile (or load from numba's disk cache) every kernel for the types the wrappers pass."""
     x = np.zeros((1, 8), np.float32)
-    b = np.zeros(4, np.float32)
-    out = np.empty((1, 4), np.float32)
-    for kernel in (gemv_f32, gemv_f32_serial):
-        kernel(x, np.zeros((4, 8), np.float32), b, out)
-    for kernel in (gemv_bf16, gemv_bf16_serial, gemv_f16, gemv_f16_serial):
-        kernel(x, np.zeros((4, 8), np.int16), b, out)
-    for kernel in (gemv_i8, gemv_i8_serial):
-        kernel(x, np.zeros((4, 8), np.int8), b, b, out)
-    embed_i8(np.zeros(1, np.int64), np.zeros((4, 4), np.int8), b, out)
+    ones = np.ones(5, np.float32)
+    out = np.empty((1, 5), np.float32)
+    for dtype in WEIGHT_TYPES:
+        for kernel in (gemv, gemv_serial):
+            kernel(x, np.zeros((5, 8), dtype), ones, ones, out)
+    embed_i8(np.zeros(1, np.int64), np.zeros((4, 5), np.int8), ones, out)
