@@ -180,6 +180,56 @@ def embed_i8(ids, w, scale, out):  # type: ignore[no-untyped-def]  # ids (n,), w
             out[t, i] = np.float32(row[i]) * s
 
 
+# The int8 GEMM's prologue and epilogue (kernels.int8_gemm), row by row, parallel and serial.
+# No "arcp" in the quantisation (x / s as x * (1 / s)): its values equal torch's round(x / s).
+_EXACT = {"nnan", "ninf", "nsz", "reassoc"}
+
+
+@numba.njit(fastmath=_EXACT, cache=True, nogil=True, inline="always")  # type: ignore[call-overload]
+def _quantize_row(x, xq, xs, m):  # type: ignore[no-untyped-def]  # x (M, K) -> xq (M, K) int8, xs (M,)
+    xr = x[m]
+    peak = np.float32(0.0)
+    for k in range(x.shape[1]):
+        peak = max(peak, abs(xr[k]))
+    s = max(peak, np.float32(1e-12)) / np.float32(127.0)
+    xs[m] = s
+    for k in range(x.shape[1]):
+        xq[m, k] = np.int8(np.rint(xr[k] / s))
+
+
+@numba.njit(parallel=True, fastmath=_EXACT, cache=True, nogil=True)  # type: ignore[call-overload]
+def quantize_rows_i8(x, xq, xs):  # type: ignore[no-untyped-def]
+    """Symmetric per-row int8: xs[m] = max|x[m]| / 127, xq = round(x / xs) (half to even)."""
+    for m in prange(x.shape[0]):
+        _quantize_row(x, xq, xs, m)
+
+
+@numba.njit(fastmath=_EXACT, cache=True, nogil=True)  # type: ignore[call-overload]
+def quantize_rows_i8_serial(x, xq, xs):  # type: ignore[no-untyped-def]
+    for m in range(x.shape[0]):
+        _quantize_row(x, xq, xs, m)
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _dequantize_row(acc, xs, ws, b, out, m):  # type: ignore[no-untyped-def]  # int32 (M, N) -> float32
+    sm = xs[m]
+    for n in range(acc.shape[1]):
+        out[m, n] = np.float32(acc[m, n]) * sm * ws[n] + b[n]
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def dequantize_acc(acc, xs, ws, b, out):  # type: ignore[no-untyped-def]
+    """out[m, n] = acc[m, n] * xs[m] * ws[n] + b[n]: the int8 GEMM's epilogue in one pass."""
+    for m in prange(acc.shape[0]):
+        _dequantize_row(acc, xs, ws, b, out, m)
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def dequantize_acc_serial(acc, xs, ws, b, out):  # type: ignore[no-untyped-def]
+    for m in range(acc.shape[0]):
+        _dequantize_row(acc, xs, ws, b, out, m)
+
+
 WEIGHT_TYPES = (np.float32, np.uint16, np.int16, np.int8)
 """Stored weight element types: float32, bfloat16 bits, float16 bits, int8."""
 
@@ -193,3 +243,7 @@ def warm_up() -> None:
         for kernel in (gemv, gemv_serial):
             kernel(x, np.zeros((5, 8), dtype), ones, ones, out)
     embed_i8(np.zeros(1, np.int64), np.zeros((4, 5), np.int8), ones, out)
+    for quantize in (quantize_rows_i8, quantize_rows_i8_serial):
+        quantize(out, np.empty((1, 5), np.int8), ones[:1])
+    for dequantize in (dequantize_acc, dequantize_acc_serial):
+        dequantize(np.zeros((1, 5), np.int32), ones[:1], ones, ones, out)
