@@ -6,6 +6,10 @@ LayerNorm, GELU, embeddings and Python. Bytes of weights read per step / step ti
 the achieved bandwidth.
 
     .venv/bin/python benchmarks/profile_decode_step.py [--threads 2] [--steps 30]
+        [--dtype bfloat16] [--quantize int8] [--clock cpu]
+
+``--clock cpu`` reads the process's CPU time instead of the wall clock: with one thread on a
+shared machine it leaves out the time other processes held the core.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+CLOCK = [time.perf_counter]
+
+
 def median_time(fn, n: int) -> float:
     times = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK[0]() - t0)
     return statistics.median(times)
 
 
@@ -39,16 +46,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--ckpt", default="/tmp/gpt2cli-124m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = ap.parse_args()
+    CLOCK[0] = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads)
-    lm = load(str(make_124m(Path(args.ckpt))), device="cpu")
+    lm = load(str(make_124m(Path(args.ckpt))), device="cpu", dtype=args.dtype, quantize=args.quantize)
     model = lm.model
+    from gpt2cli.bench import weight_bytes_per_step
     from gpt2cli.model import Linear
+    from gpt2cli.quantize import QLinear
 
-    linears = [(m.weight, m.bias) for m in model.modules() if isinstance(m, Linear)]  # the 48 block matmuls
-    xs = {w.shape[1]: torch.randn(1, 1, w.shape[1]) for w, _ in linears}
-    wte = model.wte.weight
+    linears = [m for m in model.modules() if isinstance(m, (Linear, QLinear))]  # the 48 block matmuls
+    xs = {m.in_features: torch.randn(1, 1, m.in_features) for m in linears}
     h = torch.randn(1, model.config.n_embd)
+    nbytes = weight_bytes_per_step(model, "wpe.weight")
     for enabled in (True, False):
         kernels.set_enabled(enabled)
         with torch.inference_mode():
@@ -61,13 +74,10 @@ def main() -> None:
                 cache.truncate(64)
 
             total = median_time(step, args.steps)
-            blocks = median_time(
-                lambda: [kernels.linear(xs[w.shape[1]], w, b) for w, b in linears], args.steps
-            )
-            head = median_time(lambda: kernels.linear(h, wte), args.steps)
+            blocks = median_time(lambda: [m(xs[m.in_features]) for m in linears], args.steps)
+            head = median_time(lambda: model.logits(h), args.steps)
         rest = total - blocks - head
-        nbytes = sum(w.numel() * 4 for w, _ in linears) + wte.numel() * 4
-        name = "numba kernels" if enabled else "F.linear (kernels off)"
+        name = "numba kernels" if enabled else "torch (kernels off)"
         print(
             f"{name}: step {total * 1e3:.1f} ms ({1 / total:.1f} tok/s, {nbytes / total / 1e9:.1f} GB/s) = "
             f"48 block matmuls {blocks * 1e3:.1f} ms ({blocks / total:.0%}) + lm_head {head * 1e3:.1f} ms "

@@ -1,23 +1,26 @@
-"""The standard benchmark set: gpt2cli, transformers and llama.cpp on one 124M GPT-2, side by side.
+"""The standard benchmark set: gpt2cli beside transformers, llama.cpp and CTranslate2, in one run.
 
 A benchmark, not a test (CI never runs it). Usage:
 
-    .venv/bin/python benchmarks/run_all.py [--repeats 3] [--new-tokens 128] [--threads N]
-                                           [--skip f16-512] [--reuse llama] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/run_all.py [--repeats 3] [--new-tokens 64] [--threads N]
+        [--sizes 124m,355m] [--no-llama] [--no-ct2] [--no-busy] [--no-score] [--out benchmarks/RESULTS.md]
 
-1. A gpt2-shaped (12 layers, 768 wide, 1024 positions) random checkpoint is made with the
-   project's own checkpoint factory (tests/checkpoints.py; speed does not depend on the values)
-   and cached in ~/.cache/gpt2cli-bench.
-2. gpt2cli (library ``gpt2cli.bench``) runs batch 1 and 8 x prompt 16 and 512 in float32,
-   float16 weights and int8 (``quantize="int8"``: reported as unavailable where the branch
-   has no int8 yet); transformers runs the same workloads in float32, in the same process.
-3. llama.cpp: ``pip download --no-deps --no-binary :all: llama-cpp-python`` fetches the sdist
-   that vendors llama.cpp's source; only ``llama-bench`` is built (CMake, CPU, Release,
-   -DLLAMA_CURL=OFF, -DGGML_NATIVE=ON) and cached; the same checkpoint is converted to GGUF
-   f32, f16 and q8_0 with that tree's convert_hf_to_gguf.py, and
-   ``llama-bench -p 16,512 -n <new> -t <threads> -o json`` runs each (batch 1 only: llama-bench
-   decodes one sequence).
-4. One Markdown table with the ratios, and the machine it ran on, goes to --out and stdout.
+1. gpt2-shaped random checkpoints (std 0.02; speed does not depend on the values) are made with
+   the project's own factory (tests/checkpoints.py) and cached in ~/.cache/gpt2cli-bench.
+2. Every engine is loaded once, then each repeat runs every workload on every engine in turn
+   (the order rotating per repeat), so that all engines see the same machine load:
+   decode batch 1 after a 16-token prompt, prefill of 512 tokens, decode batch 8 (124M only).
+   Engines: gpt2cli (float32, bfloat16, float16, int8), transformers (float32, in-process),
+   llama.cpp (``llama-bench``: f32, f16, bf16, q8_0) and CTranslate2 (float32, int8).
+3. llama.cpp is built from the llama-cpp-python sdist (``pip download --no-binary``: it vendors
+   llama.cpp's source; CMake, Release, GGML_NATIVE) and the checkpoint converted with its
+   convert_hf_to_gguf.py. CTranslate2 (``pip install ctranslate2``, never a gpt2cli
+   dependency) converts the same checkpoint with ``ct2-transformers-converter``.
+4. The busy-machine row: the batch-1 decode again while another process keeps one core busy.
+5. Scoring throughput (context 1024, stride 512) and a quality line per precision: mean KL of
+   the next-token distributions and perplexity against gpt2cli float32.
+6. The machine: CPU, its read bandwidth (torch.sum over 1 GiB, 1 thread and N threads) and
+   the load average before and after; one Markdown report to --out and stdout.
 """
 
 from __future__ import annotations
@@ -27,116 +30,180 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GPT2_BENCH_CACHE", Path.home() / ".cache" / "gpt2cli-bench"))
-LLAMA_TARGETS = ("llama-bench", "llama-perplexity")
-PROMPTS = (16, 512)
-BATCHES = (1, 8)
-VARIANTS = (("float32", None, "f32"), ("float16", None, "f16"), ("float32", "int8", "q8_0"))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+SIZES = {"124m": (12, 12, 768), "355m": (24, 16, 1024), "774m": (36, 20, 1280), "1558m": (48, 25, 1600)}
+LLAMA_TYPES = ("f32", "f16", "bf16", "q8_0")
+OURS = (("float32", None), ("bfloat16", None), ("float16", None), ("float32", "int8"))
+PRECISION = {"float32": "fp32", "bfloat16": "half", "float16": "half", "int8": "int8"}
+PEER_PRECISION = {"f32": "fp32", "float32": "fp32", "f16": "half", "bf16": "half", "q8_0": "int8", "int8": "int8"}
+PROMPT, PREFILL = 16, 512
 
 
 def log(msg: str) -> None:
     print(f"[run_all {dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
 
 
-# --- the checkpoint ---------------------------------------------------------------------------
-
-
-def make_124m() -> Path:
-    """The gpt2-shaped random checkpoint, made once with tests/checkpoints.py."""
-    dest = CACHE / "gpt2-124m-random"
+def make_checkpoint_of(size: str) -> Path:
+    """The gpt2-shaped random checkpoint of ``size``, made once with tests/checkpoints.py."""
+    dest = CACHE / f"gpt2-{size}-random"
     if (dest / "model.safetensors").is_file():
         return dest
-    sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import make_checkpoint  # the project's own checkpoint factory
+    from checkpoints import make_checkpoint
 
-    log(f"making the 124M random checkpoint in {dest}")
-    # no stored attn.bias buffers and n_ctx in config.json: what convert_hf_to_gguf.py wants
-    return make_checkpoint(dest, n_layer=12, n_head=12, n_embd=768, n_positions=1024, std=0.02, seed=0)
+    n_layer, n_head, n_embd = SIZES[size]
+    log(f"making the {size} random checkpoint in {dest}")
+    return make_checkpoint(dest, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024, std=0.02, seed=0)
 
 
-# --- gpt2cli and transformers -----------------------------------------------------------------
+# --- engines ----------------------------------------------------------------------------------
 
 
 @dataclass
-class Row:
-    engine: str
+class Engine:
+    """One engine at one precision: measures tokens/s of a workload, one run per call."""
+
+    name: str
     weights: str
-    batch: int
-    prefill: dict[int, float]  # prompt tokens -> prefill tok/s
-    decode: dict[int, float]  # prompt tokens -> decode tok/s
-    note: str = ""
+    decode: Callable[[int, int, int], float]  # (prompt, batch, new) -> decode tok/s
+    prefill: Callable[[int], float]  # prompt -> prefill tok/s
+    weight_bytes: int = 0
+    batches: tuple[int, ...] = (1, 8)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.weights}"
 
 
-def run_python_engines(ckpt: Path, args: argparse.Namespace) -> list[Row]:
-    from gpt2cli.bench import BenchSpec, run
-    from gpt2cli.errors import Gpt2Error
+def _ids(n: int, seed: int) -> list[int]:
+    from gpt2cli.bench import random_prompt
 
-    rows: list[Row] = []
-    for dtype, quantize, label in VARIANTS:
-        prompts = tuple(p for p in PROMPTS if f"{label}-{p}" not in args.skip)
-        batches = tuple(b for b in BATCHES if f"{label}-b{b}" not in args.skip)
-        skipped = [f"prompt {p}" for p in PROMPTS if p not in prompts]
-        if not batches or not prompts:
-            continue
-        spec = BenchSpec(
-            model=str(ckpt),
-            device="cpu",
-            dtype=dtype,
-            quantize=quantize,
-            prompt_tokens=prompts,
-            new_tokens=args.new_tokens,
-            batch_sizes=batches,
-            repeats=args.repeats,
-            warmup=1,
-            threads=args.threads,
-        )
-        compare = "transformers" if label == "f32" else None
-        log(f"gpt2cli {label}{' and transformers f32' if compare else ''}: prompts {prompts}")
-        try:
-            report = run(spec, compare=compare, progress=_progress_log)
-        except Gpt2Error as exc:
-            log(f"gpt2cli {label}: {exc.message}")
-            rows += [
-                Row("gpt2cli", _weights(label), b, {}, {}, f"not available: {exc.message}") for b in batches
-            ]
-            continue
-        for engine in ("gpt2cli", "transformers") if compare else ("gpt2cli",):
-            for b in batches:
-                mine = [r for r in report.results if r.engine == engine and r.batch_size == b]
-                note = f"{', '.join(skipped)} skipped (slow)" if skipped and engine == "gpt2cli" else ""
-                rows.append(
-                    Row(
-                        engine,
-                        _weights(label),
-                        b,
-                        {r.prompt_tokens: r.prefill_tokens_per_second for r in mine},
-                        {r.prompt_tokens: r.decode_tokens_per_second for r in mine},
-                        note,
-                    )
-                )
-    return rows
+    return random_prompt(n, 50257, seed)
 
 
-def _weights(label: str) -> str:
-    return {"f32": "fp32", "f16": "fp16", "q8_0": "int8"}[label]
+def python_engines(ckpt: Path, big: bool, args: argparse.Namespace) -> list[Engine]:
+    """gpt2cli at each precision and transformers float32, loaded in this process."""
+    from gpt2cli.bench import BenchSpec, _load_ours, _load_transformers, _Timer
+
+    engines = []
+    variants = OURS if not big else (("float32", None), ("bfloat16", None), ("float32", "int8"))
+    for dtype, quantize in variants:
+        spec = BenchSpec(model=str(ckpt), device="cpu", dtype=dtype, quantize=quantize, offline=True)
+        lm, subject = _load_ours(spec)
+        engines.append(_from_subject("gpt2cli", quantize or dtype, subject, _Timer))
+        engines[-1].weight_bytes = subject.weight_bytes
+        engines[-1].lm = lm  # type: ignore[attr-defined]  # kept alive, and for the quality line
+    if not big and not args.no_transformers:
+        model, subject = _load_transformers(ckpt, torch.device("cpu"), torch.float32)
+        engines.append(_from_subject("transformers", "float32", subject, _Timer))
+        engines[-1].model = model  # type: ignore[attr-defined]
+    return engines
 
 
-_last_progress = [""]
+def _from_subject(name: str, weights: str, subject, timer_cls) -> Engine:  # noqa: ANN001
+    def decode(prompt: int, batch: int, new: int) -> float:
+        timer = timer_cls(prompt, batch)
+        timer.runs.append(subject.run_once(_ids(prompt, 1), batch, new))
+        return timer.figures()["decode_tokens_per_second"].median
+
+    def prefill(prompt: int) -> float:
+        timer = timer_cls(prompt, 1)
+        timer.runs.append(subject.run_once(_ids(prompt, 2), 1, 2))
+        return timer.figures()["prefill_tokens_per_second"].median
+
+    warm = subject.run_once(_ids(PROMPT, 0), 1, 4)  # compiles kernels, warms caches
+    del warm
+    return Engine(name, weights, decode, prefill)
 
 
-def _progress_log(label: str, done: int, total: int) -> None:
-    if label != _last_progress[0]:
-        _last_progress[0] = label
-        log(f"  {label} ({done}/{total})")
+def ct2_engines(ckpt: Path, size: str, args: argparse.Namespace) -> tuple[list[Engine], str]:
+    if args.no_ct2:
+        return [], "CTranslate2 skipped (--no-ct2)"
+    try:
+        import ctranslate2
+    except ImportError:
+        return [], "CTranslate2 not installed (pip install ctranslate2)"
+    engines = []
+    for quant in ("float32", "int8"):
+        out = CACHE / f"ct2-{size}-{quant}"
+        if not (out / "model.bin").is_file():
+            log(f"converting to CTranslate2 {quant}")
+            conv = Path(sys.executable).parent / "ct2-transformers-converter"
+            subprocess.run([str(conv), "--model", str(ckpt), "--output_dir", str(out), "--quantization", quant,
+                            "--force"], check=True, capture_output=True)  # fmt: skip
+        gen = ctranslate2.Generator(str(out), device="cpu", compute_type=quant, intra_threads=args.threads)
+        vocab = json.loads((out / "vocabulary.json").read_text())
+        engines.append(_ct2_engine(gen, vocab, quant))
+        engines[-1].weight_bytes = (out / "model.bin").stat().st_size
+    return engines, f"CTranslate2 {ctranslate2.__version__}"
 
 
-# --- llama.cpp ----------------------------------------------------------------------------------
+def _ct2_engine(gen, vocab: list[str], quant: str) -> Engine:  # noqa: ANN001
+    def run(prompt: int, batch: int, new: int) -> list[float]:
+        tokens = [vocab[i] for i in _ids(prompt, 1)]
+        prompts = [tokens] * batch
+        stamps: list[float] = []
+        t0 = time.perf_counter()
+        step = -1
+        for result in gen.generate_tokens(prompts if batch > 1 else tokens, max_length=new, min_length=new,
+                                          sampling_topk=1):  # fmt: skip
+            if result.step != step:  # one result per row and step
+                step = result.step
+                stamps.append(time.perf_counter() - t0)
+        return stamps
+
+    def decode(prompt: int, batch: int, new: int) -> float:
+        stamps = run(prompt, batch, new)
+        return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    def prefill(prompt: int) -> float:
+        return prompt / run(prompt, 1, 1)[0]  # the first token's time: the prompt's forward pass
+
+    run(PROMPT, 1, 4)  # warm-up
+    return Engine("CTranslate2", quant, decode, prefill)
+
+
+def llama_engines(ckpt: Path, size: str, args: argparse.Namespace) -> tuple[list[Engine], str]:
+    if args.no_llama:
+        return [], "llama.cpp skipped (--no-llama)"
+    try:
+        tree = llama_tree()
+        bin_dir = build_llama(tree)
+    except (subprocess.CalledProcessError, OSError, ValueError) as exc:
+        return [], f"llama.cpp unavailable: {exc}"
+    types = LLAMA_TYPES if size == "124m" else ("f32", "q8_0")
+    engines = [_llama_engine(bin_dir, to_gguf(tree, ckpt, size, t), t, args.threads) for t in types]
+    return engines, f"llama.cpp from llama-cpp-python {tree.parent.parent.name.split('-')[-1]} (vendored)"
+
+
+def _llama_engine(bin_dir: Path, gguf: Path, outtype: str, threads: int) -> Engine:
+    def bench(*flags: str) -> float:
+        cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags]
+        (test,) = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        return float(test["avg_ts"])
+
+    def decode(prompt: int, batch: int, new: int) -> float:
+        return bench("-p", "0", "-n", str(new), "-d", str(prompt))  # decode after `prompt` tokens
+
+    def prefill(prompt: int) -> float:
+        return bench("-p", str(prompt), "-n", "0")
+
+    e = Engine("llama.cpp", outtype, decode, prefill, batches=(1,))
+    e.weight_bytes = gguf.stat().st_size
+    return e
 
 
 def llama_tree() -> Path:
@@ -146,50 +213,42 @@ def llama_tree() -> Path:
         return found[-1]
     sdist = CACHE / "sdist"
     log("downloading the llama-cpp-python sdist (it vendors llama.cpp)")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "-q",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "llama-cpp-python",
-            "-d",
-            str(sdist),
-        ],
-        check=True,
-    )
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    "llama-cpp-python", "-d", str(sdist)], check=True)  # fmt: skip
     (archive,) = sorted(sdist.glob("llama_cpp_python-*.tar.gz"))[-1:]
     subprocess.run(["tar", "xzf", str(archive), "-C", str(CACHE)], check=True)
     return sorted(CACHE.glob("llama_cpp_python-*/vendor/llama.cpp"))[-1]
 
 
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+"""llama.cpp 0.3.36's AMX q8_0 kernel dies of SIGILL (tilezero) on the test machine, which
+advertises AMX: built for the native CPU without AMX (its AVX512-VNNI kernels)."""
+
+
 def build_llama(tree: Path) -> Path:
-    """Build llama-bench and llama-perplexity (cached); returns the bin directory."""
-    build = CACHE / "build"
+    """Build llama-bench (cached); returns the bin directory."""
+    build = CACHE / "build-noamx"
     bin_dir = build / "bin"
-    if all((bin_dir / t).is_file() for t in LLAMA_TARGETS):
+    if (bin_dir / "llama-bench").is_file():
         return bin_dir
-    log("building llama.cpp (llama-bench, llama-perplexity): minutes on a small CPU")
+    log("building llama.cpp (llama-bench): minutes on a small CPU")
     subprocess.run(
         ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-         "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+         "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+         f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"],
         check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     jobs = str(os.cpu_count() or 1)
-    subprocess.run(["cmake", "--build", str(build), "--target", *LLAMA_TARGETS, "-j", jobs], check=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", jobs], check=True)
     return bin_dir
 
 
-def to_gguf(tree: Path, ckpt: Path, outtype: str) -> Path:
+def to_gguf(tree: Path, ckpt: Path, size: str, outtype: str) -> Path:
     """The checkpoint converted with llama.cpp's own converter (cached)."""
-    out = CACHE / f"gpt2-124m-random-{outtype}.gguf"
+    out = CACHE / f"gpt2-{size}-random-{outtype}.gguf"
     if out.is_file():
         return out
-    log(f"converting to GGUF {outtype}")
+    log(f"converting {size} to GGUF {outtype}")
     env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py")}
     subprocess.run(
         [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", outtype, "--outfile", str(out)],
@@ -198,154 +257,259 @@ def to_gguf(tree: Path, ckpt: Path, outtype: str) -> Path:
     return out
 
 
-def run_llama(bin_dir: Path, gguf: Path, args: argparse.Namespace) -> dict[str, float]:
-    """llama-bench's mean tokens/s: {"pp16": .., "pp512": .., "tg": ..}."""
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", ",".join(map(str, PROMPTS)),
-           "-n", str(args.new_tokens), "-t", str(args.threads), "-r", str(args.repeats), "-o", "json"]  # fmt: skip
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    figures = {}
-    for test in json.loads(out):
-        key = f"pp{test['n_prompt']}" if test["n_gen"] == 0 else "tg"
-        figures[key] = float(test["avg_ts"])
-    return figures
+# --- measuring --------------------------------------------------------------------------------
 
 
-def run_llama_cpp(ckpt: Path, args: argparse.Namespace) -> tuple[list[Row], str]:
-    if args.no_llama:
-        return [], "llama.cpp skipped (--no-llama)"
-    try:
-        tree = llama_tree()
-        bin_dir = build_llama(tree)
-    except (subprocess.CalledProcessError, OSError, ValueError) as exc:
-        return [], f"llama.cpp unavailable: {exc}"
-    rows = []
-    for _, _, outtype in VARIANTS:
-        log(f"llama-bench {outtype}")
-        figures = run_llama(bin_dir, to_gguf(tree, ckpt, outtype), args)
-        prefill = {p: figures[f"pp{p}"] for p in PROMPTS if f"pp{p}" in figures}
-        rows.append(
-            Row("llama.cpp", outtype, 1, prefill, {16: figures["tg"]}, "decode from an empty context")
-        )
-    return rows, f"llama.cpp from llama-cpp-python {tree.parent.parent.name.split('-')[-1]} (vendored source)"
+@dataclass
+class Figures:
+    """Per engine label and workload, the figure of every repeat."""
+
+    runs: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def add(self, label: str, workload: str, value: float) -> None:
+        self.runs.setdefault((label, workload), []).append(value)
+
+    def median(self, label: str, workload: str) -> float | None:
+        values = self.runs.get((label, workload))
+        return statistics.median(values) if values else None
+
+    def spread(self, label: str, workload: str) -> str:
+        values = self.runs.get((label, workload))
+        if not values:
+            return "—"
+        return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
-# --- the table ----------------------------------------------------------------------------------
+def workloads(big: bool, new: int) -> list[tuple[str, Callable[[Engine], float], Callable[[Engine], bool]]]:
+    """(name, run one measurement, applies to this engine)."""
+    items = [
+        ("decode b1", lambda e: e.decode(PROMPT, 1, new), lambda e: True),
+        (f"prefill {PREFILL}", lambda e: e.prefill(PREFILL), lambda e: True),
+    ]
+    if not big:
+        items.append(("decode b8", lambda e: e.decode(PROMPT, 8, new), lambda e: 8 in e.batches))
+    return items
 
 
-def _find(rows: list[Row], engine: str, weights: str, batch: int) -> Row | None:
-    return next((r for r in rows if (r.engine, r.weights, r.batch) == (engine, weights, batch)), None)
+def interleaved(engines: list[Engine], work, repeats: int, figures: Figures, tag: str = "") -> None:  # noqa: ANN001
+    """Each repeat runs every workload on every engine, the engine order rotating per repeat."""
+    for r in range(repeats):
+        order = engines[r % len(engines) :] + engines[: r % len(engines)]
+        for name, run, applies in work:
+            for e in order:
+                if applies(e):
+                    log(f"repeat {r + 1}/{repeats}: {e.label} {name}{tag}")
+                    figures.add(e.label, name + tag, run(e))
 
 
-LLAMA_OF = {"fp32": "f32", "fp16": "f16", "int8": "q8_0"}
+class BusyCore:
+    """Another process keeping one core busy (a spinning Python loop) while in the with-block."""
+
+    def __enter__(self) -> BusyCore:
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(1.0)  # the scheduler and our load watch see it
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait()
 
 
-def markdown(rows: list[Row]) -> str:
-    head = (
-        "| engine | weights | batch | prefill 16 tok/s | prefill 512 tok/s | decode tok/s (after 16) | "
-        "decode tok/s (after 512) | decode × transformers fp32 | decode × llama.cpp | prefill 512 × transformers | "
-        "prefill 512 × llama.cpp | note |"
-    )
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for r in rows:
-        tf = _find(rows, "transformers", "fp32", r.batch)
-        ll = _find(rows, "llama.cpp", LLAMA_OF.get(r.weights, r.weights), 1) if r.batch == 1 else None
-        cells = [
-            r.engine,
-            r.weights,
-            str(r.batch),
-            _num(r.prefill.get(16)),
-            _num(r.prefill.get(512)),
-            _num(r.decode.get(16)),
-            _num(r.decode.get(512)),
-            _ratio(r.decode.get(16), tf.decode.get(16) if tf and r is not tf else None),
-            _ratio(r.decode.get(16), ll.decode.get(16) if ll and r.engine != "llama.cpp" else None),
-            _ratio(r.prefill.get(512), tf.prefill.get(512) if tf and r is not tf else None),
-            _ratio(r.prefill.get(512), ll.prefill.get(512) if ll and r.engine != "llama.cpp" else None),
-            r.note,
-        ]
+def read_bandwidth(threads: int) -> tuple[float, float]:
+    """GB/s of torch.sum over 1 GiB of float32 (beyond any cache): (1 thread, ``threads``)."""
+    a = torch.ones(1 << 28)
+    out = []
+    for n in (1, threads):
+        torch.set_num_threads(n)
+        a.sum()
+        best = min(_timed(a.sum) for _ in range(5))
+        out.append(a.numel() * 4 / best / 1e9)
+    torch.set_num_threads(threads)
+    return out[0], out[1]
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def quality(engines: list[Engine]) -> list[str]:
+    """KL(fp32 || variant) and perplexity of every gpt2cli precision on 512 random tokens (prefill paths)."""
+    from gpt2cli.quantize import compare_next_token
+
+    ours = {e.weights: e for e in engines if e.name == "gpt2cli"}
+    ref = ours.get("float32")
+    if ref is None:
+        return []
+    ids = torch.tensor([_ids(512, 7)])
+    lines = []
+    for weights, e in ours.items():
+        if weights == "float32":
+            continue
+        with torch.inference_mode():
+            r = compare_next_token(ref.lm.model, e.lm.model, ids)  # type: ignore[attr-defined]
+        dppl = r["perplexity"] / r["perplexity_reference"] - 1
+        lines.append(f"| gpt2cli {weights} | {r['mean_kl']:.2e} | {dppl * 100:+.3f}% |")
+    return lines
+
+
+def scoring(engines: list[Engine], args: argparse.Namespace) -> list[str]:
+    """Scored tokens/s, context 1024 stride 512, gpt2cli precisions and transformers' recipe."""
+    from score_throughput import make_text, transformers_recipe
+
+    ours = [e for e in engines if e.name == "gpt2cli" and e.weights in ("float32", "bfloat16", "int8")]
+    if not ours:
+        return []
+    lm0 = ours[0].lm  # type: ignore[attr-defined]
+    text = make_text(lm0, args.score_tokens)
+    ids = torch.tensor([[lm0.tokenizer.eot_id, *lm0.encode(text)]])
+    runs: dict[str, list[float]] = {}
+    ppl: dict[str, float] = {}
+    tf = next((e for e in engines if e.name == "transformers"), None)
+    for r in range(args.repeats):
+        for e in ours:
+            log(f"repeat {r + 1}: scoring {e.label}")
+            t0 = time.perf_counter()
+            result = e.lm.score(text, context=1024, stride=512)  # type: ignore[attr-defined]
+            runs.setdefault(e.label, []).append(result.tokens / (time.perf_counter() - t0))
+            ppl[e.label] = result.perplexity
+        if tf is not None:
+            log(f"repeat {r + 1}: scoring transformers")
+            t0 = time.perf_counter()
+            _, scored = transformers_recipe(tf.model, ids, 1024, 512)  # type: ignore[attr-defined]
+            runs.setdefault("transformers float32", []).append(scored / (time.perf_counter() - t0))
+    base = statistics.median(runs["gpt2cli float32"])
+    tf_rate = statistics.median(runs["transformers float32"]) if "transformers float32" in runs else None
+    lines = ["| engine | scored tok/s | × gpt2cli fp32 | × transformers | perplexity Δ vs fp32 |", "|---|---|---|---|---|"]
+    for label, values in runs.items():
+        rate = statistics.median(values)
+        d = f"{(ppl[label] / ppl['gpt2cli float32'] - 1) * 100:+.3f}%" if label in ppl else "—"
+        vs_tf = f"{rate / tf_rate:.2f}×" if tf_rate else "—"
+        lines.append(f"| {label} | {rate:.0f} | {rate / base:.2f}× | {vs_tf} | {d} |")
+    return lines
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def table(engines: list[Engine], figures: Figures, work_names: list[str]) -> list[str]:
+    head = ["engine", "weights", *[f"{w} tok/s" for w in work_names], "decode GB/s"]
+    head += [f"{w}: ours ÷ best peer" for w in work_names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in engines:
+        cells = [e.name, e.weights, *[figures.spread(e.label, w) for w in work_names]]
+        d = figures.median(e.label, "decode b1")
+        cells.append(f"{d * e.weight_bytes / 1e9:.1f}" if d and e.weight_bytes else "—")
+        for w in work_names:
+            cells.append(_vs_best_peer(e, engines, figures, w))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
-def _num(x: float | None) -> str:
-    return "—" if x is None else f"{x:.1f}"
+def _vs_best_peer(e: Engine, engines: list[Engine], figures: Figures, work: str) -> str:
+    if e.name != "gpt2cli":
+        return ""
+    mine = figures.median(e.label, work)
+    prec = PRECISION[e.weights]
+    peers = [(figures.median(p.label, work), p.label) for p in engines
+             if p.name in ("llama.cpp", "CTranslate2") and PEER_PRECISION[p.weights] == prec]  # fmt: skip
+    peers = [(v, label) for v, label in peers if v]
+    if not mine or not peers:
+        return "—"
+    best, label = max(peers)
+    return f"{mine / best:.2f}× ({label})"
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return "—" if a is None or not b else f"{a / b:.2f}×"
+def busy_table(engines: list[Engine], figures: Figures) -> list[str]:
+    lines = ["| engine | decode b1 idle-ish | decode b1, one core busy | slowdown |", "|---|---|---|---|"]
+    for e in engines:
+        idle, busy = figures.median(e.label, "decode b1"), figures.median(e.label, "decode b1 busy")
+        if idle and busy:
+            lines.append(f"| {e.label} | {idle:.1f} | {busy:.1f} | {idle / busy:.2f}× |")
+    return lines
 
 
-def machine(threads: int, llama_note: str) -> str:
-    import torch
-
+def machine(threads: int, bw: tuple[float, float], notes: list[str]) -> str:
     cpu = "unknown CPU"
+    flags = ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = text
+    except (OSError, StopIteration):
         pass
+    simd = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
     try:
         import transformers
 
         tf = transformers.__version__
     except ImportError:
         tf = "not installed"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return (
-        f"{cpu} ({simd}), {os.cpu_count()} cores visible, {threads} threads; {platform.system()} "
-        f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {tf}; {llama_note}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        f"{cpu} ({', '.join(simd) or 'AVX2 or less'}), {os.cpu_count()} cores visible, {threads} threads; "
+        f"read bandwidth {bw[0]:.1f} GB/s (1 thread), {bw[1]:.1f} GB/s ({threads} threads); "
+        f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {tf}; {'; '.join(notes)}; {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
-
-
-def _cached_part(part: str, args: argparse.Namespace, compute) -> tuple[list[Row], str]:
-    """Run one part (python engines, or llama.cpp), or with --reuse load its last results."""
-    path = CACHE / f"results-{part}.json"
-    if part in args.reuse and path.is_file():
-        saved = json.loads(path.read_text())
-        rows = [
-            Row(**{**r, "prefill": _int_keys(r["prefill"]), "decode": _int_keys(r["decode"])})
-            for r in saved["rows"]
-        ]
-        return rows, saved["note"] + f" (measured {saved['when']})"
-    rows, note = compute()
-    when = f"{dt.datetime.now(dt.timezone.utc):%H:%M} UTC"
-    path.write_text(json.dumps({"rows": [asdict(r) for r in rows], "note": note, "when": when}))
-    return rows, note
-
-
-def _int_keys(d: dict[str, float]) -> dict[int, float]:
-    return {int(k): v for k, v in d.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument(
-        "--skip", action="append", default=[], help="f16-512 (weights-prompt) or f16-b8 (weights-batch)"
-    )
-    parser.add_argument("--reuse", action="append", default=[], choices=["python", "llama"],
-                        help="take this part's results from its last run instead of running it")  # fmt: skip
-    parser.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
+    parser.add_argument("--sizes", default="124m", help=f"comma list of {', '.join(SIZES)}")
+    parser.add_argument("--no-llama", action="store_true")
+    parser.add_argument("--no-ct2", action="store_true")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-busy", action="store_true", help="skip the busy-machine row")
+    parser.add_argument("--no-score", action="store_true", help="skip scoring and the quality line")
+    parser.add_argument("--score-tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
-    ckpt = make_124m()
-    python_rows = _cached_part("python", args, lambda: (run_python_engines(ckpt, args), ""))[0]
-    llama_rows, llama_note = _cached_part("llama", args, lambda: run_llama_cpp(ckpt, args))
-    rows = python_rows + llama_rows
-    notes = [
-        "Medians; ratios > 1 mean faster than the engine named. Random 124M gpt2-shaped weights, random prompt ids, "
-        f"greedy, EOS ignored, {args.new_tokens} new tokens, {args.repeats} repeats.",
-        "Batch 8 = 8 sequences continuing one prompt (gpt2cli prefills it once; transformers runs 8 rows); "
-        "prefill tok/s counts the prompt once. Decode tok/s counts all rows.",
-        "Scoring throughput: `gpt2 score` does not exist on this branch yet; not measured.",
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    bw = read_bandwidth(args.threads)
+    report: list[str] = []
+    notes: list[str] = []
+    for size in args.sizes.split(","):
+        big = size != "124m"
+        ckpt = make_checkpoint_of(size)
+        engines = python_engines(ckpt, big, args)
+        peers_ct2, note_ct2 = ct2_engines(ckpt, size, args) if not big else ([], "")
+        peers_llama, note_llama = llama_engines(ckpt, size, args)
+        notes += [n for n in (note_ct2, note_llama) if n and n not in notes]
+        engines += peers_ct2 + peers_llama
+        figures = Figures()
+        work = workloads(big, args.new_tokens)
+        interleaved(engines, work, args.repeats, figures)
+        if not args.no_busy and not big:
+            busy = [e for e in engines if e.weights in ("float32", "f32", "int8", "q8_0")]
+            with BusyCore():
+                interleaved(busy, work[:1], args.repeats, figures, tag=" busy")
+        report += [f"## {size}", "", *table(engines, figures, [w[0] for w in work]), ""]
+        if not args.no_busy and not big:
+            report += ["One core kept busy by another process (a spinning loop):", "", *busy_table(engines, figures), ""]
+        if not args.no_score and not big:
+            report += ["Scoring (context 1024, stride 512):", "", *scoring(engines, args), ""]
+            report += ["Quality against gpt2cli float32 (512 random tokens, full forward):", "",
+                       "| variant | mean KL (nats) | perplexity Δ |", "|---|---|---|", *quality(engines), ""]  # fmt: skip
+        del engines
+    load_after = os.getloadavg()
+    head = [
+        f"Machine: {machine(args.threads, bw, notes)}",
+        "",
+        f"Load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+        f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}.",
+        f"Medians (min–max) of {args.repeats} repeats, engines interleaved per repeat; random gpt2-shaped "
+        f"weights, random prompt ids, greedy, EOS ignored, {args.new_tokens} new tokens. decode b1: batch 1 after "
+        f"a {PROMPT}-token prompt; decode b8: 8 rows continuing one prompt (aggregate tok/s); decode GB/s: "
+        "weight bytes × decode b1 tok/s. Ratios > 1: gpt2cli faster than the fastest peer of its precision "
+        "(llama.cpp, CTranslate2; half = f16/bf16).",
+        "",
     ]
-    text = "\n".join([f"Machine: {machine(args.threads, llama_note)}", "", markdown(rows), "", *notes]) + "\n"
+    text = "\n".join(head + report) + "\n"
     args.out.write_text(text)
     print(text)
 

@@ -110,7 +110,9 @@ class LM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.wte.weight.dtype
+        """The weights' float dtype (float32 for an int8 model, whose activations are float32)."""
+        stored = self.model.wte.weight.dtype
+        return stored if stored.is_floating_point else self.model.compute_dtype
 
     @property
     def precision(self) -> str:
@@ -640,13 +642,14 @@ def load_resolved(
     config = GPT2Config.from_json(path / "config.json")
     tokenizer = load_tokenizer(path, config)
     try:
-        raw_state = read_state_dict(weight_files(path, allow_pickle))
+        converter = fastpath.storage_converter(torch_device, torch_dtype, method)
+        raw_state = read_state_dict(weight_files(path, allow_pickle), converter)
     except CorruptWeightsError as exc:
         if resolved.spec.repo_id is not None:  # a Hub model in the cache: the cache can repair it
             exc.hint = f"re-download it: `gpt2 models verify {resolved.name} --repair`"
         raise
     model = build_model(config, raw_state)
-    fastpath.place(model, torch_device, torch_dtype, method)
+    fastpath.place(model, torch_device, torch_dtype, method, converter)
     lm = LM(model, tokenizer, resolved)
     if compile:
         lm.decoder = fastpath.StaticDecoder(model)

@@ -18,7 +18,8 @@ from gpt2cli import kernels
 from gpt2cli.engine import batch_bucket
 from gpt2cli.kvcache import KVCache
 from gpt2cli.model import GPT2, Linear
-from gpt2cli.quantize import check_method, quantize_model
+from gpt2cli.quantize import RowQuantizer, check_method, quantize_model
+from gpt2cli.weights import RowConvert
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -28,14 +29,50 @@ def check_quantize(method: str | None) -> str | None:
     return check_method(method)
 
 
-def place(model: GPT2, device: torch.device, dtype: torch.dtype, quantize: str | None = None) -> GPT2:
-    """Move ``model`` to ``device`` with weights stored in ``dtype``; quantize if asked."""
+def storage_converter(device: torch.device, dtype: torch.dtype, quantize: str | None) -> RowConvert | None:
+    """How ``read_state_dict`` should store the weights for ``place`` (None: as read).
+
+    int8 quantises the weights as they are read, half precision on CPU converts them: either
+    way no float32 copy of the whole model is held (peak memory near the stored size).
+    """
+    if quantize is not None:
+        return RowQuantizer()
+    if device.type == "cpu" and dtype in HALF:
+        return HalfRows(dtype)
+    return None
+
+
+class HalfRows:
+    """Every 2-D weight (linear layers, wte, wpe) stored in half precision as it is read."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def wants(self, name: str) -> bool:
+        return True
+
+    def __call__(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(self.dtype)
+
+
+def place(
+    model: GPT2,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    converter: RowConvert | None = None,
+) -> GPT2:
+    """Move ``model`` to ``device`` with weights stored in ``dtype``; quantize if asked.
+
+    ``converter`` is what ``storage_converter`` gave the reader (its int8 scales are needed).
+    """
     if device.type == "cpu" and dtype in HALF:
         _half_storage(model, dtype)
     else:
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=dtype)  # only floating tensors: int8 weights stay int8
     if quantize is not None:
-        quantize_model(model, quantize)
+        quantizer = converter if isinstance(converter, RowQuantizer) else None
+        quantize_model(model, quantize, quantizer)
     if device.type == "cpu":
         kernels.warm_up()
     return model
@@ -44,10 +81,12 @@ def place(model: GPT2, device: torch.device, dtype: torch.dtype, quantize: str |
 @torch.no_grad()
 def _half_storage(model: GPT2, dtype: torch.dtype) -> None:
     """Store the 2-D weights (linear layers, wte, wpe) in ``dtype``; everything else float32."""
-    model.float()
     for module in model.modules():
-        if isinstance(module, (Linear, torch.nn.Embedding)):
-            module.weight.data = module.weight.data.to(dtype)
+        for name, param in module.named_parameters(recurse=False):
+            stored = isinstance(module, (Linear, torch.nn.Embedding)) and name == "weight"
+            want = dtype if stored else torch.float32
+            if param.dtype != want:  # weights converted while reading are left as they are
+                param.data = param.data.to(want)
 
 
 class StaticDecoder:

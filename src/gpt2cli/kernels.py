@@ -1,101 +1,92 @@
-"""Batch-1 CPU matmul kernels and the one ``linear`` the model calls, which picks the path.
+"""CPU matmul paths and the one ``linear`` / ``linear_int8`` the model calls, which picks the path.
 
-Decoding one token multiplies a single activation row by every weight matrix: a
-matrix-vector product bound by memory bandwidth. PyTorch's BLAS GEMV reaches about half
-of this CPU's bandwidth; a numba kernel with one dot product per output row over the
-(out, in) weight reaches about 80% (figures in docs/performance.md). Paths:
+Decoding multiplies a few activation rows by every weight matrix: bound by reading the
+weights. Prefill and scoring multiply hundreds of rows: bound by arithmetic. Paths, for x
+float32 (..., in) and a weight (out, in) on CPU:
 
-- CPU, float32, up to 16 rows:    numba ``_gemv_f32``   (fallback: ``F.linear``)
-- CPU, int8 weight, up to 16 rows: numba ``_gemv_i8``   (fallback: dequantise + ``F.linear``)
-- CPU, float16/bfloat16 weight:   one row: ``F.linear`` in the weight's dtype (its GEMV is
-  fast); several rows: the weight converted to float32 for that call (half GEMM is slow here)
-- anything else (several rows, CUDA, MPS): ``F.linear``
+| weight | up to 16 rows (decode) | more rows (prefill, scoring) |
+|---|---|---|
+| float32 | numba ``gemv`` | ``F.linear`` (BLAS GEMM) |
+| bfloat16 | numba ``gemv`` (bits widened) | bf16 GEMM (oneDNN: AVX512-BF16/AMX), x rounded to bf16 |
+| float16 | numba ``gemv`` (bits widened) | f16 GEMM (oneDNN: AVX512-FP16/AMX-FP16), x rounded to f16 |
+| int8, per-row scale | numba ``gemv`` (x stays float32) | ``torch._int_mm`` (VNNI/AMX), x int8 per row |
 
-numba is optional: without it (or with ``GPT2_KERNELS=torch``) every path is pure torch.
+Where the CPU lacks the instructions (an AVX2-only CPU: no bf16/f16 GEMM, no VNNI), or numba is
+not installed, or ``GPT2_KERNELS=torch``, each path falls back to pure torch: half weights are
+converted to float32 for the call, int8 weights dequantised. ``set_enabled(False)`` turns every
+fast path off (the reference the tests compare with). CUDA and autograd use ``F.linear``.
+
 The kernels are compiled once per process and cached on disk in the first writable one of
 ``NUMBA_CACHE_DIR`` and ``$XDG_CACHE_HOME/gpt2cli/numba`` (``~/.cache/...``); with neither
 (a read-only install and home) they are compiled in memory, never failing.
+
+Inside ``torch.compile`` graphs the numba kernels run as custom ops (``torch.ops.gpt2cli.*``,
+with fake implementations for tracing); eager calls skip the dispatcher (~10 us a call).
+
+Threads: the numba kernels use as many threads as torch's intra-op pool
+(``torch.set_num_threads``, ``--threads``, ``GPT2_THREADS``), fewer while other processes keep
+cores busy (``cpuload.LoadWatch``; ``GPT2_ADAPTIVE_THREADS=0`` turns that off). One thread
+runs ``gemv_serial`` in the calling thread; several use numba's ``THREADING_LAYER`` (workqueue;
+``NUMBA_THREADING_LAYER`` overrides). Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.library import custom_op
 
-_numba: Any = None  # the compiled kernels module namespace, once built
-_numba_state = "unknown"  # unknown | ready | missing
+from gpt2cli.cpuload import LoadWatch
+
+SMALL_BATCH = 16
+"""Up to this many rows the weight-streaming kernels beat GEMM: they read the weights once for all rows."""
+
+THREADING_LAYER = "workqueue"
+"""numba's threading layer unless NUMBA_THREADING_LAYER is set. Not OpenMP: numba's OpenMP pool
+is a second libgomp beside torch's, and once it has run, torch's own parallel kernels slow
+down several hundredfold (SDPA on one query: 20 us -> 7 ms; docs/performance.md)."""
+
+HALF = (torch.float16, torch.bfloat16)
+
+_nk: Any = None  # the gpt2cli.numba_kernels module, once compiled
+_state = "unknown"  # unknown | ready | missing | off
+_numba_threads = 0  # numba's thread count as last set
+_watch = LoadWatch()
+_launch = threading.Lock()  # held while a parallel numba kernel runs
+
+
+# --- set-up ----------------------------------------------------------------------------------
 
 
 def _build() -> bool:
-    """Compile (or load from numba's cache) the kernels; False when numba is unavailable."""
-    global _numba, _numba_state
-    if _numba_state != "unknown":
-        return _numba_state == "ready"
+    """Import and compile (or load from numba's disk cache) the kernels; False without numba."""
+    global _nk, _state
+    if _state != "unknown":
+        return _state == "ready"
     if os.environ.get("GPT2_KERNELS", "").lower() == "torch":
-        _numba_state = "missing"
+        _state = "missing"
         return False
     try:
         import numba
-        import numpy as np
+
+        if not os.environ.get("NUMBA_THREADING_LAYER"):
+            numba.config.THREADING_LAYER = THREADING_LAYER  # type: ignore[attr-defined]
+        from gpt2cli import numba_kernels
     except ImportError:
-        _numba_state = "missing"
+        _state = "missing"
         return False
-    cache_dir = writable_cache_dir()
-    if cache_dir is not None:
-        numba.config.CACHE_DIR = str(cache_dir)  # type: ignore[attr-defined]  # read at decoration
-    cache = cache_dir is not None
-    # numba picks its threading layer (tbb, then OpenMP, then workqueue). On an idle 2-core
-    # machine OpenMP decodes 2x faster than workqueue (43 vs 21 tok/s); on a heavily shared one
-    # OpenMP's spin-waiting beside torch's pool hurts, and NUMBA_THREADING_LAYER=workqueue
-    # is the remedy (docs/performance.md).
-
-    # fastmath lets LLVM vectorise the dot product (reassociated sums): the result differs
-    # from BLAS by rounding only (~1e-6 relative), well inside the 1e-4 fidelity target.
-    # x is (B, in) with B small (decode rows): each weight row is read from memory once and
-    # reused, from L1, for every row of x, so B rows cost little more than one.
-    @numba.njit(parallel=True, fastmath=True, cache=cache)
-    def gemv_f32(x, w, b, out):  # x (B, in), w (out, in), b (out,), out (B, out)
-        for o in numba.prange(w.shape[0]):
-            row = w[o]
-            for r in range(x.shape[0]):
-                xr = x[r]
-                acc = np.float32(0.0)
-                for i in range(x.shape[1]):
-                    acc += xr[i] * row[i]
-                out[r, o] = acc + b[o]
-
-    @numba.njit(parallel=True, fastmath=True, cache=cache)
-    def gemv_f32_nobias(x, w, out):
-        for o in numba.prange(w.shape[0]):
-            row = w[o]
-            for r in range(x.shape[0]):
-                xr = x[r]
-                acc = np.float32(0.0)
-                for i in range(x.shape[1]):
-                    acc += xr[i] * row[i]
-                out[r, o] = acc
-
-    @numba.njit(parallel=True, fastmath=True, cache=cache)
-    def gemv_i8(x, w, scale, b, out):  # w int8 (out, in), scale (out,): y = scale * (w @ x) + b
-        for o in numba.prange(w.shape[0]):
-            row = w[o]
-            for r in range(x.shape[0]):
-                xr = x[r]
-                acc = np.float32(0.0)
-                for i in range(x.shape[1]):
-                    acc += xr[i] * np.float32(row[i])
-                out[r, o] = acc * scale[o] + b[o]
-
-    from types import SimpleNamespace
-
-    _numba = SimpleNamespace(gemv_f32=gemv_f32, gemv_f32_nobias=gemv_f32_nobias, gemv_i8=gemv_i8, numba=numba)
-    _numba_state = "ready"
-    _sync_threads()
+    numba_kernels.warm_up()
+    _nk = numba_kernels
+    _state = "ready"
+    _watch.sample()
     return True
 
 
@@ -119,109 +110,258 @@ def writable_cache_dir() -> Path | None:
     return None
 
 
-def _sync_threads() -> None:
-    """numba's thread pool uses as many threads as torch's intra-op pool."""
-    if _numba is None:
-        return
-    n = max(1, min(torch.get_num_threads(), _numba.numba.config.NUMBA_NUM_THREADS))
-    _numba.numba.set_num_threads(n)
+def kernel_threads() -> int:
+    """Threads for the next kernel call: torch's count, fewer while the machine is busy."""
+    global _numba_threads
+    n = torch.get_num_threads()
+    if n > 1 and os.environ.get("GPT2_ADAPTIVE_THREADS", "1") != "0":
+        n = _watch.threads(n)
+    if n > 1 and n != _numba_threads:
+        import numba
+
+        n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+        numba.set_num_threads(n)
+        _numba_threads = n
+    return n
+
+
+def _kernel(name: str = "gemv") -> Callable[..., None]:
+    """The parallel numba kernel ``name`` or its serial twin, for the threads available now.
+
+    One parallel launch at a time (the workqueue layer aborts on concurrent launches): a
+    second Python thread calling meanwhile runs the serial twin instead of waiting.
+    """
+    serial = getattr(_nk, name + "_serial")
+    if kernel_threads() == 1 or not _launch.acquire(blocking=False):
+        return serial
+    parallel = getattr(_nk, name)
+
+    def launch(*args: Any) -> None:
+        try:
+            parallel(*args)
+        finally:
+            _launch.release()
+
+    return launch
 
 
 def available() -> bool:
     """Whether the numba kernels can be used in this process."""
-    return _build()
+    return _build() if _state != "off" else _nk is not None
 
 
 def set_enabled(enabled: bool) -> None:
-    """Switch the numba kernels on or off for this process (tests compare both paths)."""
-    global _numba_state
+    """Switch every fast path on or off for this process (tests compare both)."""
+    global _state
     if not enabled:
-        _numba_state = "missing"
+        _state = "off"
     else:
-        _numba_state = "unknown" if _numba is None else "ready"
+        _state = "unknown" if _nk is None else "ready"
         _build()
 
 
 def is_enabled() -> bool:
-    return _numba_state == "ready" or (_numba_state == "unknown" and _build())
+    """Whether the numba kernels are in use (built, and not switched off)."""
+    return _state == "ready" or (_state == "unknown" and _build())
 
 
 def warm_up() -> None:
     """Compile the kernels now (at load time) rather than in the first decode step."""
-    if not _build():
-        return
-    x = torch.zeros(1, 8)
-    w = torch.zeros(4, 8)
-    b = torch.zeros(4)
-    out = torch.empty(1, 4)
-    _numba.gemv_f32(x.numpy(), w.numpy(), b.numpy(), out.numpy())
-    _numba.gemv_f32_nobias(x.numpy(), w.numpy(), out.numpy())
-    _numba.gemv_i8(x.numpy(), torch.zeros(4, 8, dtype=torch.int8).numpy(), b.numpy(), b.numpy(), out.numpy())
+    _build()
 
 
-# Up to this many rows (decode steps of several samples) the kernels beat BLAS GEMM: they are
-# bound by reading the weights, which they do once for all rows.
-SMALL_BATCH = 16
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
-def _is_single_row(x: torch.Tensor) -> bool:
-    return x.numel() == x.shape[-1]
+@functools.cache
+def _capabilities() -> frozenset[str]:
+    """The fast GEMM paths this CPU and this torch build offer: bf16, f16, int8."""
+    caps = set()
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        if mkldnn is not None and mkldnn._is_mkldnn_bf16_supported():
+            caps.add("bf16")
+        if mkldnn is not None and mkldnn._is_mkldnn_fp16_supported():
+            caps.add("f16")
+    except (AttributeError, RuntimeError):
+        pass
+    # int8 x int8 GEMM pays off where the CPU multiplies int8 pairs natively (VNNI, AMX)
+    if cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        caps.add("int8")
+    return frozenset(caps)
 
 
-def _is_small_batch(x: torch.Tensor) -> bool:
-    return x.numel() <= SMALL_BATCH * x.shape[-1]
+def _can(path: str) -> bool:
+    return _state != "off" and path in _capabilities()
+
+
+# --- the entry points the model calls -----------------------------------------------------------
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` for x (..., in) and weight (out, in), on the fastest path here."""
+    """``x @ weight.T + bias`` for x (..., in) and weight (out, in), on the fastest path here.
+
+    The weight may be float32, float16 or bfloat16; on CPU x and the result are float32.
+    """
     if x.device.type != "cpu" or x.requires_grad or weight.requires_grad:
         return F.linear(x, weight, bias)
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        return _linear_half_cpu(x, weight, bias)
-    if (
-        weight.dtype == torch.float32
-        and x.dtype == torch.float32
-        and _is_small_batch(x)
-        and is_enabled()
-        and not torch.compiler.is_compiling()
-    ):
-        return _gemv_f32(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows <= SMALL_BATCH and x.dtype == torch.float32 and is_enabled():
+        x2 = x.reshape(rows, x.shape[-1])
+        y = (
+            torch.ops.gpt2cli.gemv(x2, weight, bias)
+            if torch.compiler.is_compiling()
+            else _gemv(x2, weight, bias)
+        )
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if weight.dtype in HALF:
+        return _half_linear(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-def _gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    xv = x.reshape(-1, x.shape[-1]).contiguous()  # (B, in)
-    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-    out2d = out.view(-1, weight.shape[0])  # (B, out)
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    if bias is None:
-        _numba.gemv_f32_nobias(xv.numpy(), w.numpy(), out2d.numpy())
-    else:
-        _numba.gemv_f32(xv.numpy(), w.numpy(), bias.numpy(), out2d.numpy())
-    return out
-
-
-def _linear_half_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Half-precision weights, float32 activations: GEMV in half, GEMM in float32."""
-    b32 = bias.float() if bias is not None else None
-    if _is_single_row(x):
-        y = F.linear(x.to(weight.dtype), weight, bias.to(weight.dtype) if bias is not None else None)
-        return y.float()
-    # Prefill: half GEMM runs at ~1 GFLOP/s on this CPU; converting the weight is far cheaper.
-    return F.linear(x.float(), weight.float(), b32)
 
 
 def linear_int8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``x @ (qweight * scale[:, None]).T + bias`` for int8 qweight (out, in), float32 scale (out,)."""
-    if x.device.type == "cpu" and _is_small_batch(x) and is_enabled() and not torch.compiler.is_compiling():
-        xv = x.reshape(-1, x.shape[-1]).float().contiguous()  # (B, in)
-        out = torch.empty(*x.shape[:-1], qweight.shape[0], dtype=torch.float32)
-        b = bias if bias is not None else torch.zeros(qweight.shape[0])
-        out2d = out.view(-1, qweight.shape[0])
-        _numba.gemv_i8(xv.numpy(), qweight.numpy(), scale.numpy(), b.float().numpy(), out2d.numpy())
-        return out.to(x.dtype)
-    # Several rows (or no numba): dequantise for this call; GEMM cost dwarfs the conversion.
+    rows = x.numel() // x.shape[-1]
+    out_shape = (*x.shape[:-1], qweight.shape[0])
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        x2 = x.reshape(rows, x.shape[-1])
+        if rows <= SMALL_BATCH and is_enabled():
+            if torch.compiler.is_compiling():
+                return torch.ops.gpt2cli.gemv_int8(x2, qweight, scale, bias).view(out_shape)
+            return _gemv_int8(x2, qweight, scale, bias).view(out_shape)
+        if rows > SMALL_BATCH and _can("int8"):
+            return int8_gemm(x2, qweight, scale, bias).view(out_shape)
+    # Reference path (and CUDA): dequantise for this call.
     w = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
+def embedding_int8(ids: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (...,) of the int8 table (V, C) with per-row scales, as float32 (..., C)."""
+    if ids.device.type == "cpu" and is_enabled() and not torch.compiler.is_compiling():
+        flat = ids.reshape(-1).contiguous()
+        out = torch.empty(flat.shape[0], qweight.shape[1])
+        _nk.embed_i8(flat.numpy(), qweight.numpy(), scale.numpy(), out.numpy())
+        return out.view(*ids.shape, qweight.shape[1])
+    return qweight[ids].float() * scale[ids].unsqueeze(-1)
+
+
+# --- implementations ----------------------------------------------------------------------------
+
+
+@functools.cache
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n)
+
+
+@functools.cache
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n)
+
+
+_STORED_AS = {torch.float32: torch.float32, torch.bfloat16: torch.uint16, torch.float16: torch.int16}
+"""How each weight dtype reaches numba: floats as they are, half precision as raw 16 bits."""
+
+
+def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2 float32 (B, in), weight float32/bfloat16/float16 (out, in) -> float32 (B, out)."""
+    if weight.dtype not in _STORED_AS:
+        raise TypeError(f"no decode kernel for {weight.dtype} weights")
+    w = weight.contiguous().view(_STORED_AS[weight.dtype])
+    return _run(x2, w, _ones(w.shape[0]), bias)
+
+
+def _gemv_int8(
+    x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x2 float32 (B, in), int8 qweight (out, in), scale (out,) -> float32 (B, out)."""
+    return _run(x2, qweight.contiguous(), scale, bias)
+
+
+def _run(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty(x2.shape[0], w.shape[0])
+    b = bias.float() if bias is not None else _zeros(w.shape[0])
+    _kernel()(x2.contiguous().numpy(), w.numpy(), scale.numpy(), b.numpy(), out.numpy())
+    return out
+
+
+def _half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Half-precision weights, float32 activations, many rows (or no numba)."""
+    if _can("bf16" if weight.dtype == torch.bfloat16 else "f16"):
+        # torch hands half GEMMs to oneDNN (AVX512-BF16/AMX here: 4.5x the float32 GEMM) on
+        # the weight as stored, no float32 copy; the bias is added in float32.
+        y = F.linear(x.to(weight.dtype), weight).float()
+        return y.add_(bias) if bias is not None else y
+    if x.numel() == x.shape[-1]:  # one row: torch's half GEMV, as fast as any pure-torch path
+        b = bias.to(weight.dtype) if bias is not None else None
+        return F.linear(x.to(weight.dtype), weight, b).float()
+    return F.linear(x, weight.float(), bias.float() if bias is not None else None)
+
+
+def quantize_rows_dynamic(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 float32 (M, K) -> (int8 (M, K), float32 scale (M, 1)): symmetric, one scale per row."""
+    if is_enabled():
+        xq = torch.empty(x2.shape, dtype=torch.int8)
+        xs = torch.empty(x2.shape[0], 1)
+        _kernel("quantize_rows_i8")(x2.contiguous().numpy(), xq.numpy(), xs.view(-1).numpy())
+        return xq, xs
+    scale = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (M, 1)
+    return torch.round(x2 / scale).to(torch.int8), scale
+
+
+def int8_gemm(
+    x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Prefill/scoring: x quantised to int8 per row, int8 x int8 -> int32 GEMM, rescaled.
+
+    x2 float32 (M, K), qweight int8 (N, K), scale (N,) -> float32 (M, N). The int32 sums
+    are exact; the error is x's rounding to 8 bits per row (as CTranslate2's int8). numba
+    fuses the quantisation and the rescaling into one pass each (in torch they cost as much
+    as the GEMM: ten passes over the output).
+    """
+    xq, xs = quantize_rows_dynamic(x2)
+    acc = torch._int_mm(xq, qweight.t())  # (M, N) int32
+    b = bias.float() if bias is not None else _zeros(qweight.shape[0])
+    if is_enabled():
+        out = torch.empty(acc.shape)
+        _kernel("dequantize_acc")(acc.numpy(), xs.view(-1).numpy(), scale.numpy(), b.numpy(), out.numpy())
+        return out
+    return acc.float().mul_(scale).mul_(xs).add_(b)
+
+
+# --- custom ops: the numba kernels inside torch.compile graphs -----------------------------------
+
+
+@custom_op("gpt2cli::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _gemv(x, weight, bias)
+
+
+@_gemv_op.register_fake
+def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@custom_op("gpt2cli::gemv_int8", mutates_args=())
+def _gemv_int8_op(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _gemv_int8(x, qweight, scale, bias)
+
+
+@_gemv_int8_op.register_fake
+def _gemv_int8_fake(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)

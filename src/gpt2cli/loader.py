@@ -29,6 +29,7 @@ def build_model(config: GPT2Config, raw_state: dict[str, torch.Tensor], *, train
             state[name] = state[name].float()
     with torch.device("meta"):
         model = GPT2(config)
+    model.requires_grad_(False)  # weights read as int8 cannot be parameters that require grad
     model.load_state_dict(state, strict=True, assign=True)
     if trainable:
         return model.train().requires_grad_(True)

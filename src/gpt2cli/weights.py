@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from io import BufferedReader
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -179,8 +180,29 @@ def check_safetensors_file(path: Path) -> None:
         raise CorruptWeightsError(f"{path} is truncated: {size} bytes of the {expected} expected")
 
 
-def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+class RowConvert(Protocol):
+    """How 2-D floating weights are stored once read (int8 rows, half-precision rows...).
+
+    The reader asks ``wants(name)`` (``name`` as the checkpoint spells it); for those it calls
+    ``convert(name, rows)`` with float blocks of rows in our (out, in) layout: a whole Conv1D
+    weight, or up to ``ROW_BLOCK_BYTES`` of a row-major table such as ``wte``, in order.
+    ``rows`` is the reader's scratch buffer (the converter may overwrite it, and must not keep
+    it); the result, new storage with as many rows, is what is kept. Converting while reading
+    keeps peak memory near the stored size, not the checkpoint's.
+    """
+
+    def wants(self, name: str) -> bool: ...
+
+    def __call__(self, name: str, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+ROW_BLOCK_BYTES = 8 << 20
+
+
+def read_state_dict(files: list[Path], convert: RowConvert | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor from ``files`` (safetensors, or pickle via weights_only=True).
+
+    With ``convert``, the 2-D floating tensors it wants are stored as it makes them.
 
     Raises:
         CorruptWeightsError: a file cannot be parsed.
@@ -190,12 +212,45 @@ def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             check_safetensors_file(path)
             try:
-                state.update(_read_safetensors(path))
+                state.update(_read_safetensors(path, convert))
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
                 raise CorruptWeightsError(f"cannot read {path}: {exc}") from exc
         else:
-            state.update(_load_pickle(path))
+            state.update(_convert_loaded(_load_pickle(path), convert))
     return state
+
+
+def _wanted(convert: RowConvert | None, name: str, shape: list[int] | torch.Size, dtype: torch.dtype) -> bool:
+    return convert is not None and len(shape) == 2 and dtype.is_floating_point and convert.wants(name)
+
+
+def _convert_loaded(state: dict[str, torch.Tensor], convert: RowConvert | None) -> dict[str, torch.Tensor]:
+    """Pickled checkpoints are mapped, not read: convert each wanted weight whole."""
+    out = {}
+    for name, t in state.items():
+        if convert is not None and _wanted(convert, name, t.shape, t.dtype):
+            conv1d = name.endswith(CONV1D_SUFFIXES)
+            rows = (t.t() if conv1d else t).contiguous().clone()  # the converter may overwrite it
+            t = convert(name, rows)
+            t = t.t() if conv1d else t
+        out[name] = t
+    return out
+
+
+class _Scratch:
+    """Float buffers reused for every tensor read: no freed holes are left in the heap (glibc
+    keeps freed blocks below its adaptive mmap threshold, which would grow the peak RSS)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self.bufs.get(slot)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            self.bufs.pop(slot, None)
+            buf = self.bufs[slot] = torch.empty(max(n, 1 << 20), dtype=dtype)
+        return buf[:n].view(shape)
 
 
 _SAFETENSORS_DTYPES = {
@@ -212,15 +267,17 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, convert: RowConvert | None = None) -> dict[str, torch.Tensor]:
     """Read each tensor straight into its own buffer with plain reads.
 
     Unlike safetensors' mmap-based ``load_file``, no mapped file pages stay resident beside
-    the copies, so peak RSS is one copy of the weights (header already checked).
+    the copies, so peak RSS is one copy of the weights (header already checked); with
+    ``convert``, one copy of the converted weights plus one scratch matrix.
     """
     state: dict[str, torch.Tensor] = {}
     header_len, header = read_header(path)
     base = 8 + header_len
+    scratch = _Scratch()
     with open(path, "rb") as fh:
         for name, info in tensor_entries(header).items():
             start, end = info["data_offsets"]
@@ -229,8 +286,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             if end - start != nbytes:
                 raise ValueError(f"{name}: {end - start} bytes stored for {nbytes} expected")
             fh.seek(base + start)
+            wanted = convert if _wanted(convert, name, shape, dtype) else None
             if name.endswith(CONV1D_SUFFIXES) and len(shape) == 2:
-                state[name] = _read_transposed(fh, shape, dtype)
+                state[name] = _read_transposed(fh, shape, dtype, name=name, convert=wanted, scratch=scratch)
+            elif wanted is not None:
+                state[name] = _read_rows_converted(fh, shape, dtype, name, wanted, scratch)
             else:
                 state[name] = torch.empty(shape, dtype=dtype)
                 _read_into(fh, state[name])
@@ -244,18 +304,55 @@ def _read_into(fh: BufferedReader, tensor: torch.Tensor) -> None:
 
 
 def _read_transposed(
-    fh: BufferedReader, shape: list[int], dtype: torch.dtype, rows: int = 64
+    fh: BufferedReader,
+    shape: list[int],
+    dtype: torch.dtype,
+    rows: int = 64,
+    *,
+    name: str = "",
+    convert: RowConvert | None = None,
+    scratch: _Scratch | None = None,
 ) -> torch.Tensor:
     """A Conv1D weight stored (in, out), read into an (out, in) buffer and returned as its
-    (in, out) view: normalize_state_dict's transpose then yields the buffer, copy-free."""
+    (in, out) view: normalize_state_dict's transpose then yields the buffer, copy-free.
+    With ``convert``, the buffer is scratch and the converted (out, in) rows are kept."""
     n_in, n_out = shape
-    buf = torch.empty(n_out, n_in, dtype=dtype)  # (out, in): nn.Linear's layout
-    chunk = torch.empty(rows, n_out, dtype=dtype)
+    scratch = scratch or _Scratch()
+    if convert is not None:
+        buf = scratch.get("matrix", (n_out, n_in), dtype)
+    else:
+        buf = torch.empty(n_out, n_in, dtype=dtype)  # (out, in): nn.Linear's layout
+    chunk = scratch.get("chunk", (rows, n_out), dtype)
     for r in range(0, n_in, rows):
         part = chunk[: min(rows, n_in - r)]
         _read_into(fh, part)
         buf[:, r : r + part.shape[0]] = part.t()
+    if convert is not None:
+        buf = convert(name, buf)
     return buf.t()
+
+
+def _read_rows_converted(
+    fh: BufferedReader,
+    shape: list[int],
+    dtype: torch.dtype,
+    name: str,
+    convert: RowConvert,
+    scratch: _Scratch,
+) -> torch.Tensor:
+    """A row-major 2-D tensor read in blocks of rows, each converted as it arrives."""
+    n_rows, n_cols = shape
+    step = max(1, ROW_BLOCK_BYTES // max(1, n_cols * dtype.itemsize))
+    out: torch.Tensor | None = None
+    for r in range(0, max(n_rows, 1), step):
+        part = scratch.get("matrix", (min(step, n_rows - r), n_cols), dtype)
+        _read_into(fh, part)
+        stored = convert(name, part)
+        if out is None:
+            out = torch.empty(n_rows, *stored.shape[1:], dtype=stored.dtype)
+        out[r : r + part.shape[0]] = stored
+    assert out is not None
+    return out
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,205 @@
+"""Every CPU matmul path of kernels.py against the float32 reference: the numba decode kernels
+(float32, bfloat16, float16, int8), the half-precision and int8 GEMMs for many rows, the
+pure-torch fallbacks (kernels off, or a CPU without the instructions), the custom ops that
+carry the kernels into torch.compile graphs, and the int8 embedding lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2cli import kernels
+from gpt2cli.quantize import quantize_rows
+
+needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _data(out_f: int, in_f: int, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    b = torch.randn(out_f, generator=gen)
+    x = torch.randn(rows, in_f, generator=gen)
+    return x, w, b
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The numpy dtype of the weight of every numba kernel call: proves which path ran."""
+    calls: list[str] = []
+
+    def counted(real: Callable) -> Callable:
+        def call(x, w, *rest):
+            calls.append(str(w.dtype))
+            return real(x, w, *rest)
+
+        return call
+
+    monkeypatch.setattr(kernels._nk, "gemv", counted(kernels._nk.gemv))
+    monkeypatch.setattr(kernels._nk, "gemv_serial", counted(kernels._nk.gemv_serial))
+    return calls
+
+
+@needs_numba
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize(("out_f", "in_f", "bias"), [(96, 32, True), (37, 130, True), (300, 64, False)])
+def test_gemv_f32_matches_f_linear(spy, rows: int, out_f: int, in_f: int, bias: bool) -> None:
+    x, w, b = _data(out_f, in_f, rows)
+    bb = b if bias else None
+    with torch.inference_mode():
+        torch.testing.assert_close(kernels.linear(x, w, bb), F.linear(x, w, bb), atol=1e-5, rtol=1e-5)
+        # leading dims are kept: (B, T, in) -> (B, T, out)
+        y3 = kernels.linear(x.view(rows, 1, in_f), w, bb)
+    assert y3.shape == (rows, 1, out_f)
+    assert spy == ["float32", "float32"]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) -> None:
+    x, w, b = _data(77, 200, rows)
+    wh = w.to(dtype)
+    with torch.inference_mode():
+        y = kernels.linear(x, wh, b)
+    # float32 x times the exactly widened weights: only summation order differs
+    torch.testing.assert_close(y, F.linear(x, wh.float(), b), atol=1e-5, rtol=1e-5)
+    assert y.dtype == torch.float32 and spy == ["uint16" if dtype == torch.bfloat16 else "int16"]
+
+
+@needs_numba
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_gemv_int8_matches_dequantised_linear(spy, rows: int) -> None:
+    x, w, b = _data(64, 48, rows)
+    q, scale = quantize_rows(w)
+    expected = F.linear(x, q.float() * scale[:, None], b)
+    torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        kernels.linear_int8(x, q, scale, None), F.linear(x, q.float() * scale[:, None]), atol=1e-5, rtol=1e-5
+    )
+    assert spy == ["int8", "int8"]
+
+
+@needs_numba
+def test_serial_and_parallel_kernels_are_bit_identical() -> None:
+    """One thread runs the serial twins: the sums must not change with the thread count."""
+    nk = kernels._nk
+    x, w, b = _data(333, 200, 3)  # 333 rows: 83 blocks of four and a tail of one
+    q, scale = quantize_rows(w)
+    ones = torch.ones(333).numpy()
+    cases = {
+        "f32": (w.numpy(), ones),
+        "bf16": (w.to(torch.bfloat16).view(torch.uint16).numpy(), ones),
+        "f16": (w.to(torch.float16).view(torch.int16).numpy(), ones),
+        "i8": (q.numpy(), scale.numpy()),
+    }
+    for kind, (weights, sc) in cases.items():
+        outs = []
+        for kernel in (nk.gemv, nk.gemv_serial):
+            out = torch.empty(3, 333)
+            kernel(x.numpy(), weights, sc, b.numpy(), out.numpy())
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), kind
+
+
+@pytest.mark.skipif("int8" not in kernels._capabilities(), reason="no int8 GEMM instructions here")
+def test_int8_gemm_is_exact_on_row_quantised_activations() -> None:
+    x, w, b = _data(50, 96, 40)  # 40 rows > SMALL_BATCH: the GEMM path
+    q, scale = quantize_rows(w)
+    xq, xs = kernels.quantize_rows_dynamic(x)
+    # the int32 sums are exact: the only error is x's rounding to 8 bits per row
+    exact = (xq.double() @ q.double().T) * xs.double() * scale.double() + b.double()
+    y = kernels.linear_int8(x, q, scale, b)
+    torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=1e-5)
+    reference = F.linear(x, q.float() * scale[:, None], b)
+    assert not torch.equal(y, reference)  # the GEMM path ran, not the dequantised one
+    assert ((y - reference).norm() / reference.norm()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_gemm_close_to_float32(dtype: torch.dtype) -> None:
+    x, w, b = _data(70, 96, 33)
+    wh = w.to(dtype)
+    y = kernels.linear(x, wh, b)
+    reference = F.linear(x, wh.float(), b)
+    assert y.dtype == torch.float32
+    # x and the product are rounded to the half dtype on the oneDNN path
+    eps = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert ((y - reference).norm() / reference.norm()) < 2 * eps
+
+
+def test_without_cpu_support_every_path_is_the_torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AVX2-only CPU (no bf16/f16 GEMM, no VNNI): weights converted or dequantised per call."""
+    monkeypatch.setattr(kernels, "_capabilities", lambda: frozenset())
+    x, w, b = _data(70, 96, 33)
+    for dtype in HALF:
+        wh = w.to(dtype)
+        torch.testing.assert_close(kernels.linear(x, wh, b), F.linear(x, wh.float(), b), atol=1e-6, rtol=1e-6)
+    q, scale = quantize_rows(w)
+    expected = F.linear(x, q.float() * scale[:, None], b)
+    torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_kernels_off_is_the_torch_reference() -> None:
+    x1, w, b = _data(70, 96, 1)
+    x40 = torch.randn(40, 96)
+    q, scale = quantize_rows(w)
+    kernels.set_enabled(False)
+    try:
+        assert not kernels.is_enabled()
+        for x in (x1, x40):
+            torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), atol=0, rtol=0)
+            expected = F.linear(x, q.float() * scale[:, None], b)
+            torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=0, rtol=0)
+        torch.testing.assert_close(kernels.linear(x40, w.half(), b), F.linear(x40, w.half().float(), b))
+    finally:
+        kernels.set_enabled(True)
+
+
+def test_int8_embedding_dequantises_the_rows_it_reads() -> None:
+    _, w, _ = _data(300, 24, 1)
+    q, scale = quantize_rows(w)
+    ids = torch.tensor([[3, 7, 299], [0, 3, 150]])
+    expected = q[ids].float() * scale[ids].unsqueeze(-1)
+    torch.testing.assert_close(kernels.embedding_int8(ids, q, scale), expected, atol=0, rtol=0)
+    kernels.set_enabled(False)
+    try:
+        torch.testing.assert_close(kernels.embedding_int8(ids, q, scale), expected, atol=0, rtol=0)
+    finally:
+        kernels.set_enabled(True)
+
+
+@needs_numba
+def test_custom_ops_pass_opcheck() -> None:
+    """Schema, fake (meta) implementation and eager results agree, as torch.compile needs."""
+    x, w, b = _data(40, 32, 2)
+    q, scale = quantize_rows(w)
+    for weight in (w, w.to(torch.bfloat16), w.to(torch.float16)):
+        torch.library.opcheck(torch.ops.gpt2cli.gemv.default, (x, weight, b))
+    torch.library.opcheck(torch.ops.gpt2cli.gemv.default, (x, w, None))
+    torch.library.opcheck(torch.ops.gpt2cli.gemv_int8.default, (x, q, scale, b))
+
+
+@needs_numba
+def test_compiled_graph_calls_the_kernels() -> None:
+    """Inside torch.compile the decode matmuls stay numba kernels (custom ops), not F.linear."""
+    x, w, b = _data(40, 32, 1)
+    q, scale = quantize_rows(w)
+    seen: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(kernels.linear(x, w, b))
+        return kernels.linear_int8(h[:, :32], q, scale, b)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=recording_backend, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), step(x), atol=1e-6, rtol=1e-6)
+    assert "gpt2cli.gemv" in seen and "gpt2cli.gemv_int8" in seen, seen
