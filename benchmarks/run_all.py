@@ -49,7 +49,14 @@ SIZES = {"124m": (12, 12, 768), "355m": (24, 16, 1024), "774m": (36, 20, 1280), 
 LLAMA_TYPES = ("f32", "f16", "bf16", "q8_0")
 OURS = (("float32", None), ("bfloat16", None), ("float16", None), ("float32", "int8"))
 PRECISION = {"float32": "fp32", "bfloat16": "half", "float16": "half", "int8": "int8"}
-PEER_PRECISION = {"f32": "fp32", "float32": "fp32", "f16": "half", "bf16": "half", "q8_0": "int8", "int8": "int8"}
+PEER_PRECISION = {
+    "f32": "fp32",
+    "float32": "fp32",
+    "f16": "half",
+    "bf16": "half",
+    "q8_0": "int8",
+    "int8": "int8",
+}
 PROMPT, PREFILL = 16, 512
 
 
@@ -66,7 +73,9 @@ def make_checkpoint_of(size: str) -> Path:
 
     n_layer, n_head, n_embd = SIZES[size]
     log(f"making the {size} random checkpoint in {dest}")
-    return make_checkpoint(dest, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024, std=0.02, seed=0)
+    return make_checkpoint(
+        dest, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=1024, std=0.02, seed=0
+    )
 
 
 # --- engines ----------------------------------------------------------------------------------
@@ -191,7 +200,18 @@ def llama_engines(ckpt: Path, size: str, args: argparse.Namespace) -> tuple[list
 
 def _llama_engine(bin_dir: Path, gguf: Path, outtype: str, threads: int) -> Engine:
     def bench(*flags: str) -> float:
-        cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json", *flags]
+        cmd = [
+            str(bin_dir / "llama-bench"),
+            "-m",
+            str(gguf),
+            "-t",
+            str(threads),
+            "-r",
+            "1",
+            "-o",
+            "json",
+            *flags,
+        ]
         (test,) = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         return float(test["avg_ts"])
 
@@ -381,7 +401,10 @@ def scoring(engines: list[Engine], args: argparse.Namespace) -> list[str]:
             runs.setdefault("transformers float32", []).append(scored / (time.perf_counter() - t0))
     base = statistics.median(runs["gpt2cli float32"])
     tf_rate = statistics.median(runs["transformers float32"]) if "transformers float32" in runs else None
-    lines = ["| engine | scored tok/s | × gpt2cli fp32 | × transformers | perplexity Δ vs fp32 |", "|---|---|---|---|---|"]
+    lines = [
+        "| engine | scored tok/s | × gpt2cli fp32 | × transformers | perplexity Δ vs fp32 |",
+        "|---|---|---|---|---|",
+    ]
     for label, values in runs.items():
         rate = statistics.median(values)
         d = f"{(ppl[label] / ppl['gpt2cli float32'] - 1) * 100:+.3f}%" if label in ppl else "—"
@@ -435,7 +458,9 @@ def machine(threads: int, bw: tuple[float, float], notes: list[str]) -> str:
     flags = ""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")
+        )
         flags = text
     except (OSError, StopIteration):
         pass
@@ -490,7 +515,12 @@ def main() -> None:
                 interleaved(busy, work[:1], args.repeats, figures, tag=" busy")
         report += [f"## {size}", "", *table(engines, figures, [w[0] for w in work]), ""]
         if not args.no_busy and not big:
-            report += ["One core kept busy by another process (a spinning loop):", "", *busy_table(engines, figures), ""]
+            report += [
+                "One core kept busy by another process (a spinning loop):",
+                "",
+                *busy_table(engines, figures),
+                "",
+            ]
         if not args.no_score and not big:
             report += ["Scoring (context 1024, stride 512):", "", *scoring(engines, args), ""]
             report += ["Quality against gpt2cli float32 (512 random tokens, full forward):", "",

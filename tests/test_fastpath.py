@@ -36,6 +36,14 @@ def greedy(lm, n: int = 20, prompt: str = PROMPT, **kw) -> list[int]:
     return lm.complete(prompt, max_new_tokens=n, temperature=0, ignore_eos=True, **kw).samples[0].token_ids
 
 
+def one_token_steps(lm, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (1, T, V) of ``ids`` (1, T) run one token a step through a cache: the decode path."""
+    cache = lm.model.new_cache(1, 64)
+    return torch.cat(
+        [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(ids.shape[1])], 1
+    )
+
+
 needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
 
 
@@ -44,16 +52,14 @@ def test_fast_decode_equals_reference_path(ckpt_h: Path) -> None:
     lm = load(str(ckpt_h), device="cpu")
     ids = torch.tensor([lm.encode(PROMPT)])
     with torch.inference_mode():
-        cache = lm.model.new_cache(1, 64)
-        fast = [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(ids.shape[1])]
+        fast = one_token_steps(lm, ids)
         kernels.set_enabled(False)
         try:
-            cache = lm.model.new_cache(1, 64)
-            slow = [lm.model(ids[:, t : t + 1], torch.tensor([[t]]), cache) for t in range(ids.shape[1])]
+            slow = one_token_steps(lm, ids)
             slow_ids = greedy(lm)
         finally:
             kernels.set_enabled(True)
-    torch.testing.assert_close(torch.cat(fast, 1), torch.cat(slow, 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
     assert greedy(lm) == slow_ids
 
 
@@ -66,8 +72,7 @@ def test_kernels_on_and_off_agree_in_every_precision(ckpt_h: Path, dtype: str, q
 
     def steps() -> torch.Tensor:
         with torch.inference_mode():
-            cache = lm.model.new_cache(1, 64)
-            return torch.cat([lm.model(ids[:, t : t + 1], cache) for t in range(ids.shape[1])], 1)
+            return one_token_steps(lm, ids)
 
     n = 20 if quantize else 8  # half: the rounding differences may flip a near-tie later on
     fast, fast_ids = steps(), greedy(lm, n=n)
@@ -95,8 +100,7 @@ def test_decode_logits_identical_across_thread_counts(ckpt_h: Path, dtype: str, 
         for threads in (1, 2):
             torch.set_num_threads(threads)
             with torch.inference_mode():
-                cache = lm.model.new_cache(1, 64)
-                logits.append(torch.cat([lm.model(ids[:, t : t + 1], cache) for t in range(ids.shape[1])], 1))
+                logits.append(one_token_steps(lm, ids))
             chosen.append(greedy(lm, n=12, prompt=PROMPT * 6))  # a longer prompt: the GEMM prefill
     finally:
         torch.set_num_threads(before)
