@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from batchutil import read_jsonl, write_jsonl
@@ -40,6 +41,7 @@ def alone(lm, line: dict, **defaults) -> dict:
         "tokens": sample.tokens,
         "finish_reason": sample.finish_reason,
         "prompt_tokens": result.prompt_tokens,
+        "seed": result.seed if "seed" in options else ANY,  # unseeded: each run draws its own
     }
 
 
@@ -66,6 +68,17 @@ def test_seeded_sampling_is_reproducible_and_per_line(gen, lm_h, tmp_path: Path)
     want = [alone(lm_h, line, seed=5, max_new_tokens=8, ignore_eos=True) for line in lines]
     assert got == want
     assert got[0]["text"] == got[1]["text"] == got[2]["text"] != got[3]["text"]
+    assert [line["seed"] for line in got] == [5, 5, 5, 99]
+
+
+def test_a_drawn_seed_is_written_and_replays(gen, lm_h, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 0, "prompt": "Hello there"}])
+    first = gen(["--jsonl", str(src), "-n", "8", "--ignore-eos"])  # no --seed: one is drawn
+    assert first.code == 0, first.err
+    (line,) = [json.loads(x) for x in first.out.splitlines()]
+    assert isinstance(line["seed"], int)
+    again = gen(["--jsonl", str(src), "-n", "8", "--ignore-eos", "--seed", str(line["seed"])])
+    assert json.loads(again.out) == line
 
 
 def test_bad_lines_and_bad_settings(gen, lm_h, tmp_path: Path) -> None:
@@ -105,7 +118,7 @@ def test_prompt_field_and_resume(gen, lm_h, tmp_path: Path) -> None:
         alone(lm_h, {"id": line["id"], "prompt": line["question"]}, temperature=0, max_new_tokens=5)
         for line in lines
     ]
-    write_jsonl(out, want[:2])  # an earlier run got this far
+    write_jsonl(out, [{**line, "seed": 1} for line in want[:2]])  # an earlier run got this far
     result = gen([*args, "--resume"])
     assert result.code == 0, result.err
     assert read_jsonl(out) == want

@@ -396,10 +396,12 @@ def test_help_groups_options_and_reads_plainly() -> None:
         "Sampling options:",
         "Output options:",
         "Performance options:",
+        "Batch (--jsonl) options:",
         "Examples:",
     ):
         assert heading in out, out
     assert out.index("--temperature") > out.index("Sampling options:") > out.index("--model")
+    assert out.index("--ray-address") > out.index("--prompt-field") > out.index("Batch (--jsonl) options:")
     for ugly in ("<list[str]>", "<int range>", "<str>", "<int>", "<float>"):
         assert ugly not in out
     top = run_subprocess(["--help"], env={"COLUMNS": "100"}).out

@@ -218,7 +218,7 @@ class LM:
                     exhausted = True
                     break
                 text, item_cfg = item if isinstance(item, tuple) else (item, base)
-                item_cfg = item_cfg.validate()
+                item_cfg = item_cfg.validate().with_seed()  # a drawn seed is reported
                 if item_cfg.num_samples > max_batch:
                     raise BadInputError(
                         f"num-samples {item_cfg.num_samples} exceeds the batch of {max_batch}"

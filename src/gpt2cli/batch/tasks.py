@@ -187,6 +187,7 @@ class GenerateTask:
             "tokens": sample.tokens,
             "finish_reason": sample.finish_reason,
             "prompt_tokens": result.prompt_tokens,
+            "seed": result.seed,  # the line's seed, drawn when neither it nor --seed gave one
         }
         size = len(sample.text.encode("utf-8", "surrogatepass"))
         return Outcome(record.number, record.end, to_line(obj), tokens=sample.tokens, bytes=size)

@@ -19,6 +19,8 @@ from gpt2cli.batch.jsonl import LOOKAHEAD
 from gpt2cli.cli.output import is_terminal, stderr_console, warn
 from gpt2cli.errors import EXIT_INTERRUPTED, BadInputError
 
+BATCH_PANEL = "Batch (--jsonl)"
+
 
 class OnError(str, Enum):
     skip = "skip"
@@ -31,30 +33,58 @@ Jsonl = Annotated[
         "--jsonl",
         help="Batch mode: one JSON document per line of this file ('-': stdin).",
         show_default=False,
+        rich_help_panel=BATCH_PANEL,
     ),
 ]
 Output = Annotated[
     Path | None,
     typer.Option(
-        "--output", "-o", help="--jsonl: where result lines go (default '-': stdout).", show_default=False
+        "--output",
+        "-o",
+        help="--jsonl: where result lines go (default '-': stdout).",
+        show_default=False,
+        rich_help_panel=BATCH_PANEL,
     ),
 ]
 IdField = Annotated[
-    str, typer.Option("--id-field", help="--jsonl: the field holding each line's id (else its line number).")
+    str,
+    typer.Option(
+        "--id-field",
+        help="--jsonl: the field holding each line's id (else its line number).",
+        rich_help_panel=BATCH_PANEL,
+    ),
 ]
 Resume = Annotated[
-    bool, typer.Option("--resume", help="--jsonl: skip the ids already in --output and append the rest.")
+    bool,
+    typer.Option(
+        "--resume",
+        help="--jsonl: skip the ids already in --output and append the rest.",
+        rich_help_panel=BATCH_PANEL,
+    ),
 ]
 OnErrorOption = Annotated[
     OnError,
-    typer.Option("--on-error", help="--jsonl bad lines: skip (report, write an error line, go on) or stop."),
+    typer.Option(
+        "--on-error",
+        help="--jsonl bad lines: skip (report, write an error line, go on) or stop.",
+        rich_help_panel=BATCH_PANEL,
+    ),
 ]
 Workers = Annotated[
     int,
-    typer.Option("--workers", help="--jsonl: processes, each with its own model copy and share of cores."),
+    typer.Option(
+        "--workers",
+        help="--jsonl: processes, each with its own model copy and share of cores.",
+        rich_help_panel=BATCH_PANEL,
+    ),
 ]
 Ray = Annotated[
-    bool, typer.Option("--ray", help="--jsonl: run as a Ray Data pipeline (extra 'ray'); --workers actors.")
+    bool,
+    typer.Option(
+        "--ray",
+        help="--jsonl: run as a Ray Data pipeline (extra 'ray'); --workers actors.",
+        rich_help_panel=BATCH_PANEL,
+    ),
 ]
 RayAddress = Annotated[
     str | None,
@@ -62,10 +92,16 @@ RayAddress = Annotated[
         "--ray-address",
         help="--ray: the cluster to join (default: RAY_ADDRESS, else a local Ray).",
         show_default=False,
+        rich_help_panel=BATCH_PANEL,
     ),
 ]
 Lookahead = Annotated[
-    int, typer.Option("--lookahead", help="--jsonl: lines sorted and batched together (the unit of work).")
+    int,
+    typer.Option(
+        "--lookahead",
+        help="--jsonl: lines sorted and batched together (the unit of work).",
+        rich_help_panel=BATCH_PANEL,
+    ),
 ]
 
 
@@ -106,6 +142,10 @@ def job_options(
         raise BadInputError(f"--workers {workers} is below 1", hint="use 1 or more")
     if lookahead < 1:
         raise BadInputError(f"--lookahead {lookahead} is below 1", hint="use 1 or more")
+    if (ray or ray_address is not None) and str(jsonl) == "-":
+        raise BadInputError(
+            "--ray cannot read standard input", hint="give --jsonl a file or URI every node can open"
+        )
     from gpt2cli.batch.run import JobOptions
 
     return JobOptions(

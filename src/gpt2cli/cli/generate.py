@@ -117,7 +117,10 @@ def generate(
     jsonl: batch.Jsonl = None,
     output: batch.Output = None,
     prompt_field: Annotated[
-        str, typer.Option("--prompt-field", help="--jsonl: the field holding the prompt.")
+        str,
+        typer.Option(
+            "--prompt-field", help="--jsonl: the field holding the prompt.", rich_help_panel=batch.BATCH_PANEL
+        ),
     ] = "prompt",
     id_field: batch.IdField = "id",
     resume: batch.Resume = False,

@@ -102,7 +102,10 @@ def score(
     jsonl: batch.Jsonl = None,
     output: batch.Output = None,
     text_field: Annotated[
-        str, typer.Option("--text-field", help="--jsonl: the field holding the text.")
+        str,
+        typer.Option(
+            "--text-field", help="--jsonl: the field holding the text.", rich_help_panel=batch.BATCH_PANEL
+        ),
     ] = "text",
     id_field: batch.IdField = "id",
     resume: batch.Resume = False,
@@ -162,6 +165,9 @@ def score(
             ("--format", output_format is not ScoreFormat.text),
             ("--top", top > 0),
             ("--errors", errors is not Errors.strict),
+            ("--protocol", protocol.value != "lm-eval"),  # documents are scored the lm-eval way
+            ("--compare", comparing),
+            ("--color", color is not None),
         ):
             batch.refuse(option, given)
         from gpt2cli.batch.tasks import ModelSettings, ScoreSettings
