@@ -139,6 +139,29 @@ def test_chunked_prefill_beside_decoding_rows_changes_nothing(lm_h) -> None:
     assert tokens[id(second.sequences[0])] == solo(lm_h, long_prompt, GREEDY)
 
 
+def test_short_prompts_waiting_together_join_in_one_step(lm_h) -> None:
+    first = request(lm_h, PROMPTS[0], GREEDY)
+    engine = Engine(lm_h.model, max_rows=8, chunk=64)
+    engine.submit(first)
+    engine.step()  # `first` is decoding now
+    short = [engine.submit(request(lm_h, p, GREEDY)) for p in PROMPTS[1:4]]
+    long_prompt = " ".join(["word"] * 80)
+    long_one = engine.submit(request(lm_h, long_prompt, GREEDY))
+    before = lm_h.model.forward_tokens
+    events = engine.step()
+    prompt_tokens = sum(len(r.prompt) for r in short)
+    # the three short prompts, the first 64 - their length tokens of the long one, one decode row
+    assert lm_h.model.forward_tokens - before == 64 + 1
+    assert {id(e.seq) for e in events} == {id(first.sequences[0])} | {id(r.sequences[0]) for r in short}
+    assert long_one.prefilled == 64 - prompt_tokens and list(engine.waiting) == [long_one]
+    tokens: dict[int, list[int]] = {id(e.seq): [e.token] for e in events}
+    while not engine.idle:
+        for e in engine.step():
+            tokens.setdefault(id(e.seq), []).append(e.token)
+    for r, text in zip([*short, long_one], [*PROMPTS[1:4], long_prompt], strict=True):
+        assert tokens[id(r.sequences[0])] == solo(lm_h, text, GREEDY)
+
+
 def test_generate_many_keeps_input_order_and_solo_results(lm_h) -> None:
     items = [(p, GenerationConfig(max_new_tokens=4 + 3 * i, temperature=0)) for i, p in enumerate(PROMPTS)]
     results = list(lm_h.generate_many(items, max_batch=3))

@@ -209,12 +209,10 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """One prefill chunk (if a request waits and fits), then one decode step of every row."""
+        """One chunk of prefill (waiting requests that fit, in order), then one decode step of every row."""
         self.release()
-        events: list[TokenEvent] = []
         decoding = len(self.active)
-        if self.waiting and decoding + self.waiting[0].rows <= self.max_rows:
-            events += self._prefill_chunk(self.waiting[0], stall_ok=decoding == 0)
+        events = self._prefill(stall_ok=decoding == 0)
         if decoding:
             if self.speculator is not None:
                 events += self.speculator.round(self.active[0])
@@ -294,8 +292,28 @@ class Engine:
             self.kv.ensure(rows, max(target, capacity))
         return self.kv
 
-    def _prefill_chunk(self, request: Request, *, stall_ok: bool) -> list[TokenEvent]:
-        """Run the next part of ``request``'s prompt into the prefill row; at its end, fan out."""
+    def _prefill(self, *, stall_ok: bool) -> list[TokenEvent]:
+        """Prefill waiting requests, oldest first, up to ``chunk`` prompt tokens in all.
+
+        Short prompts that arrive together all join in one step instead of one a step (each
+        step also decodes every row), so a burst's time to first token is its prefill work.
+        With nothing decoding (``stall_ok``) the first prompt runs whole: no row waits on it.
+        """
+        events: list[TokenEvent] = []
+        budget: int | None = None if stall_ok else self.chunk  # prompt tokens left this step
+        while self.waiting and len(self.active) + self.waiting[0].rows <= self.max_rows:
+            request = self.waiting[0]
+            ran = request.stats.prefill_tokens
+            events += self._prefill_chunk(request, limit=budget)
+            ran = request.stats.prefill_tokens - ran
+            budget = (self.chunk if budget is None else budget) - ran
+            still_waiting = bool(self.waiting) and self.waiting[0] is request
+            if budget <= 0 or still_waiting or self.speculator is not None:
+                break
+        return events
+
+    def _prefill_chunk(self, request: Request, *, limit: int | None) -> list[TokenEvent]:
+        """Run up to ``limit`` (None: all) more prompt tokens into the prefill row; at the end, fan out."""
         row = len(self.active)
         prompt = request.prompt
         t0 = time.perf_counter()
@@ -304,7 +322,7 @@ class Engine:
             request.prefilled = self._reuse(request, row)
         kv = self.reserve(len(prompt))
         start = request.prefilled
-        end = len(prompt) if stall_ok else min(len(prompt), start + self.chunk)
+        end = len(prompt) if limit is None else min(len(prompt), start + limit)
         ids = torch.tensor([prompt[start:end]], device=self.device)
         pos = torch.arange(start, end, device=self.device)[None, :]
         try:
