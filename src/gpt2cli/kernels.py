@@ -26,8 +26,8 @@ with fake implementations for tracing); eager calls skip the dispatcher (~10 us 
 Threads: the numba kernels use as many threads as torch's intra-op pool
 (``torch.set_num_threads``, ``--threads``, ``GPT2_THREADS``), fewer while other processes keep
 cores busy (``cpuload.LoadWatch``; ``GPT2_ADAPTIVE_THREADS=0`` turns that off). One thread
-runs ``gemv_serial`` in the calling thread; several use numba's ``THREADING_LAYER`` (workqueue;
-``NUMBA_THREADING_LAYER`` overrides). Measurements: docs/performance.md.
+runs ``gemv_serial`` in the calling thread; several use numba's OpenMP layer (first in
+``THREADING_LAYERS``; ``NUMBA_THREADING_LAYER`` overrides). Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -49,10 +49,15 @@ from gpt2cli.cpuload import LoadWatch
 SMALL_BATCH = 16
 """Up to this many rows the weight-streaming kernels beat GEMM: they read the weights once for all rows."""
 
-THREADING_LAYER = "workqueue"
-"""numba's threading layer unless NUMBA_THREADING_LAYER is set. Not OpenMP: numba's OpenMP pool
-is a second libgomp beside torch's, and once it has run, torch's own parallel kernels slow
-down several hundredfold (SDPA on one query: 20 us -> 7 ms; docs/performance.md)."""
+THREADING_LAYERS = ["omp", "tbb", "workqueue"]
+"""numba's layers in order of preference when NUMBA_THREADING_LAYER is unset. OpenMP launches a
+region in microseconds where workqueue takes ~50 us (49 regions a token): on the 2-core
+Sapphire Rapids machine workqueue decoded at half OpenMP's speed (fp32 14.9 vs 29.2 tok/s,
+int8 26.3 vs 59.1; docs/performance.md)."""
+
+OMP_SPINCOUNT = "10000"
+"""GOMP_SPINCOUNT for numba's OpenMP pool (unless set): idle threads spin ~10 us, not ~0.3 ms,
+beside torch's own pool (a second libgomp)."""
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -78,12 +83,18 @@ def _build() -> bool:
         import numba
 
         if not os.environ.get("NUMBA_THREADING_LAYER"):
-            numba.config.THREADING_LAYER = THREADING_LAYER  # type: ignore[attr-defined]
+            numba.config.THREADING_LAYER_PRIORITY = THREADING_LAYERS  # type: ignore[attr-defined]
         from gpt2cli import numba_kernels
     except ImportError:
         _state = "missing"
         return False
-    numba_kernels.warm_up()
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    os.environ["GOMP_SPINCOUNT"] = spin or OMP_SPINCOUNT  # read once, when the pool starts
+    try:
+        numba_kernels.warm_up()
+    finally:
+        if spin is None:
+            del os.environ["GOMP_SPINCOUNT"]
     _nk = numba_kernels
     _state = "ready"
     _watch.sample()
@@ -128,8 +139,8 @@ def kernel_threads() -> int:
 def _kernel(name: str = "gemv") -> Callable[..., None]:
     """The parallel numba kernel ``name`` or its serial twin, for the threads available now.
 
-    One parallel launch at a time (the workqueue layer aborts on concurrent launches): a
-    second Python thread calling meanwhile runs the serial twin instead of waiting.
+    One parallel launch at a time (numba's workqueue layer, the fallback, aborts on concurrent
+    launches): a second Python thread calling meanwhile runs the serial twin instead of waiting.
     """
     serial = getattr(_nk, name + "_serial")
     if kernel_threads() == 1 or not _launch.acquire(blocking=False):
