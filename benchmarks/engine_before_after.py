@@ -69,7 +69,7 @@ def measure(src: str, args: argparse.Namespace) -> dict[str, float]:
         args.model,
         "--prompt-tokens",
         "128",
-        "-n",
+        "--new-tokens",  # the old name, which both sides take
         str(args.new_tokens),
         "--repeats",
         "2",
