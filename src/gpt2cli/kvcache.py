@@ -15,7 +15,12 @@ import torch
 
 
 class KVCache:
-    """Keys and values, shape (n_layer, rows, n_head, capacity + 1, head_dim) each."""
+    """Keys and values: per layer, one tensor each of shape (rows, n_head, capacity + 1, head_dim).
+
+    One tensor per layer, not one for all: a write is then an ``index_put_`` on a whole
+    tensor, which ``torch.compile`` keeps in place. Writing into a view of one shared tensor
+    made the compiled decode step copy every layer's cache once per layer (4x slower than eager).
+    """
 
     def __init__(
         self,
@@ -28,24 +33,24 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (n_layer, rows, n_head, capacity + 1, head_dim)
+        shape = (rows, n_head, capacity + 1, head_dim)
         # Zeros, not empty: masked keys still meet their values in the softmax-weighted sum
         # (weight 0 times garbage NaN would be NaN).
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
 
     @property
     def rows(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def capacity(self) -> int:
         """Usable positions per row (the scratch position is not counted)."""
-        return self.k.shape[3] - 1
+        return self.k[0].shape[2] - 1
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def write(
         self, layer: int, rows: slice, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -54,31 +59,32 @@ class KVCache:
 
         Returns that layer's keys and values of those rows, (B, nh, capacity + 1, hs) views.
         """
-        k_rows, v_rows = self.k[layer, rows], self.v[layer, rows]  # (B, nh, cap+1, hs) views
-        batch = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
-        # Advanced indices (batch, pos) around a slice put their dims first: (B, T, nh, hs).
-        k_rows[batch, :, pos] = k.transpose(1, 2)
-        v_rows[batch, :, pos] = v.transpose(1, 2)
-        return k_rows, v_rows
+        k_layer, v_layer = self.k[layer], self.v[layer]
+        first = rows.start or 0
+        row = torch.arange(first, first + k.shape[0], device=k.device)[:, None]  # (B, 1)
+        # Advanced indices (row, pos) around a slice put their dims first: (B, T, nh, hs).
+        k_layer[row, :, pos] = k.transpose(1, 2)
+        v_layer[row, :, pos] = v.transpose(1, 2)
+        return k_layer[rows], v_layer[rows]
 
     def ensure(self, rows: int, capacity: int) -> None:
         """Grow to at least ``rows`` rows and ``capacity`` positions, keeping what is stored."""
         if rows <= self.rows and capacity <= self.capacity:
             return
         rows, capacity = max(rows, self.rows), max(capacity, self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros((old.shape[0], rows, old.shape[2], capacity + 1, old.shape[4]))
-            new[:, : old.shape[1], :, : old.shape[3] - 1] = old[:, :, :, :-1]
-            setattr(self, name, new)
+        for layers in (self.k, self.v):
+            for i, old in enumerate(layers):
+                new = old.new_zeros((rows, old.shape[1], capacity + 1, old.shape[3]))
+                new[: old.shape[0], :, : old.shape[2] - 1] = old[:, :, :-1]
+                layers[i] = new
 
     def copy_row(self, src: int, dst: int, length: int, source: KVCache | None = None) -> None:
         """Copy positions [0, length) of row ``src`` (of ``source``, default this cache) to row ``dst``."""
         source = self if source is None else source
         if length <= 0 or (source is self and src == dst):
             return
-        self.k[:, dst, :, :length] = source.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = source.v[:, src, :, :length]
+        for mine, theirs in zip((*self.k, *self.v), (*source.k, *source.v), strict=True):
+            mine[dst, :, :length] = theirs[src, :, :length]
 
 
 def reusable_prefix(cached: list[int], ids: list[int], capacity: int | None = None) -> int:
