@@ -185,9 +185,11 @@ def test_custom_ops_pass_opcheck() -> None:
 
 @needs_numba
 def test_compiled_graph_calls_the_kernels() -> None:
-    """Inside torch.compile the decode matmuls stay numba kernels (custom ops), not F.linear."""
-    x, w, b = _data(40, 32, 1)
-    q, scale = quantize_rows(w)
+    """Inside torch.compile half and int8 decode matmuls stay numba kernels (custom ops);
+    float32 ones are torch's (as fast at the memory bus, and inductor fuses around them)."""
+    x, w32, b = _data(40, 32, 1)
+    w = w32.to(torch.bfloat16)
+    q, scale = quantize_rows(w32)
     seen: list[str] = []
 
     def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable:
@@ -195,11 +197,13 @@ def test_compiled_graph_calls_the_kernels() -> None:
         return gm.forward
 
     def step(x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(kernels.linear(x, w, b))
+        h = torch.tanh(kernels.linear(x, w, b)) + kernels.linear(x, w32, b)
         return kernels.linear_int8(h[:, :32], q, scale, b)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend=recording_backend, fullgraph=True)
     with torch.inference_mode():
-        torch.testing.assert_close(compiled(x), step(x), atol=1e-6, rtol=1e-6)
-    assert "gpt2cli.gemv" in seen and "gpt2cli.gemv_int8" in seen, seen
+        # eager runs the float32 matmul in numba, compiled in torch: rounding apart, the same
+        torch.testing.assert_close(compiled(x), step(x), atol=1e-4, rtol=1e-5)
+    assert seen.count("gpt2cli.gemv") == 1 and "gpt2cli.gemv_int8" in seen, seen
+    assert any("linear" in target for target in seen), seen  # the float32 one

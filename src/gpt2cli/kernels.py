@@ -226,13 +226,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.device.type != "cpu" or x.requires_grad or weight.requires_grad:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
+    compiling = torch.compiler.is_compiling()
+    if compiling and weight.dtype == torch.float32:
+        # Inside a compiled graph torch's own float32 GEMV is as fast as ours (both at the memory
+        # bus) and inductor fuses around it: 37.0 tok/s against 26.1 through the custom op.
+        return F.linear(x, weight, bias)
     if rows <= SMALL_BATCH and x.dtype == torch.float32 and is_enabled():
         x2 = x.reshape(rows, x.shape[-1])
-        y = (
-            torch.ops.gpt2cli.gemv(x2, weight, bias)
-            if torch.compiler.is_compiling()
-            else _gemv(x2, weight, bias)
-        )
+        y = torch.ops.gpt2cli.gemv(x2, weight, bias) if compiling else _gemv(x2, weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     if weight.dtype in HALF:
         return _half_linear(x, weight, bias)
