@@ -329,6 +329,26 @@ def test_packing_shares_batches(lm_h, docs, monkeypatch: pytest.MonkeyPatch) -> 
     assert calls == [8, 11, 11]
 
 
+def test_windows_much_shorter_than_their_batch_start_another(lm_h, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padding a short window to a long one costs attention over the padded length: past 64
+    tokens and a quarter of the longest, it gets a batch of its own; the numbers do not change."""
+    from gpt2cli.scoring import Scorer
+
+    calls = []
+    original = Scorer.window_logprobs
+
+    def counting(self, windows, want_ranks=False):
+        calls.append(sorted(len(w.ids) for w in windows))
+        return original(self, windows, want_ranks)
+
+    monkeypatch.setattr(Scorer, "window_logprobs", counting)
+    texts = [text_of(lm_h, n, seed=n) for n in (126, 20, 110, 50)]  # one window each
+    packed = list(lm_h.score_many(texts, context=128, stride=64, batch_size=8, lookahead=4))
+    assert calls == [[110, 126], [20, 50]]  # 126 - 50 = 76 > 64 and > 126 / 4
+    for text, result in zip(texts, packed, strict=True):
+        assert result.total_nll == pytest.approx(lm_h.score(text, context=128, stride=64).total_nll, rel=1e-6)
+
+
 # --- workers and Ray: the same lines ------------------------------------------------------------
 
 

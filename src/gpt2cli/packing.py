@@ -29,6 +29,12 @@ from gpt2cli.scoring import (
 )
 
 DEFAULT_LOOKAHEAD = 256  # documents whose windows are sorted and packed together
+MAX_PADDING, PADDING_TOKENS = 0.25, 64
+"""A window padded by more than both (a share of its batch's longest, a token count) starts a
+new batch; short documents still share a batch whatever their lengths. Padding costs
+more than its share of tokens: attention grows with the square of the padded length, and a
+300-token document padded to a 1024-token window made packed scoring slower than scoring one
+document at a time (433 vs 541 tok/s on mixed lengths, benchmarks/batch_score.py)."""
 
 
 @dataclass
@@ -108,15 +114,19 @@ class PackedScorer:
             yield self._result(rest, per_token)
 
     def _batches(self, items: list[tuple[_Doc, int]]) -> Iterator[list[tuple[_Doc, int]]]:
-        """Runs of the length-sorted items whose padded size (rows x longest) fits the budget."""
+        """Runs of the length-sorted items whose padded size (rows x longest) fits the budget,
+        none padded by more than ``MAX_PADDING`` of the longest and ``PADDING_TOKENS``."""
         batch: list[tuple[_Doc, int]] = []
+        longest = 0
         for item in items:
-            longest = (
-                len(batch[0][0].windows[batch[0][1]].ids) if batch else len(item[0].windows[item[1]].ids)
-            )
-            if batch and (len(batch) + 1) * longest > self.batch_tokens:
+            length = _length(item)
+            too_big = (len(batch) + 1) * longest > self.batch_tokens
+            padded = longest - length > max(PADDING_TOKENS, longest * MAX_PADDING)
+            if batch and (too_big or padded):
                 yield batch
                 batch = []
+            if not batch:
+                longest = length
             batch.append(item)
         if batch:
             yield batch
