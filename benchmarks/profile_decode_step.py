@@ -66,12 +66,11 @@ def main() -> None:
         kernels.set_enabled(enabled)
         with torch.inference_mode():
             cache = model.new_cache(1, 256)
-            model(torch.tensor([[1] * 64]), cache)
-            ids = torch.tensor([[5]])
+            model(torch.tensor([[1] * 64]), torch.arange(64)[None], cache)
+            ids, pos = torch.tensor([[5]]), torch.tensor([[64]])
 
-            def step(ids: torch.Tensor = ids, cache=cache) -> None:
-                model(ids, cache, last_only=True)
-                cache.truncate(64)
+            def step(ids: torch.Tensor = ids, pos: torch.Tensor = pos, cache=cache) -> None:
+                model(ids, pos, cache, last_only=True)  # always position 64: the same step again
 
             total = median_time(step, args.steps)
             blocks = median_time(lambda: [m(xs[m.in_features]) for m in linears], args.steps)
