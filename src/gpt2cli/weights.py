@@ -307,17 +307,16 @@ def _read_transposed(
     fh: BufferedReader,
     shape: list[int],
     dtype: torch.dtype,
-    rows: int = 64,
     *,
-    name: str = "",
-    convert: RowConvert | None = None,
-    scratch: _Scratch | None = None,
+    name: str,
+    convert: RowConvert | None,
+    scratch: _Scratch,
+    rows: int = 64,
 ) -> torch.Tensor:
     """A Conv1D weight stored (in, out), read into an (out, in) buffer and returned as its
     (in, out) view: normalize_state_dict's transpose then yields the buffer, copy-free.
     With ``convert``, the buffer is scratch and the converted (out, in) rows are kept."""
     n_in, n_out = shape
-    scratch = scratch or _Scratch()
     if convert is not None:
         buf = scratch.get("matrix", (n_out, n_in), dtype)
     else:
