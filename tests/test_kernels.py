@@ -44,7 +44,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @needs_numba
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 6, 16])  # 6: a tile of four rows of x and two alone
 @pytest.mark.parametrize(("out_f", "in_f", "bias"), [(96, 32, True), (37, 130, True), (300, 64, False)])
 def test_gemv_f32_matches_f_linear(spy, rows: int, out_f: int, in_f: int, bias: bool) -> None:
     x, w, b = _data(out_f, in_f, rows)
@@ -71,7 +71,7 @@ def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) ->
 
 
 @needs_numba
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("rows", [1, 3, 7, 16])
 def test_gemv_int8_matches_dequantised_linear(spy, rows: int) -> None:
     x, w, b = _data(64, 48, rows)
     q, scale = quantize_rows(w)
@@ -87,7 +87,7 @@ def test_gemv_int8_matches_dequantised_linear(spy, rows: int) -> None:
 def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     """One thread runs the serial twins: the sums must not change with the thread count."""
     nk = kernels._nk
-    x, w, b = _data(333, 200, 3)  # 333 rows: 83 blocks of four and a tail of one
+    x, w, b = _data(333, 200, 7)  # 333 rows: 83 blocks of four and a tail of one; x: a tile and three
     q, scale = quantize_rows(w)
     ones = torch.ones(333).numpy()
     cases = {
@@ -99,7 +99,7 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     for kind, (weights, sc) in cases.items():
         outs = []
         for kernel in (nk.gemv, nk.gemv_serial):
-            out = torch.empty(3, 333)
+            out = torch.empty(7, 333)
             kernel(x.numpy(), weights, sc, b.numpy(), out.numpy())
             outs.append(out)
         assert torch.equal(outs[0], outs[1]), kind

@@ -125,17 +125,24 @@ def _widen(v):  # type: ignore[no-untyped-def]
 
 
 # The weight rows are taken four at a time: x is loaded once for four dot products (four
-# independent sums in flight), ~15-25% faster than one row at a time here. ``gemv`` splits the
-# blocks between numba's threads, ``gemv_serial`` runs them in the calling thread (no thread
-# pool: what a busy machine needs). Both inline the same block code: bit-identical sums.
+# independent sums in flight), ~15-25% faster than one row at a time here. Rows of x go four
+# at a time too where there are four (``_tile``: 16 sums, each weight value loaded once for
+# four rows of x instead of once per row), 1.6-1.9x faster at 8 rows; the rest go one by one.
+# A row's sum is then ordered by where it falls (in a tile or not): batches of different
+# sizes may differ in the last bit (~3e-7 relative), never between thread counts. ``gemv``
+# splits the blocks between numba's threads, ``gemv_serial`` runs them in the calling thread
+# (no thread pool: what a busy machine needs). Both inline the same block code: bit-identical sums.
 _INLINE = {"fastmath": True, "cache": CACHE, "nogil": True, "inline": "always"}
 
 
 @numba.njit(**_INLINE)  # type: ignore[call-overload]
 def _block(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # rows o..o+3 of w
     prefetch_block(w, o + 4 * PREFETCH_BLOCKS)
+    tiled = x.shape[0] // 4 * 4
+    for r in range(0, tiled, 4):
+        _tile(x, w, scale, b, out, o, r)
     w0, w1, w2, w3 = w[o], w[o + 1], w[o + 2], w[o + 3]
-    for r in range(x.shape[0]):
+    for r in range(tiled, x.shape[0]):
         xr = x[r]
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for i in range(x.shape[1]):
@@ -144,10 +151,34 @@ def _block(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # rows o..o
             a1 += xi * widen(w1[i])
             a2 += xi * widen(w2[i])
             a3 += xi * widen(w3[i])
-        out[r, o] = a0 * scale[o] + b[o]
-        out[r, o + 1] = a1 * scale[o + 1] + b[o + 1]
-        out[r, o + 2] = a2 * scale[o + 2] + b[o + 2]
-        out[r, o + 3] = a3 * scale[o + 3] + b[o + 3]
+        _store(out, r, o, scale, b, a0, a1, a2, a3)
+
+
+@numba.njit(**_INLINE)  # type: ignore[call-overload]
+def _tile(x, w, scale, b, out, o, r):  # type: ignore[no-untyped-def]  # rows r..r+3 of x, o..o+3 of w
+    w0, w1, w2, w3 = w[o], w[o + 1], w[o + 2], w[o + 3]
+    x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)  # a{x row}{w row}
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
+    for i in range(x.shape[1]):
+        v0, v1, v2, v3 = widen(w0[i]), widen(w1[i]), widen(w2[i]), widen(w3[i])
+        y0, y1, y2, y3 = x0[i], x1[i], x2[i], x3[i]
+        a00, a01, a02, a03 = a00 + y0 * v0, a01 + y0 * v1, a02 + y0 * v2, a03 + y0 * v3
+        a10, a11, a12, a13 = a10 + y1 * v0, a11 + y1 * v1, a12 + y1 * v2, a13 + y1 * v3
+        a20, a21, a22, a23 = a20 + y2 * v0, a21 + y2 * v1, a22 + y2 * v2, a23 + y2 * v3
+        a30, a31, a32, a33 = a30 + y3 * v0, a31 + y3 * v1, a32 + y3 * v2, a33 + y3 * v3
+    _store(out, r, o, scale, b, a00, a01, a02, a03)
+    _store(out, r + 1, o, scale, b, a10, a11, a12, a13)
+    _store(out, r + 2, o, scale, b, a20, a21, a22, a23)
+    _store(out, r + 3, o, scale, b, a30, a31, a32, a33)
+
+
+@numba.njit(**_INLINE)  # type: ignore[call-overload]
+def _store(out, r, o, scale, b, a0, a1, a2, a3):  # type: ignore[no-untyped-def]  # out[r, o..o+3]
+    out[r, o] = a0 * scale[o] + b[o]
+    out[r, o + 1] = a1 * scale[o + 1] + b[o + 1]
+    out[r, o + 2] = a2 * scale[o + 2] + b[o + 2]
+    out[r, o + 3] = a3 * scale[o + 3] + b[o + 3]
 
 
 @numba.njit(**_INLINE)  # type: ignore[call-overload]
