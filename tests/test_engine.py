@@ -16,7 +16,7 @@ from checkpoints import make_checkpoint
 
 from gpt2cli import load
 from gpt2cli.config import GenerationConfig
-from gpt2cli.engine import Engine, Request
+from gpt2cli.engine import BURST_CHUNKS, Engine, Request
 from gpt2cli.kvcache import PromptCache
 
 PROMPTS = [
@@ -159,6 +159,31 @@ def test_short_prompts_waiting_together_join_in_one_step(lm_h) -> None:
         for e in engine.step():
             tokens.setdefault(id(e.seq), []).append(e.token)
     for r, text in zip([*short, long_one], [*PROMPTS[1:4], long_prompt], strict=True):
+        assert tokens[id(r.sequences[0])] == solo(lm_h, text, GREEDY)
+
+
+def test_a_burst_on_an_idle_engine_prefills_in_one_step(lm_h) -> None:
+    """Nothing decodes yet: the first prompt runs whole, the others share BURST_CHUNKS chunks."""
+    burst = [request(lm_h, p, GREEDY) for p in PROMPTS[:4]]
+    lengths = [len(r.prompt) for r in burst]
+    chunk = lengths[0] - 1  # the first prompt is longer than a chunk, and runs whole
+    assert sum(lengths) > BURST_CHUNKS * chunk > sum(lengths[:3])  # the last one is cut
+    engine = Engine(lm_h.model, max_rows=8, chunk=chunk)
+    for r in burst:
+        engine.submit(r)
+    before = lm_h.model.forward_tokens
+    events = engine.step()
+    # no decode step: nothing was decoding when the step began
+    assert lm_h.model.forward_tokens - before == BURST_CHUNKS * chunk
+    assert {id(e.seq) for e in events} == {id(r.sequences[0]) for r in burst[:3]}
+    assert list(engine.waiting) == [burst[3]] and burst[3].prefilled == BURST_CHUNKS * chunk - sum(
+        lengths[:3]
+    )
+    tokens: dict[int, list[int]] = {id(e.seq): [e.token] for e in events}
+    while not engine.idle:
+        for e in engine.step():
+            tokens.setdefault(id(e.seq), []).append(e.token)
+    for r, text in zip(burst, PROMPTS[:4], strict=True):
         assert tokens[id(r.sequences[0])] == solo(lm_h, text, GREEDY)
 
 

@@ -40,6 +40,9 @@ from gpt2cli.logprobs import TokenLogprob, step_logprobs
 from gpt2cli.model import GPT2
 from gpt2cli.sampling import Sampler, make_sampler
 
+BURST_CHUNKS = 4
+"""Prompt chunks prefilled in a step that starts with nothing decoding (a burst on an idle engine)."""
+
 # (ids (B, T), positions (B, T), cache) -> last-position logits (B, vocab); rows [0, B).
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
 
@@ -297,7 +300,9 @@ class Engine:
 
         Short prompts that arrive together all join in one step instead of one a step (each
         step also decodes every row), so a burst's time to first token is its prefill work.
-        With nothing decoding (``stall_ok``) the first prompt runs whole: no row waits on it.
+        With nothing decoding (``stall_ok``) no row waits on the prefill: the first prompt
+        runs whole and the others get ``BURST_CHUNKS`` chunks, so a burst of requests on an
+        idle engine is not cut by decode steps of the first ones to join.
         """
         events: list[TokenEvent] = []
         budget: int | None = None if stall_ok else self.chunk  # prompt tokens left this step
@@ -306,7 +311,7 @@ class Engine:
             ran = request.stats.prefill_tokens
             events += self._prefill_chunk(request, limit=budget)
             ran = request.stats.prefill_tokens - ran
-            budget = (self.chunk if budget is None else budget) - ran
+            budget = (BURST_CHUNKS * self.chunk if budget is None else budget) - ran
             still_waiting = bool(self.waiting) and self.waiting[0] is request
             if budget <= 0 or still_waiting or self.speculator is not None:
                 break

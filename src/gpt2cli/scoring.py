@@ -42,7 +42,7 @@ from gpt2cli.tokenizer import Tokenizer
 
 READ_BYTES = 1 << 20  # bytes read from the input at a time
 FORCE_CUT_CHARS = 16 << 20  # text without any safe boundary is cut here anyway (pathological input)
-LOGIT_ELEMENTS = 1 << 25  # logits computed at once: rows x vocab (128 MiB in float32)
+LOGIT_ELEMENTS = 1 << 23  # logits computed at once: rows x vocab (32 MiB in float32; int8 needs 3x)
 CONTEXT_TOKENS = 12  # tokens of context shown either side of a --top token
 _WORD_BREAK = re.compile(r"\s+")
 
