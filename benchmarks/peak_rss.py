@@ -1,8 +1,10 @@
-"""Peak RSS of ``gpt2 generate`` per precision, beside the weights' bytes in memory.
+"""Peak RSS of ``gpt2 generate`` and ``gpt2 score`` per precision, beside the weights' bytes in memory.
 
     .venv/bin/python benchmarks/peak_rss.py [--ckpt DIR] [--precisions float32,bfloat16,int8]
+        [--commands generate,score]
 
-For each precision a child process runs ``gpt2 generate`` (16 greedy tokens); its peak RSS
+For each precision and command a child process runs ``gpt2 generate`` (16 greedy tokens) or
+``gpt2 score`` (a text of ~3,000 tokens: three windows of 1024 at stride 512); its peak RSS
 minus the import baseline (a child that imports torch, numba and the kernels and nothing
 else: what any torch program pays) is what the model costs. It is compared with the weight
 bytes held at that precision (``weights_in_memory``: float32 4 bytes a value, half 2, int8 1
@@ -59,37 +61,34 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--precisions", default="float32,bfloat16,int8")
+    ap.add_argument("--commands", default="generate", help="comma list of generate, score")
     args = ap.parse_args()
     path = Path(args.ckpt) if args.ckpt else make_124m(Path(tempfile.gettempdir()) / "gpt2cli-124m")
     baseline = child_peak([sys.executable, "-c", BASELINE])
     print(f"import baseline (torch + numba + gpt2cli, kernels compiled): {baseline / 2**20:.0f} MiB")
     print(
-        "| precision | weights in memory MiB | peak RSS MiB | peak - baseline MiB | (peak - baseline) / weights |"
+        "| command | precision | weights in memory MiB | peak RSS MiB | peak - baseline MiB "
+        "| (peak - baseline) / weights |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     gpt2 = Path(sys.executable).parent / "gpt2"
-    for precision in args.precisions.split(","):
-        cmd = [
-            str(gpt2),
-            "generate",
-            "-m",
-            str(path),
-            "Hello",
-            "-n",
-            "16",
-            "-t",
-            "0",
-            "--ignore-eos",
-            "--device",
-            "cpu",
-        ]
-        cmd += ["--quantize", "int8"] if precision == "int8" else ["--dtype", precision]
-        peak = child_peak(cmd)
-        weights = weights_in_memory(path, precision)
-        print(
-            f"| {precision} | {weights / 2**20:.0f} | {peak / 2**20:.0f} | {(peak - baseline) / 2**20:.0f} "
-            f"| {(peak - baseline) / weights:.2f} |"
-        )
+    text = Path(tempfile.gettempdir()) / "gpt2cli-peak-rss.txt"
+    text.write_text(" ".join(f"word{i % 997} and" for i in range(1500)))  # ~3,000 tokens
+    for command in args.commands.split(","):
+        for precision in args.precisions.split(","):
+            cmd = [str(gpt2), command, "-m", str(path), "--device", "cpu"]
+            if command == "generate":
+                cmd += ["Hello", "-n", "16", "-t", "0", "--ignore-eos"]
+            else:
+                cmd += [str(text)]
+            cmd += ["--quantize", "int8"] if precision == "int8" else ["--dtype", precision]
+            peak = child_peak(cmd)
+            weights = weights_in_memory(path, precision)
+            print(
+                f"| {command} | {precision} | {weights / 2**20:.0f} | {peak / 2**20:.0f} "
+                f"| {(peak - baseline) / 2**20:.0f} | {(peak - baseline) / weights:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

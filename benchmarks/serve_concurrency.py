@@ -1,11 +1,13 @@
 """`gpt2 serve` under concurrent load: continuous batching against one request at a time.
 
-Starts two servers in this process on free 127.0.0.1 ports, one with continuous batching
+Starts two ``gpt2 serve`` processes on free 127.0.0.1 ports, one with continuous batching
 (``--max-batch`` 8, the default) and one with ``--max-batch 1``, and runs the same load on
 each, side by side, so the ratio column is what batching buys on this machine whatever else
-it is doing. The load: C client threads (1, 4, 8, 16), each sending R greedy completion
-requests with prompts of mixed token lengths (2 to 400) and mixed ``max_tokens`` (8 to 256),
-all streamed or all not. Reported per row: aggregate generated tokens/s, p50/p99 request
+it is doing. The servers are processes of their own, as a user runs them: client threads in
+the server's process would share its interpreter lock with the engine thread (``--in-process``
+does that, to compare). The load: C client threads (1, 4, 8, 16) sending C x R greedy
+completion requests, drawn from one shared queue, with prompts of mixed token lengths (2 to
+400) and mixed ``max_tokens`` (8 to 256), all streamed or all not. Reported per row: aggregate generated tokens/s, p50/p99 request
 latency and (streamed) p50/p99 time to first token; then the time to first token of a short
 request sent while a 300-token generation runs (head-of-line blocking).
 
@@ -18,14 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -33,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 PROMPT_TOKENS = (2, 12, 40, 100, 200, 400)
 MAX_TOKENS = (8, 16, 32, 64, 128, 256)
+EOT = 50256  # <|endoftext|> in every GPT-2 vocabulary
 
 
 def random_checkpoint(dest: Path, n_layer: int, n_embd: int) -> str:
@@ -56,6 +64,59 @@ class Load:
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class ServerProcess:
+    """``gpt2 serve`` in a process of its own on a free 127.0.0.1 port, the same URL/stop as ServerThread."""
+
+    def __init__(self, spec: str, device: str, threads: int | None, **options: object) -> None:
+        with socket.socket() as probe:  # a free port (another process could take it: unlikely here)
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.argv = [sys.executable, "-m", "gpt2cli", "serve", "-m", spec, "--device", device]
+        self.argv += ["--port", str(self.port)]
+        for name, value in options.items():
+            self.argv += [f"--{name.replace('_', '-')}", str(value)]
+        self.env = {**os.environ, **({"GPT2_THREADS": str(threads)} if threads else {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.DEVNULL)
+        while self.proc.poll() is None:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)  # polling a starting process: nothing to wait on but its port
+        raise SystemExit(f"gpt2 serve exited with {self.proc.returncode}: {' '.join(self.argv)}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+
+def start_servers(spec: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The batching server and the one-at-a-time server, started (processes unless --in-process)."""
+    sizes = {"batched": args.max_batch, "one at a time": 1}
+    if not args.in_process:
+        return {
+            name: ServerProcess(spec, args.device, args.threads, max_batch=rows, cache_tokens=0).start()
+            for name, rows in sizes.items()
+        }
+    from serverutil import ServerThread
+
+    from gpt2cli import load
+    from gpt2cli.device import configure_threads
+
+    configure_threads(args.threads)
+    lm = load(spec, device=args.device)
+    return {name: ServerThread(lm, max_batch=rows, cache_tokens=0).start() for name, rows in sizes.items()}
 
 
 def request(http: httpx.Client, url: str, body: dict) -> tuple[int, float, float | None]:
@@ -82,7 +143,7 @@ def request(http: httpx.Client, url: str, body: dict) -> tuple[int, float, float
 
 
 def workload(clients: int, requests: int, vocab: int) -> list[list[tuple[list[int], int]]]:
-    """Each client's requests: (prompt ids, max_tokens), the same for both servers."""
+    """Each client's share of the requests: (prompt ids, max_tokens), the same for both servers."""
     out = []
     for k in range(clients):
         rng = random.Random(1000 * clients + k)
@@ -96,12 +157,23 @@ def workload(clients: int, requests: int, vocab: int) -> list[list[tuple[list[in
 
 
 def run_load(url: str, model: str, plan: list[list[tuple[list[int], int]]], stream: bool) -> Load:
+    """C client threads (C = len(plan)) drawing requests from one shared queue until it is empty.
+
+    A shared queue (what vLLM's ``benchmark_serving --max-concurrency`` does) keeps C requests in
+    flight until the last few: with a queue per client the run's end is one unlucky client's
+    requests decoding alone, which measures the draw more than the server.
+    """
     load = Load()
     lock = threading.Lock()
+    queue = deque(job for jobs in zip(*plan, strict=True) for job in jobs)  # round-robin order
 
-    def client(jobs: list[tuple[list[int], int]]) -> None:
+    def client() -> None:
         with httpx.Client(timeout=3600) as http:
-            for prompt, max_tokens in jobs:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    prompt, max_tokens = queue.popleft()
                 body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
                 try:
                     tokens, seconds, ttft = request(http, url, {**body, "stream": stream})
@@ -115,7 +187,7 @@ def run_load(url: str, model: str, plan: list[list[tuple[list[int], int]]], stre
                     if ttft is not None:
                         load.ttfts.append(ttft)
 
-    threads = [threading.Thread(target=client, args=(jobs,)) for jobs in plan]
+    threads = [threading.Thread(target=client) for _ in plan]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -171,27 +243,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-batch", type=int, default=8, help="the batching server's --max-batch")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of each server")
+    parser.add_argument(
+        "--in-process", action="store_true", help="run the servers as threads of this process"
+    )
     args = parser.parse_args()
-    if args.threads:
-        from gpt2cli.device import configure_threads
-
-        configure_threads(args.threads)
-
-    from serverutil import ServerThread
-
-    from gpt2cli import load
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = args.model or random_checkpoint(Path(tmp) / "ckpt", args.layers, args.embd)
-        lm = load(spec, device=args.device)
         model = Path(spec).name if Path(spec).is_dir() else spec
-        vocab = lm.tokenizer.n_vocab - 1  # no <|endoftext|> in the prompts
-        servers = {
-            "batched": ServerThread(lm, max_batch=args.max_batch, cache_tokens=0).start(),
-            "one at a time": ServerThread(lm, max_batch=1, cache_tokens=0).start(),
-        }
+        servers = start_servers(spec, args)
         try:
+            vocab = EOT  # GPT-2's ids below <|endoftext|>: no end of text inside a prompt
             for srv in servers.values():  # warm-up
                 run_load(srv.url, model, workload(1, 1, vocab), stream=False)
             name = args.model or f"random {args.layers}x{args.embd}"
