@@ -10,10 +10,10 @@ Shape of one engine (see docs/design.md):
   the request being prefilled, if any. A sequence that leaves is removed and the rows after it
   move up (a copy of their valid positions), so a decode step always runs over rows [0, B).
 - ``submit`` queues a ``Request`` (one prompt, ``num_samples`` samples). ``step`` does one
-  unit of work: one prefill chunk of the oldest waiting request (the whole prompt when
-  nothing else is decoding, else at most ``chunk`` tokens, so decoding rows are not stalled),
-  then one decode step over every active row. A request's prompt is prefilled once and its
-  samples fan out into rows of their own.
+  unit of work: prefill of the waiting requests, oldest first, up to ``chunk`` prompt tokens
+  in all so that decoding rows are not stalled (when nothing is decoding: the first prompt
+  whole and up to ``BURST_CHUNKS`` chunks in all), then one decode step over every active
+  row. A request's prompt is prefilled once and its samples fan out into rows of their own.
 - Each request keeps its own sampler, generator, limits and log-probability wishes; a failure
   in sampling fails that request alone.
 - GPT-2's positions are learned and absolute: a sequence whose window is full keeps its most
