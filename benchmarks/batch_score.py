@@ -57,10 +57,11 @@ def run_mode(mode: str, model: str, corpus: Path, out: Path, lookahead: int) -> 
     """Run one mode in this process; the numbers as a dict."""
     t0 = time.perf_counter()
     first: list[float] = []
-    if mode == "ceiling":
+    if mode in ("ceiling", "naive"):
         from gpt2cli import load
 
         lm = load(model, device="cpu")
+    if mode == "ceiling":
         with open(corpus, encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f]
         result = lm.score("\n".join(texts), stride=1024)
@@ -68,9 +69,6 @@ def run_mode(mode: str, model: str, corpus: Path, out: Path, lookahead: int) -> 
         out.write_text(json.dumps({"total_nll": result.total_nll}) + "\n")
         tokens, docs = result.tokens, len(texts)
     elif mode == "naive":
-        from gpt2cli import load
-
-        lm = load(model, device="cpu")
         tokens = docs = 0
         with open(corpus, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as sink:
             for line in f:

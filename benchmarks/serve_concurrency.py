@@ -7,9 +7,10 @@ it is doing. The servers are processes of their own, as a user runs them: client
 the server's process would share its interpreter lock with the engine thread (``--in-process``
 does that, to compare). The load: C client threads (1, 4, 8, 16) sending C x R greedy
 completion requests, drawn from one shared queue, with prompts of mixed token lengths (2 to
-400) and mixed ``max_tokens`` (8 to 256), all streamed or all not. Reported per row: aggregate generated tokens/s, p50/p99 request
-latency and (streamed) p50/p99 time to first token; then the time to first token of a short
-request sent while a 300-token generation runs (head-of-line blocking).
+400) and mixed ``max_tokens`` (8 to 256), all streamed or all not. Reported per row:
+aggregate generated tokens/s, p50/p99 request latency and (streamed) p50/p99 time to first
+token; then the time to first token of a short request sent while a 300-token generation
+runs (head-of-line blocking).
 
     python benchmarks/serve_concurrency.py                   # a random 124M-shaped GPT-2 (12x768)
     python benchmarks/serve_concurrency.py --model gpt2      # a real one, if it is cached
@@ -22,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,9 +70,9 @@ class ServerProcess:
     """``gpt2 serve`` in a process of its own on a free 127.0.0.1 port, the same URL/stop as ServerThread."""
 
     def __init__(self, spec: str, device: str, threads: int | None, **options: object) -> None:
-        with socket.socket() as probe:  # a free port (another process could take it: unlikely here)
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        from serverutil import free_port
+
+        self.port = free_port()
         self.argv = [sys.executable, "-m", "gpt2cli", "serve", "-m", spec, "--device", device]
         self.argv += ["--port", str(self.port)]
         for name, value in options.items():
@@ -85,15 +85,20 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.DEVNULL)
-        while self.proc.poll() is None:
+        from serverutil import wait_for
+
+        proc = self.proc = subprocess.Popen(self.argv, env=self.env, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise SystemExit(f"gpt2 serve exited with {proc.returncode}: {' '.join(self.argv)}")
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self
+                return httpx.get(self.url + "/health", timeout=5).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)  # polling a starting process: nothing to wait on but its port
-        raise SystemExit(f"gpt2 serve exited with {self.proc.returncode}: {' '.join(self.argv)}")
+                return False
+
+        wait_for(up)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -3,6 +3,7 @@ holds its engine thread between steps, so a test can line up requests without ra
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -124,6 +125,13 @@ def together(srv: ServerThread, gate: EngineGate, fns: list[Callable[[], Any]]) 
     finally:
         gate.open()
     return [call.result() for call in calls]
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port free now (for a server started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate: Any, timeout: float = 120) -> None:

@@ -18,7 +18,7 @@ import torch
 import uvicorn  # noqa: F401
 from checkpoints import make_checkpoint  # noqa: E402
 from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess  # noqa: E402
-from serverutil import Background, EngineGate, ServerThread, wait_for  # noqa: E402
+from serverutil import Background, EngineGate, ServerThread, free_port, wait_for  # noqa: E402
 
 from gpt2cli import load  # noqa: E402
 from gpt2cli.chat import pick_template  # noqa: E402
@@ -452,14 +452,8 @@ def test_shutdown_fails_queued_and_running_requests_with_shutting_down(ckpt_long
         srv.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(GPT2_BIN), "serve", "-m", str(ckpt_long), "--port", str(port), "--device", "cpu"]
         + ["--served-model-name", "long-one", "--served-model-name", "l1", "--cache-tokens", "0"],
