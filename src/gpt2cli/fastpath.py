@@ -14,7 +14,7 @@ from typing import cast
 
 import torch
 
-from gpt2cli import kernels
+from gpt2cli import decode_step, kernels
 from gpt2cli.engine import batch_bucket
 from gpt2cli.kvcache import KVCache
 from gpt2cli.model import GPT2, Linear
@@ -75,6 +75,7 @@ def place(
         quantize_model(model, quantize, quantizer)
     if device.type == "cpu":
         kernels.warm_up()
+        decode_step.warm_up(model)
     return model
 
 

@@ -36,7 +36,8 @@ import functools
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,27 @@ def kernel_threads() -> int:
         numba.set_num_threads(n)
         _numba_threads = n
     return n
+
+
+@contextmanager
+def parallel_slot() -> Iterator[bool]:
+    """Whether the kernels called inside may run in parallel (the launch lock then held).
+
+    False with one thread, or while another Python thread holds the lock: run serial twins.
+    """
+    parallel = kernel_threads() > 1 and _launch.acquire(blocking=False)
+    try:
+        yield parallel
+    finally:
+        if parallel:
+            _launch.release()
+
+
+def nk() -> Any:
+    """The compiled ``gpt2cli.numba_kernels`` module (callers check ``is_enabled`` first)."""
+    if not _build():
+        raise RuntimeError("the numba kernels are not available")
+    return _nk
 
 
 def _kernel(name: str = "gemv") -> Callable[..., None]:
@@ -286,25 +308,39 @@ _STORED_AS = {torch.float32: torch.float32, torch.bfloat16: torch.uint16, torch.
 """How each weight dtype reaches numba: floats as they are, half precision as raw 16 bits."""
 
 
+def gemv_operands(
+    weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> tuple[Any, Any, Any]:
+    """(weight, per-row scale, bias) as numpy arrays the ``gemv`` kernels read.
+
+    weight (out, in): float32, bfloat16 or float16 (scale None: ones), or int8 with its scales.
+    """
+    n = weight.shape[0]
+    if weight.dtype == torch.int8 and scale is not None:
+        w = weight.detach().contiguous()
+    elif weight.dtype in _STORED_AS and scale is None:
+        w, scale = weight.detach().contiguous().view(_STORED_AS[weight.dtype]), _ones(n)
+    else:
+        raise TypeError(f"no decode kernel for {weight.dtype} weights")
+    b = bias.detach().float() if bias is not None else _zeros(n)
+    return w.numpy(), scale.detach().numpy(), b.numpy()
+
+
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 float32 (B, in), weight float32/bfloat16/float16 (out, in) -> float32 (B, out)."""
-    if weight.dtype not in _STORED_AS:
-        raise TypeError(f"no decode kernel for {weight.dtype} weights")
-    w = weight.contiguous().view(_STORED_AS[weight.dtype])
-    return _run(x2, w, _ones(w.shape[0]), bias)
+    return _run(x2, gemv_operands(weight, None, bias))
 
 
 def _gemv_int8(
     x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x2 float32 (B, in), int8 qweight (out, in), scale (out,) -> float32 (B, out)."""
-    return _run(x2, qweight.contiguous(), scale, bias)
+    return _run(x2, gemv_operands(qweight, scale, bias))
 
 
-def _run(x2: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.empty(x2.shape[0], w.shape[0])
-    b = bias.float() if bias is not None else _zeros(w.shape[0])
-    _kernel()(x2.contiguous().numpy(), w.numpy(), scale.numpy(), b.numpy(), out.numpy())
+def _run(x2: torch.Tensor, operands: tuple[Any, Any, Any]) -> torch.Tensor:
+    out = torch.empty(x2.shape[0], operands[0].shape[0])
+    _kernel()(x2.contiguous().numpy(), *operands, out.numpy())
     return out
 
 

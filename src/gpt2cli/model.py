@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from gpt2cli import kernels
+from gpt2cli import decode_step, kernels
 from gpt2cli.config import GPT2Config
 from gpt2cli.kvcache import KVCache
 
@@ -291,6 +291,8 @@ class GPT2(nn.Module):
         # Static steps' padding rows sit at the scratch position, one past the window.
         wpe_pos = pos.clamp(max=self.config.n_positions - 1) if static else pos
         x = self.wte(idx).to(self.compute_dtype) + self.wpe(wpe_pos).to(self.compute_dtype)  # (B, T, C)
+        if decode_step.usable(self, idx, cache, static):
+            return self.ln_f(decode_step.run_blocks(self, x, pos, cache, rows))  # type: ignore[arg-type]  # cache: usable checked it
         checkpointed = self.gradient_checkpointing and self.training and cache is None
         for block in self.h:
             if checkpointed:

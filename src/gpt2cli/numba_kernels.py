@@ -21,6 +21,7 @@ AVX2 CPU), so both vectorise like the float32 kernel while reading half the byte
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba
@@ -286,3 +287,170 @@ def warm_up() -> None:
         quantize(out, np.empty((1, 5), np.int8), ones[:1])
     for dequantize in (dequantize_acc, dequantize_acc_serial):
         dequantize(np.zeros((1, 5), np.int32), ones[:1], ones, ones, out)
+
+
+# --- the fused decode step: one native call per block (decode_step.py drives it) -----------------
+#
+# For a few rows each decoding one token, a block's ~15 small torch ops (LayerNorm, views,
+# the cache write, SDPA, GELU, adds) and four Python-level kernel calls cost more than its
+# matmuls in bf16 and int8 (docs/performance.md). ``block_step`` runs the whole block in one
+# call: the matmuls are the same ``gemv`` kernels (same sums, bit for bit), the rest is the
+# short loops below. Nothing in it depends on the thread count (attention splits whole
+# (row, head) pairs between threads), so its output does not either.
+
+ACTIVATIONS = {
+    "gelu_new": 0,
+    "gelu_pytorch_tanh": 0,
+    "gelu_fast": 0,
+    "gelu": 1,
+    "relu": 2,
+    "silu": 3,
+    "swish": 3,
+}
+"""The activations ``block_step`` computes, by the code it takes (config.SUPPORTED_ACTIVATIONS)."""
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+def _tanh(u):  # type: ignore[no-untyped-def]
+    # Eigen's float tanh (a 13/6 rational function, within a few ulp; torch's Sleef tanh is
+    # 1 ulp): unlike libm's tanhf it vectorises, and GELU takes one per hidden unit.
+    u = min(max(u, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+    u2 = u * u
+    p = u2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+    p = p * u2 + np.float32(-8.60467152213735e-11)
+    p = p * u2 + np.float32(5.12229709037114e-08)
+    p = p * u2 + np.float32(1.48572235717979e-05)
+    p = p * u2 + np.float32(6.37261928875436e-04)
+    p = p * u2 + np.float32(4.89352455891786e-03)
+    q = u2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+    q = q * u2 + np.float32(2.26843463243900e-03)
+    q = q * u2 + np.float32(4.89352518554385e-03)
+    return u * p / q
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+def _activate_row(f, r, act):  # type: ignore[no-untyped-def]  # f (B, inner) in place, row r
+    row = f[r]
+    if act == 0:  # tanh GELU (GPT-2's gelu_new)
+        for j in range(row.shape[0]):
+            v = row[j]
+            u = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)  # sqrt(2/pi)
+            row[j] = np.float32(0.5) * v * (np.float32(1.0) + _tanh(u))
+    elif act == 1:  # exact GELU
+        for j in range(row.shape[0]):
+            v = row[j]
+            row[j] = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v * 0.7071067811865476)))
+    elif act == 2:
+        for j in range(row.shape[0]):
+            row[j] = max(row[j], np.float32(0.0))
+    else:
+        for j in range(row.shape[0]):
+            row[j] = row[j] / (np.float32(1.0) + np.exp(-row[j]))
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+def _attend_one(qkv, pos, kc, vc, row0, scale, y, scores, r, hd):  # type: ignore[no-untyped-def]
+    """Row r, head hd: store its key and value at pos[r], attend over keys 0..pos[r].
+
+    qkv (B, 3C) as c_attn gives it; kc, vc (rows, n_head, capacity + 1, head_dim); y (B, C).
+    """
+    C, D = y.shape[1], kc.shape[3]
+    p, row, q0 = pos[r], row0 + r, hd * D
+    kc[row, hd, p, :] = qkv[r, C + q0 : C + q0 + D]
+    vc[row, hd, p, :] = qkv[r, 2 * C + q0 : 2 * C + q0 + D]
+    q = qkv[r, q0 : q0 + D]
+    peak = np.float32(-np.inf)
+    for j in range(p + 1):
+        key = kc[row, hd, j]
+        s = np.float32(0.0)
+        for d in range(D):
+            s += q[d] * key[d]
+        s *= scale
+        scores[j] = s
+        peak = max(peak, s)
+    total = np.float32(0.0)
+    for j in range(p + 1):
+        e = np.exp(scores[j] - peak)
+        scores[j] = e
+        total += e
+    out = y[r, q0 : q0 + D]
+    out[:] = 0.0
+    for j in range(p + 1):
+        w, value = scores[j], vc[row, hd, j]
+        for d in range(D):
+            out[d] += w * value[d]
+    inv = np.float32(1.0) / total
+    for d in range(D):
+        out[d] *= inv
+
+
+@numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
+def attend(qkv, pos, kc, vc, row0, scale, y, scores):  # type: ignore[no-untyped-def]
+    n_head = kc.shape[1]
+    for t in prange(qkv.shape[0] * n_head):
+        _attend_one(qkv, pos, kc, vc, row0, scale, y, scores[t], t // n_head, t % n_head)
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True)
+def attend_serial(qkv, pos, kc, vc, row0, scale, y, scores):  # type: ignore[no-untyped-def]
+    n_head = kc.shape[1]
+    for t in range(qkv.shape[0] * n_head):
+        _attend_one(qkv, pos, kc, vc, row0, scale, y, scores[t], t // n_head, t % n_head)
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+def _layer_norm(x, w, b, eps, out):  # type: ignore[no-untyped-def]  # x (B, C) -> out (B, C)
+    n = x.shape[1]
+    for r in range(x.shape[0]):
+        xr = x[r]
+        mean = np.float32(0.0)
+        for i in range(n):
+            mean += xr[i]
+        mean /= n
+        var = np.float32(0.0)
+        for i in range(n):
+            var += (xr[i] - mean) * (xr[i] - mean)
+        inv = np.float32(1.0) / np.sqrt(var / n + eps)
+        for i in range(n):
+            out[r, i] = (xr[i] - mean) * inv * w[i] + b[i]
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+def _matmul(x, w, scale, b, out, parallel):  # type: ignore[no-untyped-def]
+    if parallel:
+        gemv(x, w, scale, b, out)
+    else:
+        gemv_serial(x, w, scale, b, out)
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True)
+def block_step(  # type: ignore[no-untyped-def]
+    x, pos, kc, vc, row0, ln1, qkv_w, attn_o, ln2, fc, proj, eps, attn_scale, act, parallel
+):
+    """One GPT-2 block for x (B, C), each row one token at position pos[r], in place.
+
+    ``ln1``/``ln2`` are (weight, bias); ``qkv_w``, ``attn_o``, ``fc``, ``proj`` are (weight,
+    scale, bias) as ``gemv`` takes them. Writes the rows' keys and values into kc, vc (rows
+    row0..row0+B-1) and leaves the block's output in x.
+    """
+    B, C = x.shape
+    h = np.empty((B, C), np.float32)
+    _layer_norm(x, ln1[0], ln1[1], eps, h)
+    qkv = np.empty((B, qkv_w[0].shape[0]), np.float32)
+    _matmul(h, qkv_w[0], qkv_w[1], qkv_w[2], qkv, parallel)
+    y = np.empty((B, C), np.float32)
+    scores = np.empty((B * kc.shape[1], pos.max() + 1), np.float32)
+    if parallel:
+        attend(qkv, pos, kc, vc, row0, attn_scale, y, scores)
+    else:
+        attend_serial(qkv, pos, kc, vc, row0, attn_scale, y, scores)
+    a = np.empty((B, C), np.float32)
+    _matmul(y, attn_o[0], attn_o[1], attn_o[2], a, parallel)
+    x += a
+    _layer_norm(x, ln2[0], ln2[1], eps, h)
+    f = np.empty((B, fc[0].shape[0]), np.float32)
+    _matmul(h, fc[0], fc[1], fc[2], f, parallel)
+    for r in range(B):
+        _activate_row(f, r, act)
+    _matmul(f, proj[0], proj[1], proj[2], a, parallel)
+    x += a

@@ -1,0 +1,162 @@
+"""The fused CPU decode step: each block of a one-token-per-row forward in one native call.
+
+A decode step multiplies one row per sequence by every weight matrix, so its matmuls are
+short and the ~15 small torch ops around them per block (LayerNorm, views, the cache write,
+SDPA, GELU, residual adds) plus four Python-level kernel calls cost as much as the matmuls in
+bf16 and int8. ``GPT2.body`` hands its blocks to ``run_blocks`` when ``usable`` says the
+forward is such a step; each block is then one ``numba_kernels.block_step`` call doing all of
+it (the matmuls through the same ``gemv`` kernels as the unfused path). The embeddings,
+the final LayerNorm and the lm_head stay as they are.
+
+Used only where nothing would notice: CPU, float32 activations and cache, no hooks, no
+autograd, not inside ``torch.compile``, the numba kernels on, at most ``SMALL_BATCH`` rows of
+one token each. ``GPT2_FUSED=0`` (or ``set_enabled(False)``) turns it off; ``calls`` counts the
+fused steps (tests prove the path runs).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, cast
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import nn
+
+from gpt2cli import kernels
+from gpt2cli.kvcache import KVCache
+
+if TYPE_CHECKING:
+    from gpt2cli.model import GPT2, Block, Linear
+    from gpt2cli.quantize import QLinear
+
+_enabled = os.environ.get("GPT2_FUSED", "1") != "0"
+calls = 0
+"""Decode steps run through the fused blocks in this process."""
+
+
+def set_enabled(enabled: bool) -> None:
+    """Switch the fused step on or off for this process (tests compare both)."""
+    global _enabled
+    _enabled = enabled
+
+
+def usable(model: GPT2, idx: torch.Tensor, cache: KVCache | None, static: bool) -> bool:
+    """Whether the forward of ids ``idx`` (B, T) over ``cache`` can run fused."""
+    if not _enabled or cache is None or static or idx.shape[1] != 1 or idx.shape[0] > kernels.SMALL_BATCH:
+        return False
+    if idx.device.type != "cpu" or model.hooks or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if not kernels.is_enabled() or model.config.activation_function not in kernels.nk().ACTIVATIONS:
+        return False
+    return cache.k[0].dtype == torch.float32 and model.compute_dtype == torch.float32
+
+
+def warm_up(model: GPT2) -> None:
+    """Compile (or load from numba's cache) ``block_step`` for this model's weights now, not in
+    the first decode step: one tiny step of block 0, serial and parallel."""
+    if not _enabled or model.device.type != "cpu" or not kernels.is_enabled():
+        return
+    if (
+        model.compute_dtype != torch.float32
+        or model.config.activation_function not in kernels.nk().ACTIVATIONS
+    ):
+        return
+    c = model.config
+    operands, scale = _block_operands(model)[0]
+    k = torch.zeros(1, c.n_head, 2, c.head_dim).numpy()
+    for parallel in (False, True):
+        x = torch.zeros(1, c.n_embd).numpy()
+        kernels.nk().block_step(
+            x,
+            torch.zeros(1, dtype=torch.int64).numpy(),
+            k,
+            k.copy(),
+            0,
+            *operands,
+            float(c.layer_norm_epsilon),
+            scale,
+            0,
+            parallel,
+        )
+
+
+def run_blocks(model: GPT2, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, rows: slice) -> torch.Tensor:
+    """x (B, 1, C) after the embeddings, positions (B, 1) -> the last block's output (B, 1, C).
+
+    Writes each row's keys and values into ``cache`` rows ``rows`` at its position.
+    """
+    global calls
+    nk = kernels.nk()
+    B, _, C = x.shape
+    h = x.reshape(B, C).contiguous()  # updated in place, block after block
+    h_np, pos_np = h.numpy(), pos.reshape(B).contiguous().numpy()
+    row0 = rows.start or 0
+    eps = float(model.config.layer_norm_epsilon)
+    act = nk.ACTIVATIONS[model.config.activation_function]
+    with kernels.parallel_slot() as parallel:
+        for i, (operands, scale) in enumerate(_block_operands(model)):
+            k, v = cache.k[i].numpy(), cache.v[i].numpy()
+            nk.block_step(h_np, pos_np, k, v, row0, *operands, eps, scale, act, parallel)
+    calls += 1
+    return h.view(B, 1, C)
+
+
+_operands: WeakKeyDictionary[GPT2, tuple[list[int], list[tuple[Any, float]]]] = WeakKeyDictionary()
+"""Per model: its blocks' tensors' addresses and their numpy operands (gathering them takes
+~0.6 ms a step, more than a block's int8 matmuls take in a thread's share)."""
+
+
+def _block_operands(model: GPT2) -> list[tuple[Any, float]]:
+    """Per block: its (ln_1, c_attn, c_proj, ln_2, c_fc, c_proj) as ``block_step`` takes them,
+    and its attention scale.
+
+    Kept while the tensors stay where they are (training updates them in place); rebuilt
+    when any moved (weights replaced or converted).
+    """
+    addresses = [0 if t is None else t.data_ptr() for block in model.h for t in _block_tensors(block)]
+    kept = _operands.get(model)
+    if kept is not None and kept[0] == addresses:
+        return kept[1]
+    blocks = cast("list[Block]", list(model.h))
+    operands = [(_operands_of(block), float(block.attn.scale)) for block in blocks]
+    _operands[model] = (addresses, operands)
+    return operands
+
+
+def _operands_of(block: Block) -> tuple[Any, ...]:
+    attn, mlp = block.attn, block.mlp
+    return (
+        _norm(block.ln_1),
+        _linear(attn.c_attn),
+        _linear(attn.c_proj),
+        _norm(block.ln_2),
+        _linear(mlp.c_fc),
+        _linear(mlp.c_proj),
+    )
+
+
+def _block_tensors(block: nn.Module) -> list[torch.Tensor | None]:
+    """The tensors ``block_step`` reads from a block, straight from the modules' dicts
+    (``nn.Module.__getattr__`` would make this check cost a third of a millisecond a step)."""
+    modules = block._modules
+    attn, mlp = modules["attn"]._modules, modules["mlp"]._modules  # type: ignore[union-attr]
+    found: list[torch.Tensor | None] = []
+    layers = (modules["ln_1"], modules["ln_2"], attn["c_attn"], attn["c_proj"], mlp["c_fc"], mlp["c_proj"])
+    for layer in layers:
+        found += layer._parameters.values()  # type: ignore[union-attr]
+        found += layer._buffers.values()  # type: ignore[union-attr]
+    return found
+
+
+def _norm(ln: nn.LayerNorm) -> tuple[Any, Any]:
+    return ln.weight.detach().numpy(), ln.bias.detach().numpy()
+
+
+def _linear(layer: Linear | QLinear) -> tuple[Any, Any, Any]:
+    """(weight as the kernel reads it, per-row scale, bias) of a ``Linear`` or an int8 ``QLinear``."""
+    if hasattr(layer, "qweight"):
+        q = cast("QLinear", layer)
+        return kernels.gemv_operands(q.qweight, q.scale, q.bias)
+    linear = cast("Linear", layer)
+    return kernels.gemv_operands(linear.weight, None, linear.bias)

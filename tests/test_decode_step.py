@@ -1,0 +1,171 @@
+"""The fused CPU decode step (decode_step.py, numba_kernels.block_step) against the unfused forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import make_checkpoint
+
+from gpt2cli import decode_step, kernels, load
+from gpt2cli.config import GenerationConfig
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+
+PROMPT = "Once upon a time there was a small model that"
+PRECISIONS = [("float32", None), ("bfloat16", None), ("float16", None), ("float32", "int8")]
+
+
+def decode_steps(lm, ids: torch.Tensor, steps: int, rows: slice | None = None, cache=None):
+    """Prefill ids (B, T) (rows of different lengths: each row's padding is left out), then
+    ``steps`` one-token steps feeding token 7 + r to row r. Returns the stacked step logits
+    (steps, B, V) and the cache."""
+    model, (B, T) = lm.model, ids.shape
+    rows = rows or slice(0, B)
+    cache = cache or model.new_cache(rows.stop, T + steps + 4)
+    lengths = [T - r for r in range(B)]  # row r is r tokens shorter
+    with torch.inference_mode():
+        for r, n in enumerate(lengths):
+            row = rows.start + r
+            model(ids[r : r + 1, :n], torch.arange(n)[None], cache, rows=slice(row, row + 1))
+        out = []
+        for s in range(steps):
+            pos = torch.tensor([[n + s] for n in lengths])
+            feed = torch.tensor([[7 + r + s] for r in range(B)])
+            out.append(model(feed, pos, cache, rows=rows, last_only=True))
+    return torch.stack(out), cache
+
+
+def fused_and_unfused(lm, ids: torch.Tensor, steps: int = 4, rows: slice | None = None):
+    before = decode_step.calls
+    fused, fused_cache = decode_steps(lm, ids, steps, rows)
+    assert decode_step.calls == before + steps  # the fused path ran every step
+    decode_step.set_enabled(False)
+    try:
+        plain, plain_cache = decode_steps(lm, ids, steps, rows)
+        assert decode_step.calls == before + steps  # ... and was off here
+    finally:
+        decode_step.set_enabled(True)
+    return fused, plain, fused_cache, plain_cache
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), PRECISIONS)
+def test_fused_step_equals_unfused_in_every_precision(ckpt_h: Path, dtype: str, quantize: str | None) -> None:
+    lm = load(str(ckpt_h), device="cpu", dtype=dtype, quantize=quantize)
+    ids = torch.tensor([lm.encode(PROMPT)] * 3)
+    fused, plain, fused_cache, plain_cache = fused_and_unfused(lm, ids, rows=slice(1, 4))
+    # The matmuls are the same kernels both ways; LayerNorm, attention and GELU differ by rounding.
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+    for a, b in zip((*fused_cache.k, *fused_cache.v), (*plain_cache.k, *plain_cache.v), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)  # keys/values written at each row's position
+    assert not fused_cache.k[0][0].any()  # row 0 is not one of these rows: untouched
+
+
+def test_fused_greedy_equals_reference(ckpt_h: Path) -> None:
+    """Kernels and fusion on against every fast path off: greedy ids identical, logits to 1e-4."""
+    lm = load(str(ckpt_h), device="cpu")
+    ids = torch.tensor([lm.encode(PROMPT)] * 2)
+    fused, _ = decode_steps(lm, ids, 6)
+    out = lm.complete(PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True).samples[0].token_ids
+    kernels.set_enabled(False)
+    try:
+        before = decode_step.calls
+        reference, _ = decode_steps(lm, ids, 6)
+        ref_out = lm.complete(PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True).samples[0].token_ids
+        assert decode_step.calls == before
+    finally:
+        kernels.set_enabled(True)
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=0)
+    assert out == ref_out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"activation_function": "gelu"},
+        {"activation_function": "relu"},
+        {"activation_function": "silu"},
+        {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False},
+    ],
+    ids=["gelu", "relu", "silu", "attn-scales"],
+)
+def test_fused_step_follows_the_config(tmp_path: Path, extra: dict) -> None:
+    ckpt = make_checkpoint(tmp_path, n_layer=2, config_extra=extra, seed=3)
+    lm = load(str(ckpt), device="cpu")
+    fused, plain, *_ = fused_and_unfused(lm, torch.tensor([lm.encode(PROMPT)] * 2))
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), [("float32", None), ("float32", "int8")])
+def test_fused_step_with_widths_not_a_multiple_of_four(
+    tmp_path: Path, dtype: str, quantize: str | None
+) -> None:
+    """n_embd 30 (q/k/v 90 rows, head_dim 10): the kernels' leftover rows."""
+    ckpt = make_checkpoint(tmp_path, n_layer=2, n_head=3, n_embd=30, n_inner=70, seed=4)
+    lm = load(str(ckpt), device="cpu", dtype=dtype, quantize=quantize)
+    fused, plain, *_ = fused_and_unfused(lm, torch.tensor([lm.encode(PROMPT)] * 5))
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+
+
+def test_block_step_serial_equals_parallel_bit_for_bit(ckpt_h: Path) -> None:
+    lm = load(str(ckpt_h), device="cpu", quantize="int8")
+    model, c = lm.model, lm.model.config
+    operands, scale = decode_step._block_operands(model)[1]
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((6, c.n_embd), dtype=np.float32)
+    pos = np.array([0, 3, 9, 1, 5, 2])
+    k0 = rng.standard_normal((7, c.n_head, 12, c.head_dim), dtype=np.float32)
+    results = []
+    for parallel in (False, True):
+        x, k, v = x0.copy(), k0.copy(), k0.copy() * 2
+        kernels.nk().block_step(x, pos, k, v, 1, *operands, 1e-5, scale, 0, parallel)
+        results.append((x, k, v))
+    for a, b in zip(*results, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(results[0][0], x0)
+
+
+def test_unfused_where_something_would_notice(ckpt_h: Path) -> None:
+    """Hooks, autograd and a prompt of several tokens take the ordinary forward."""
+    lm = load(str(ckpt_h), device="cpu")
+    model = lm.model
+    cache = model.new_cache(1, 16)
+    before = decode_step.calls
+    seen = []
+    with model.hooked({"blocks.0.hook_resid_pre": seen.append}), torch.inference_mode():
+        model(torch.tensor([[5]]), torch.tensor([[0]]), cache)
+    model(torch.tensor([[5]]), torch.tensor([[1]]), cache)  # autograd on
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6]]), torch.tensor([[2, 3]]), cache)
+    assert decode_step.calls == before and len(seen) == 1
+    with torch.inference_mode():
+        model(torch.tensor([[5]]), torch.tensor([[4]]), cache)
+    assert decode_step.calls == before + 1
+
+
+def test_replaced_weights_are_read_afresh(ckpt_h: Path) -> None:
+    """The per-model operands are rebuilt when a weight's storage changes (not served stale)."""
+    lm = load(str(ckpt_h), device="cpu")
+    ids = torch.tensor([lm.encode(PROMPT)])
+    first, _ = decode_steps(lm, ids, 2)
+    with torch.no_grad():
+        for block in lm.model.h:
+            block.mlp.c_fc.weight.data = block.mlp.c_fc.weight.data * 3  # new storage
+    fused, plain, *_ = fused_and_unfused(lm, ids, steps=2)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+    assert not torch.allclose(fused, first, atol=1e-3)
+
+
+def test_fused_decode_in_the_engine_with_rows_joining(ckpt_h: Path) -> None:
+    """generate_many (continuous batching, rows at different positions) equals each prompt alone."""
+    lm = load(str(ckpt_h), device="cpu", quantize="int8")
+    prompts = [PROMPT, "A short one", PROMPT + " and then some more words to make it long"]
+    before = decode_step.calls
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0, ignore_eos=True)
+    together = [r.samples[0].token_ids for r in lm.generate_many(prompts, cfg)]
+    assert decode_step.calls > before
+    alone = [r.samples[0].token_ids for r in lm.generate_many(prompts, cfg, max_batch=1)]
+    assert together == alone
