@@ -169,3 +169,16 @@ def test_fused_decode_in_the_engine_with_rows_joining(ckpt_h: Path) -> None:
     assert decode_step.calls > before
     alone = [r.samples[0].token_ids for r in lm.generate_many(prompts, cfg, max_batch=1)]
     assert together == alone
+
+
+def test_gpt2_kernels_unfused_turns_it_off(ckpt_h: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = load(str(ckpt_h), device="cpu")
+    ids = torch.tensor([lm.encode(PROMPT)])
+    monkeypatch.setenv("GPT2_KERNELS", "unfused")
+    before = decode_step.calls
+    plain, _ = decode_steps(lm, ids, 3)
+    assert decode_step.calls == before
+    monkeypatch.delenv("GPT2_KERNELS")
+    fused, _ = decode_steps(lm, ids, 3)
+    assert decode_step.calls == before + 3
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)

@@ -10,8 +10,8 @@ the final LayerNorm and the lm_head stay as they are.
 
 Used only where nothing would notice: CPU, float32 activations and cache, no hooks, no
 autograd, not inside ``torch.compile``, the numba kernels on, at most ``SMALL_BATCH`` rows of
-one token each. ``GPT2_FUSED=0`` (or ``set_enabled(False)``) turns it off; ``calls`` counts the
-fused steps (tests prove the path runs).
+one token each. ``GPT2_KERNELS=unfused`` (or ``set_enabled(False)``) turns it off, leaving the
+numba matmuls on; ``calls`` counts the fused steps (tests prove the path runs).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gpt2cli.model import GPT2, Block, Linear
     from gpt2cli.quantize import QLinear
 
-_enabled = os.environ.get("GPT2_FUSED", "1") != "0"
+_enabled = True
 calls = 0
 """Decode steps run through the fused blocks in this process."""
 
@@ -41,9 +41,13 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
+def _on() -> bool:
+    return _enabled and os.environ.get("GPT2_KERNELS", "").strip().lower() != "unfused"
+
+
 def usable(model: GPT2, idx: torch.Tensor, cache: KVCache | None, static: bool) -> bool:
     """Whether the forward of ids ``idx`` (B, T) over ``cache`` can run fused."""
-    if not _enabled or cache is None or static or idx.shape[1] != 1 or idx.shape[0] > kernels.SMALL_BATCH:
+    if not _on() or cache is None or static or idx.shape[1] != 1 or idx.shape[0] > kernels.SMALL_BATCH:
         return False
     if idx.device.type != "cpu" or model.hooks or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
@@ -55,7 +59,7 @@ def usable(model: GPT2, idx: torch.Tensor, cache: KVCache | None, static: bool) 
 def warm_up(model: GPT2) -> None:
     """Compile (or load from numba's cache) ``block_step`` for this model's weights now, not in
     the first decode step: one tiny step of block 0, serial and parallel."""
-    if not _enabled or model.device.type != "cpu" or not kernels.is_enabled():
+    if not _on() or model.device.type != "cpu" or not kernels.is_enabled():
         return
     if (
         model.compute_dtype != torch.float32

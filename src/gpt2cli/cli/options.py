@@ -161,7 +161,7 @@ def unescape(text: str) -> str:
 
 
 THREADS_ENV, KERNELS_ENV = "GPT2_THREADS", "GPT2_KERNELS"
-KERNEL_CHOICES = ("auto", "numba", "torch")
+KERNEL_CHOICES = ("auto", "numba", "unfused", "torch")
 
 
 def check_environment(environ: dict[str, str] | None = None) -> None:
@@ -182,7 +182,8 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         raise BadInputError(
             f"{KERNELS_ENV}={env[KERNELS_ENV]!r} in the environment is not one of "
             + ", ".join(KERNEL_CHOICES),
-            hint=f"{KERNELS_ENV}=torch uses PyTorch's matmuls only; unset it for the default",
+            hint=f"{KERNELS_ENV}=torch uses PyTorch's matmuls only, unfused the numba matmuls without "
+            "the fused decode step; unset it for the default",
         )
 
 
