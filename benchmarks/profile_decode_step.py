@@ -1,8 +1,9 @@
 """Where one batch-1 decode step's time goes, on the gpt2-shaped (124M) random checkpoint.
 
-Times the whole step (median of N), then the same 48 block matmuls and the lm_head alone
-through the same ``kernels.linear`` (kernels on, then off), the rest being attention,
-LayerNorm, GELU, embeddings and Python. Bytes of weights read per step / step time gives
+Times the whole step (median of N) three ways: the fused step (each block one numba call),
+the numba kernels unfused, and pure torch. Then the blocks alone (the 12 fused calls, or the
+48 block matmuls through ``kernels.linear``) and the lm_head alone; the rest is, fused, the
+embeddings, the final LayerNorm and Python, and unfused also attention, LayerNorm and GELU. Bytes of weights read per step / step time gives
 the achieved bandwidth.
 
     .venv/bin/python benchmarks/profile_decode_step.py [--threads 2] [--steps 30]
@@ -40,7 +41,7 @@ def median_time(fn, n: int) -> float:
 def main() -> None:
     from decode_vs_transformers import make_124m
 
-    from gpt2cli import kernels, load
+    from gpt2cli import decode_step, kernels, load
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -62,8 +63,15 @@ def main() -> None:
     xs = {m.in_features: torch.randn(1, 1, m.in_features) for m in linears}
     h = torch.randn(1, model.config.n_embd)
     nbytes = weight_bytes_per_step(model, "wpe.weight")
-    for enabled in (True, False):
+    x = torch.randn(1, 1, model.config.n_embd)
+    modes = [
+        ("fused step", True, True),
+        ("numba kernels, unfused", True, False),
+        ("torch (kernels off)", False, False),
+    ]
+    for name, enabled, fused in modes:
         kernels.set_enabled(enabled)
+        decode_step.set_enabled(fused)
         with torch.inference_mode():
             cache = model.new_cache(1, 256)
             model(torch.tensor([[1] * 64]), torch.arange(64)[None], cache)
@@ -72,17 +80,24 @@ def main() -> None:
             def step(ids: torch.Tensor = ids, pos: torch.Tensor = pos, cache=cache) -> None:
                 model(ids, pos, cache, last_only=True)  # always position 64: the same step again
 
+            def fused_blocks(pos: torch.Tensor = pos, cache=cache) -> None:
+                decode_step.run_blocks(model, x.clone(), pos, cache, slice(0, 1))
+
             total = median_time(step, args.steps)
-            blocks = median_time(lambda: [m(xs[m.in_features]) for m in linears], args.steps)
+            if fused:  # the 12 fused block calls (matmuls, attention, norms, GELU)
+                blocks = median_time(fused_blocks, args.steps)
+            else:
+                blocks = median_time(lambda: [m(xs[m.in_features]) for m in linears], args.steps)
             head = median_time(lambda: model.logits(h), args.steps)
         rest = total - blocks - head
-        name = "numba kernels" if enabled else "torch (kernels off)"
+        what = "12 fused blocks" if fused else "48 block matmuls"
         print(
             f"{name}: step {total * 1e3:.1f} ms ({1 / total:.1f} tok/s, {nbytes / total / 1e9:.1f} GB/s) = "
-            f"48 block matmuls {blocks * 1e3:.1f} ms ({blocks / total:.0%}) + lm_head {head * 1e3:.1f} ms "
+            f"{what} {blocks * 1e3:.1f} ms ({blocks / total:.0%}) + lm_head {head * 1e3:.1f} ms "
             f"({head / total:.0%}) + the rest {rest * 1e3:.1f} ms ({rest / total:.0%})"
         )
     kernels.set_enabled(True)
+    decode_step.set_enabled(True)
 
 
 if __name__ == "__main__":

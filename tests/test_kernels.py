@@ -119,6 +119,30 @@ def test_int8_gemm_is_exact_on_row_quantised_activations() -> None:
     assert ((y - reference).norm() / reference.norm()) < 0.01
 
 
+@needs_numba
+@pytest.mark.skipif("int8" not in kernels._capabilities(), reason="no int8 GEMM instructions here")
+@pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu", "silu"])
+def test_int8_mlp_equals_its_two_layers(act: str) -> None:
+    """The fused int8 MLP (bias, activation and re-quantisation in one pass) against the two
+    int8 layers and the activation run one by one: the same arithmetic, float32 rounding apart."""
+    from gpt2cli.model import activation
+    from gpt2cli.quantize import QLinear
+
+    x, w1, b1 = _data(144, 36, 3 * 17)
+    _, w2, b2 = _data(36, 144, 1, seed=1)
+    fc, proj = QLinear(torch.nn.Linear(36, 144)), QLinear(torch.nn.Linear(144, 36))
+    for layer, w, b in ((fc, w1, b1), (proj, w2, b2)):
+        layer.qweight, layer.scale = quantize_rows(w)
+        layer.bias = b
+    x = x.view(3, 17, 36)
+    with torch.inference_mode():
+        fused = kernels.int8_mlp(x, fc, proj, act)
+        one_by_one = proj(activation(act, fc(x)))
+        assert kernels.int8_mlp(x[:, :5], fc, proj, act) is None  # 15 rows: the GEMV path instead
+    assert fused is not None and fused.shape == (3, 17, 36)
+    torch.testing.assert_close(fused, one_by_one, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_gemm_close_to_float32(dtype: torch.dtype) -> None:
     x, w, b = _data(70, 96, 33)

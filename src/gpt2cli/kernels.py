@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -379,13 +379,56 @@ def int8_gemm(
     as the GEMM: ten passes over the output).
     """
     xq, xs = quantize_rows_dynamic(x2)
-    acc = torch._int_mm(xq, qweight.t())  # (M, N) int32
-    b = bias.float() if bias is not None else _zeros(qweight.shape[0])
+    return _int8_rescale(torch._int_mm(xq, qweight.t()), xs, scale, bias)  # (M, N) int32 -> float32
+
+
+class Int8Layer(Protocol):
+    """What ``int8_mlp`` reads of a layer (quantize.QLinear)."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def int8_mlp(x: torch.Tensor, fc: Any, proj: Any, activation: str) -> torch.Tensor | None:
+    """An MLP of two int8 layers for many rows in three passes around two int8 GEMMs, or None
+    where that path does not apply (then the caller runs the layers one by one).
+
+    x float32 (..., C) -> float32 (..., C): quantise x per row, GEMM, one numba pass for bias,
+    activation and the hidden rows' quantisation (the float32 hidden matrix is never written),
+    GEMM, rescale with the bias. Same arithmetic as ``linear_int8`` twice, minus two passes and
+    torch's GELU over the (rows, 4C) hidden matrix: in int8 scoring those took a fifth of the time.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows <= SMALL_BATCH or x.requires_grad:
+        return None
+    if not (hasattr(fc, "qweight") and hasattr(proj, "qweight") and _can("int8") and is_enabled()):
+        return None
+    fc, proj = cast(Int8Layer, fc), cast(Int8Layer, proj)
+    act = _nk.ACTIVATIONS.get(activation)
+    if act is None:
+        return None
+    xq, xs = quantize_rows_dynamic(x.reshape(rows, x.shape[-1]))
+    acc = torch._int_mm(xq, fc.qweight.t())  # (rows, 4C) int32
+    hq, hs = torch.empty(acc.shape, dtype=torch.int8), torch.empty(rows)
+    b = fc.bias.float() if fc.bias is not None else _zeros(acc.shape[1])
+    _kernel("activate_quantize")(
+        acc.numpy(), xs.view(-1).numpy(), fc.scale.numpy(), b.numpy(), act, hq.numpy(), hs.numpy()
+    )
+    out = _int8_rescale(torch._int_mm(hq, proj.qweight.t()), hs, proj.scale, proj.bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _int8_rescale(
+    acc: torch.Tensor, xs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """int32 sums (M, N), row scales xs (M,) or (M, 1), weight scales (N,) -> float32 + bias."""
+    b = bias.float() if bias is not None else _zeros(acc.shape[1])
     if is_enabled():
         out = torch.empty(acc.shape)
         _kernel("dequantize_acc")(acc.numpy(), xs.view(-1).numpy(), scale.numpy(), b.numpy(), out.numpy())
         return out
-    return acc.float().mul_(scale).mul_(xs).add_(b)
+    return acc.float().mul_(scale).mul_(xs.view(-1, 1)).add_(b)
 
 
 # --- custom ops: the numba kernels inside torch.compile graphs -----------------------------------

@@ -226,15 +226,19 @@ _EXACT = {"nnan", "ninf", "nsz", "reassoc"}
 
 
 @numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, inline="always")  # type: ignore[call-overload]
-def _quantize_row(x, xq, xs, m):  # type: ignore[no-untyped-def]  # x (M, K) -> xq (M, K) int8, xs (M,)
-    xr = x[m]
+def _quantize_into(xr, qr):  # type: ignore[no-untyped-def]  # one row (K,) -> int8 qr (K,); returns its scale
     peak = np.float32(0.0)
-    for k in range(x.shape[1]):
+    for k in range(xr.shape[0]):
         peak = max(peak, abs(xr[k]))
     s = max(peak, np.float32(1e-12)) / np.float32(127.0)
-    xs[m] = s
-    for k in range(x.shape[1]):
-        xq[m, k] = np.int8(np.rint(xr[k] / s))
+    for k in range(xr.shape[0]):
+        qr[k] = np.int8(np.rint(xr[k] / s))
+    return s
+
+
+@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, inline="always")  # type: ignore[call-overload]
+def _quantize_row(x, xq, xs, m):  # type: ignore[no-untyped-def]  # x (M, K) -> xq (M, K) int8, xs (M,)
+    xs[m] = _quantize_into(x[m], xq[m])
 
 
 @numba.njit(parallel=True, fastmath=_EXACT, cache=CACHE, nogil=True)  # type: ignore[call-overload]
@@ -287,6 +291,10 @@ def warm_up() -> None:
         quantize(out, np.empty((1, 5), np.int8), ones[:1])
     for dequantize in (dequantize_acc, dequantize_acc_serial):
         dequantize(np.zeros((1, 5), np.int32), ones[:1], ones, ones, out)
+    for activate in (activate_quantize, activate_quantize_serial):
+        activate(
+            np.zeros((1, 5), np.int32), ones[:1], ones, ones, 0, np.empty((1, 5), np.int8), ones[:1].copy()
+        )
 
 
 # --- the fused decode step: one native call per block (decode_step.py drives it) -----------------
@@ -454,3 +462,33 @@ def block_step(  # type: ignore[no-untyped-def]
         _activate_row(f, r, act)
     _matmul(f, proj[0], proj[1], proj[2], a, parallel)
     x += a
+
+
+# The int8 MLP's middle (kernels.int8_mlp): c_fc's int32 sums -> bias, activation -> int8 for
+# c_proj, row by row in one pass (no float32 hidden matrix, no separate GELU and quantise
+# passes). The dequantisation contracts like ``dequantize_acc``; the rounding like the quantiser.
+_EPILOGUE = {"nnan", "ninf", "nsz", "reassoc", "contract"}
+
+
+@numba.njit(fastmath=_EPILOGUE, cache=CACHE, nogil=True, inline="always")  # type: ignore[call-overload]
+def _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m):  # type: ignore[no-untyped-def]
+    row = np.empty((1, acc.shape[1]), np.float32)
+    sm = xs[m]
+    for n in range(acc.shape[1]):
+        row[0, n] = np.float32(acc[m, n]) * sm * ws[n] + b[n]
+    _activate_row(row, 0, act)
+    hs[m] = _quantize_into(row[0], hq[m])
+
+
+@numba.njit(parallel=True, fastmath=_EPILOGUE, cache=CACHE, nogil=True)  # type: ignore[call-overload]
+def activate_quantize(acc, xs, ws, b, act, hq, hs):  # type: ignore[no-untyped-def]
+    """acc int32 (M, N), x scales xs (M,), weight scales ws (N,), bias b (N,) -> the activation
+    of the float32 result, rounded to int8 per row: hq (M, N), hs (M,)."""
+    for m in prange(acc.shape[0]):
+        _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m)
+
+
+@numba.njit(fastmath=_EPILOGUE, cache=CACHE, nogil=True)  # type: ignore[call-overload]
+def activate_quantize_serial(acc, xs, ws, b, act, hq, hs):  # type: ignore[no-untyped-def]
+    for m in range(acc.shape[0]):
+        _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m)
