@@ -370,7 +370,7 @@ complete -c gpt2 -n '__gpt2_at generate' -l dtype -x -d 'auto, float32, float16 
 complete -c gpt2 -n '__gpt2_at generate' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at generate' -l allow-pickle -d 'Allow pytorch_model.bin when a repo has no safetensors (loaded with weights_only=True).'
 complete -c gpt2 -n '__gpt2_at generate' -l quantize -x -d 'Weight quantization: int8 (per-row scales) or none.'
-complete -c gpt2 -n '__gpt2_at generate' -l compile -d 'Decode through a torch.compile\'d step: pays on CUDA (CUDA graphs); on CPU about eager speed, after a slow first step that compiles (docs/performance.md).'
+complete -c gpt2 -n '__gpt2_at generate' -l compile -d 'Decode through a torch.compile\'d step: pays on CUDA (CUDA graphs); on CPU slower than the default fused step, after a slow first step that compiles (docs/performance.md).'
 complete -c gpt2 -n '__gpt2_at generate' -l draft-model -x -d 'Speculative decoding: a smaller GPT-2 with the same vocabulary.'
 complete -c gpt2 -n '__gpt2_at generate' -l draft-tokens -x -d 'Tokens the draft model proposes per step.'
 complete -c gpt2 -n '__gpt2_at generate' -l jsonl -r -F -d 'Batch mode: one JSON document per line of this file (\'-\': stdin).'
@@ -504,7 +504,7 @@ complete -c gpt2 -n '__gpt2_at bench' -l seed -x -d 'Seed of the random prompt t
 complete -c gpt2 -n '__gpt2_at bench' -l offline -d 'Never touch the network; use the local cache only (or HF_HUB_OFFLINE=1).'
 complete -c gpt2 -n '__gpt2_at bench' -l draft-model -x -d 'Also decode speculatively with this draft model: acceptance rate, speed-up.'
 complete -c gpt2 -n '__gpt2_at bench' -l draft-tokens -x -d 'Tokens the draft model proposes per step.'
-complete -c gpt2 -n '__gpt2_at bench' -l compile -d 'Decode through a torch.compile\'d step: pays on CUDA (CUDA graphs); on CPU about eager speed, after a slow first step that compiles (docs/performance.md).'
+complete -c gpt2 -n '__gpt2_at bench' -l compile -d 'Decode through a torch.compile\'d step: pays on CUDA (CUDA graphs); on CPU slower than the default fused step, after a slow first step that compiles (docs/performance.md).'
 complete -c gpt2 -n '__gpt2_at bench' -l help -s h -d 'Show this message and exit.'
 
 # gpt2 completion

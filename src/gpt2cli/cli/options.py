@@ -191,8 +191,8 @@ Compile = Annotated[
     bool,
     typer.Option(
         "--compile",
-        help="Decode through a torch.compile'd step: pays on CUDA (CUDA graphs); on CPU about eager "
-        "speed, after a slow first step that compiles (docs/performance.md).",
+        help="Decode through a torch.compile'd step: pays on CUDA (CUDA graphs); on CPU slower than "
+        "the default fused step, after a slow first step that compiles (docs/performance.md).",
         rich_help_panel=PERFORMANCE_PANEL,
     ),
 ]
