@@ -402,6 +402,8 @@ def int8_mlp(x: torch.Tensor, fc: Any, proj: Any, activation: str) -> torch.Tens
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or x.dtype != torch.float32 or rows <= SMALL_BATCH or x.requires_grad:
         return None
+    if torch.compiler.is_compiling():  # numba is no graph op: the layers' own paths, one by one
+        return None
     if not (hasattr(fc, "qweight") and hasattr(proj, "qweight") and _can("int8") and is_enabled()):
         return None
     fc, proj = cast(Int8Layer, fc), cast(Int8Layer, proj)
