@@ -159,21 +159,15 @@ def nk() -> Any:
 
 
 def _kernel(name: str = "gemv") -> Callable[..., None]:
-    """The parallel numba kernel ``name`` or its serial twin, for the threads available now.
+    """The numba kernel ``name``: parallel where ``parallel_slot`` allows, else its serial twin.
 
     One parallel launch at a time (numba's workqueue layer, the fallback, aborts on concurrent
     launches): a second Python thread calling meanwhile runs the serial twin instead of waiting.
     """
-    serial = getattr(_nk, name + "_serial")
-    if kernel_threads() == 1 or not _launch.acquire(blocking=False):
-        return serial
-    parallel = getattr(_nk, name)
 
     def launch(*args: Any) -> None:
-        try:
-            parallel(*args)
-        finally:
-            _launch.release()
+        with parallel_slot() as parallel:
+            getattr(_nk, name if parallel else name + "_serial")(*args)
 
     return launch
 
@@ -304,6 +298,11 @@ def _ones(n: int) -> torch.Tensor:
     return torch.ones(n)
 
 
+def _bias(bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """The kernels' bias operand: float32, zeros where the layer has none."""
+    return bias.detach().float() if bias is not None else _zeros(n)
+
+
 _STORED_AS = {torch.float32: torch.float32, torch.bfloat16: torch.uint16, torch.float16: torch.int16}
 """How each weight dtype reaches numba: floats as they are, half precision as raw 16 bits."""
 
@@ -322,8 +321,7 @@ def gemv_operands(
         w, scale = weight.detach().contiguous().view(_STORED_AS[weight.dtype]), _ones(n)
     else:
         raise TypeError(f"no decode kernel for {weight.dtype} weights")
-    b = bias.detach().float() if bias is not None else _zeros(n)
-    return w.numpy(), scale.detach().numpy(), b.numpy()
+    return w.numpy(), scale.detach().numpy(), _bias(bias, n).numpy()
 
 
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -413,7 +411,7 @@ def int8_mlp(x: torch.Tensor, fc: Any, proj: Any, activation: str) -> torch.Tens
     xq, xs = quantize_rows_dynamic(x.reshape(rows, x.shape[-1]))
     acc = torch._int_mm(xq, fc.qweight.t())  # (rows, 4C) int32
     hq, hs = torch.empty(acc.shape, dtype=torch.int8), torch.empty(rows)
-    b = fc.bias.float() if fc.bias is not None else _zeros(acc.shape[1])
+    b = _bias(fc.bias, acc.shape[1])
     _kernel("activate_quantize")(
         acc.numpy(), xs.view(-1).numpy(), fc.scale.numpy(), b.numpy(), act, hq.numpy(), hs.numpy()
     )
@@ -425,7 +423,7 @@ def _int8_rescale(
     acc: torch.Tensor, xs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """int32 sums (M, N), row scales xs (M,) or (M, 1), weight scales (N,) -> float32 + bias."""
-    b = bias.float() if bias is not None else _zeros(acc.shape[1])
+    b = _bias(bias, acc.shape[1])
     if is_enabled():
         out = torch.empty(acc.shape)
         _kernel("dequantize_acc")(acc.numpy(), xs.view(-1).numpy(), scale.numpy(), b.numpy(), out.numpy())

@@ -337,8 +337,7 @@ def _tanh(u):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
-def _activate_row(f, r, act):  # type: ignore[no-untyped-def]  # f (B, inner) in place, row r
-    row = f[r]
+def _activate(row, act):  # type: ignore[no-untyped-def]  # one row (N,) in place
     if act == 0:  # tanh GELU (GPT-2's gelu_new)
         for j in range(row.shape[0]):
             v = row[j]
@@ -459,7 +458,7 @@ def block_step(  # type: ignore[no-untyped-def]
     f = np.empty((B, fc[0].shape[0]), np.float32)
     _matmul(h, fc[0], fc[1], fc[2], f, parallel)
     for r in range(B):
-        _activate_row(f, r, act)
+        _activate(f[r], act)
     _matmul(f, proj[0], proj[1], proj[2], a, parallel)
     x += a
 
@@ -472,12 +471,12 @@ _EPILOGUE = {"nnan", "ninf", "nsz", "reassoc", "contract"}
 
 @numba.njit(fastmath=_EPILOGUE, cache=CACHE, nogil=True, inline="always")  # type: ignore[call-overload]
 def _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m):  # type: ignore[no-untyped-def]
-    row = np.empty((1, acc.shape[1]), np.float32)
+    row = np.empty(acc.shape[1], np.float32)
     sm = xs[m]
     for n in range(acc.shape[1]):
-        row[0, n] = np.float32(acc[m, n]) * sm * ws[n] + b[n]
-    _activate_row(row, 0, act)
-    hs[m] = _quantize_into(row[0], hq[m])
+        row[n] = np.float32(acc[m, n]) * sm * ws[n] + b[n]
+    _activate(row, act)
+    hs[m] = _quantize_into(row, hq[m])
 
 
 @numba.njit(parallel=True, fastmath=_EPILOGUE, cache=CACHE, nogil=True)  # type: ignore[call-overload]
