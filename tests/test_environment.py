@@ -121,7 +121,7 @@ def test_latin1_locale_replaces_what_it_cannot_show(ckpt_h: Path, latin1_locale,
     [
         ({"GPT2_THREADS": "abc"}, ["GPT2_THREADS='abc'", "positive integer"]),
         ({"GPT2_THREADS": "0"}, ["GPT2_THREADS='0'"]),
-        ({"GPT2_KERNELS": "bogus"}, ["GPT2_KERNELS='bogus'", "torch"]),
+        ({"GPT2_KERNELS": "bogus"}, ["GPT2_KERNELS='bogus'", "torch", "unfused"]),
         ({"GPT2_DEVICE": "tpu"}, ["GPT2_DEVICE='tpu' in the environment", "unset GPT2_DEVICE"]),
     ],
 )
@@ -132,6 +132,18 @@ def test_bad_environment_values_are_refused(
         monkeypatch.setenv(key, value)
     result = run_inprocess(["generate", "-m", str(ckpt_h), "hi", "-n", "2"], capsys, monkeypatch)
     assert_one_line_error(result, 2, *needles)
+
+
+def test_every_kernel_choice_is_accepted(ckpt_h: Path, capsys, monkeypatch) -> None:
+    from gpt2cli.cli.options import KERNEL_CHOICES
+
+    assert "unfused" in KERNEL_CHOICES
+    for choice in KERNEL_CHOICES:
+        monkeypatch.setenv("GPT2_KERNELS", choice.upper())
+        result = run_inprocess(
+            ["generate", "-m", str(ckpt_h), "hi", "-n", "2", "-t", "0"], capsys, monkeypatch
+        )
+        assert result.code == 0, result.err
 
 
 def test_device_option_names_itself(ckpt_h: Path, capsys, monkeypatch) -> None:
