@@ -1,12 +1,18 @@
 """Every CPU matmul path of kernels.py against the float32 reference: the numba decode kernels
-(float32, bfloat16, float16, int8), the half-precision and int8 GEMMs for many rows, the
+(float32, bfloat16, float16; int8 on each instruction set), the half-precision and int8 GEMMs for many rows, the
 pure-torch fallbacks (kernels off, or a CPU without the instructions), the custom ops that
 carry the kernels into torch.compile graphs, and the int8 embedding lookup."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,9 +44,20 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         return call
 
-    monkeypatch.setattr(kernels._nk, "gemv", counted(kernels._nk.gemv))
-    monkeypatch.setattr(kernels._nk, "gemv_serial", counted(kernels._nk.gemv_serial))
+    for name in ("gemv", "gemv_serial", "gemv_i8", "gemv_i8_serial"):
+        monkeypatch.setattr(kernels._nk, name, counted(getattr(kernels._nk, name)))
     return calls
+
+
+def _int8_by_definition(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
+    """What an int8 layer computes on CPU, in plain torch: x rounded to int8 per row, the
+    products summed exactly (int64 here), rescaled by x's and the weight's scales, plus bias."""
+    xs = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+    xq = torch.round(x / xs).long()
+    y = (xq @ q.long().T).float().mul_(xs).mul_(scale)
+    return y.add_(b) if b is not None else y
 
 
 @needs_numba
@@ -71,16 +88,70 @@ def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) ->
 
 
 @needs_numba
-@pytest.mark.parametrize("rows", [1, 3, 7, 16])
-def test_gemv_int8_matches_dequantised_linear(spy, rows: int) -> None:
-    x, w, b = _data(64, 48, rows)
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 16])  # tiles of four rows of x and rows alone
+@pytest.mark.parametrize(("out_f", "in_f"), [(64, 48), (65, 200), (9, 3)])  # a tail in both dims
+def test_gemv_int8_is_the_int8_definition_bit_for_bit(spy, rows: int, out_f: int, in_f: int) -> None:
+    """The int8 decode GEMV: x rounded per row, exact int32 sums (VNNI here where the CPU has
+    it), the strict epilogue: the same bits as the definition in torch and as the many-row GEMM."""
+    x, w, b = _data(out_f, in_f, rows)
     q, scale = quantize_rows(w)
-    expected = F.linear(x, q.float() * scale[:, None], b)
-    torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        kernels.linear_int8(x, q, scale, None), F.linear(x, q.float() * scale[:, None]), atol=1e-5, rtol=1e-5
-    )
+    for bias in (b, None):
+        y = kernels.linear_int8(x, q, scale, bias)
+        torch.testing.assert_close(y, _int8_by_definition(x, q, scale, bias), atol=0, rtol=0)
+        many = kernels.linear_int8(x.repeat(20, 1), q, scale, bias)  # > 16 rows: the GEMM path
+        torch.testing.assert_close(many[:rows], y, atol=0, rtol=0)
     assert spy == ["int8", "int8"]
+    dequantised = F.linear(x, q.float() * scale[:, None], b)
+    assert ((y - F.linear(x, q.float() * scale[:, None])).norm() / dequantised.norm()) < 0.02
+
+
+_TIERS = {  # tier: (numba's target CPU, its features, what the host must have to run it)
+    "vnni256": ("alderlake", "+avx2,+avxvnni,+fma,+f16c,+popcnt", "avxvnni"),
+    "avx2": ("haswell", "+avx2,+fma,+f16c,+popcnt", "avx2"),
+    "generic": ("x86-64", "+sse2", "sse2"),
+}
+_TIER_SCRIPT = """
+import sys, numpy as np
+from gpt2cli import numba_kernels as nk
+assert nk.DOT_TIER == sys.argv[1], nk.DOT_TIER
+data = np.load(sys.argv[2])
+for name in ("gemv_i8", "gemv_i8_serial"):
+    out = np.empty((data["x"].shape[0], data["w"].shape[0]), np.float32)
+    getattr(nk, name)(data["x"], data["w"], data["scale"], data["b"], data["sums"], out)
+    np.save(sys.argv[3] + name + ".npy", out)
+"""
+
+
+@needs_numba
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("tier", list(_TIERS))
+def test_every_int8_instruction_set_gives_the_same_bits(tier: str, tmp_path: Path) -> None:
+    """numba compiled for an older x86 CPU (its instruction set for the int8 dot products) gives
+    the same bits as this CPU's own tier: the sums are exact whichever instructions made them."""
+    from gpt2cli import numba_kernels as nk
+
+    cpu, features, needs = _TIERS[tier]
+    if needs not in nk._target_features():
+        pytest.skip(f"this CPU has no {needs}")
+    x, w, b = _data(133, 200, 6)  # 33 blocks of four rows and one alone; 200 = chunks and a tail
+    q, scale = quantize_rows(w)
+    sums = q.sum(dim=1, dtype=torch.int32).numpy()
+    np.savez(tmp_path / "data.npz", x=x.numpy(), w=q.numpy(), scale=scale.numpy(), b=b.numpy(), sums=sums)
+    env = {
+        **os.environ,
+        "NUMBA_CPU_NAME": cpu,
+        "NUMBA_CPU_FEATURES": features,
+        "NUMBA_CACHE_DIR": str(tmp_path),
+    }
+    args = [sys.executable, "-c", _TIER_SCRIPT, tier, str(tmp_path / "data.npz"), str(tmp_path / "out_")]
+    subprocess.run(args, env=env, check=True, timeout=600)
+    here = torch.empty(6, 133)
+    nk.gemv_i8(x.numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, here.numpy())
+    torch.testing.assert_close(here, _int8_by_definition(x, q, scale, b), atol=0, rtol=0)
+    for name in ("gemv_i8", "gemv_i8_serial"):
+        torch.testing.assert_close(
+            torch.from_numpy(np.load(tmp_path / f"out_{name}.npy")), here, atol=0, rtol=0
+        )
 
 
 @needs_numba
@@ -94,7 +165,6 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
         "f32": (w.numpy(), ones),
         "bf16": (w.to(torch.bfloat16).view(torch.uint16).numpy(), ones),
         "f16": (w.to(torch.float16).view(torch.int16).numpy(), ones),
-        "i8": (q.numpy(), scale.numpy()),
     }
     for kind, (weights, sc) in cases.items():
         outs = []
@@ -103,9 +173,15 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
             kernel(x.numpy(), weights, sc, b.numpy(), out.numpy())
             outs.append(out)
         assert torch.equal(outs[0], outs[1]), kind
+    sums = q.sum(dim=1, dtype=torch.int32).numpy()
+    outs = []
+    for kernel in (nk.gemv_i8, nk.gemv_i8_serial):
+        out = torch.empty(7, 333)
+        kernel(x.numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, out.numpy())
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]), "i8"
 
 
-@pytest.mark.skipif("int8" not in kernels._capabilities(), reason="no int8 GEMM instructions here")
 def test_int8_gemm_is_exact_on_row_quantised_activations() -> None:
     x, w, b = _data(50, 96, 40)  # 40 rows > SMALL_BATCH: the GEMM path
     q, scale = quantize_rows(w)
@@ -120,7 +196,6 @@ def test_int8_gemm_is_exact_on_row_quantised_activations() -> None:
 
 
 @needs_numba
-@pytest.mark.skipif("int8" not in kernels._capabilities(), reason="no int8 GEMM instructions here")
 @pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu", "silu"])
 def test_int8_mlp_equals_its_two_layers(act: str) -> None:
     """The fused int8 MLP (bias, activation and re-quantisation in one pass) against the two
@@ -156,15 +231,17 @@ def test_half_gemm_close_to_float32(dtype: torch.dtype) -> None:
 
 
 def test_without_cpu_support_every_path_is_the_torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An AVX2-only CPU (no bf16/f16 GEMM, no VNNI): weights converted or dequantised per call."""
+    """An AVX2-only CPU (no bf16/f16 GEMM): half weights converted per call; int8 is the same
+    arithmetic on every CPU."""
     monkeypatch.setattr(kernels, "_capabilities", lambda: frozenset())
     x, w, b = _data(70, 96, 33)
     for dtype in HALF:
         wh = w.to(dtype)
         torch.testing.assert_close(kernels.linear(x, wh, b), F.linear(x, wh.float(), b), atol=1e-6, rtol=1e-6)
     q, scale = quantize_rows(w)
-    expected = F.linear(x, q.float() * scale[:, None], b)
-    torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        kernels.linear_int8(x, q, scale, b), _int8_by_definition(x, q, scale, b), atol=0, rtol=0
+    )
 
 
 def test_kernels_off_is_the_torch_reference() -> None:
@@ -176,7 +253,7 @@ def test_kernels_off_is_the_torch_reference() -> None:
         assert not kernels.is_enabled()
         for x in (x1, x40):
             torch.testing.assert_close(kernels.linear(x, w, b), F.linear(x, w, b), atol=0, rtol=0)
-            expected = F.linear(x, q.float() * scale[:, None], b)
+            expected = _int8_by_definition(x, q, scale, b)
             torch.testing.assert_close(kernels.linear_int8(x, q, scale, b), expected, atol=0, rtol=0)
         torch.testing.assert_close(kernels.linear(x40, w.half(), b), F.linear(x40, w.half().float(), b))
     finally:

@@ -5,7 +5,7 @@ short and the ~15 small torch ops around them per block (LayerNorm, views, the c
 SDPA, GELU, residual adds) plus four Python-level kernel calls cost as much as the matmuls in
 bf16 and int8. ``GPT2.body`` hands its blocks to ``run_blocks`` when ``usable`` says the
 forward is such a step; each block is then one ``numba_kernels.block_step`` call doing all of
-it (the matmuls through the same ``gemv`` kernels as the unfused path). The embeddings,
+it (the matmuls through the same ``gemv`` / ``gemv_i8`` kernels as the unfused path). The embeddings,
 the final LayerNorm and the lm_head stay as they are.
 
 Used only where nothing would notice: CPU, float32 activations and cache, no hooks, no
@@ -157,8 +157,8 @@ def _norm(ln: nn.LayerNorm) -> tuple[Any, Any]:
     return ln.weight.detach().numpy(), ln.bias.detach().numpy()
 
 
-def _linear(layer: Linear | QLinear) -> tuple[Any, Any, Any]:
-    """(weight as the kernel reads it, per-row scale, bias) of a ``Linear`` or an int8 ``QLinear``."""
+def _linear(layer: Linear | QLinear) -> tuple[Any, Any, Any, Any]:
+    """(weight as the kernel reads it, per-row scale, bias, row sums) of a ``Linear`` or a ``QLinear``."""
     if hasattr(layer, "qweight"):
         q = cast("QLinear", layer)
         return kernels.gemv_operands(q.qweight, q.scale, q.bias)

@@ -9,12 +9,15 @@ float32 (..., in) and a weight (out, in) on CPU:
 | float32 | numba ``gemv`` | ``F.linear`` (BLAS GEMM) |
 | bfloat16 | numba ``gemv`` (bits widened) | bf16 GEMM (oneDNN: AVX512-BF16/AMX), x rounded to bf16 |
 | float16 | numba ``gemv`` (bits widened) | f16 GEMM (oneDNN: AVX512-FP16/AMX-FP16), x rounded to f16 |
-| int8, per-row scale | numba ``gemv`` (x stays float32) | ``torch._int_mm`` (VNNI/AMX), x int8 per row |
+| int8, per-row scale | numba ``gemv_i8`` (VNNI where the CPU has it) | ``torch._int_mm`` (oneDNN: VNNI/AMX) |
 
-Where the CPU lacks the instructions (an AVX2-only CPU: no bf16/f16 GEMM, no VNNI), or numba is
-not installed, or ``GPT2_KERNELS=torch``, each path falls back to pure torch: half weights are
-converted to float32 for the call, int8 weights dequantised. ``set_enabled(False)`` turns every
-fast path off (the reference the tests compare with). CUDA and autograd use ``F.linear``.
+int8 layers round x to int8 per row on every CPU path and sum the int8 products exactly, so
+decode, prefill and the reference give the same numbers bit for bit. Where the CPU lacks the
+half-precision instructions (an AVX2-only CPU), or numba is not installed, or
+``GPT2_KERNELS=torch``, paths fall back to torch: half weights are converted to float32 for the
+call, int8 goes through ``torch._int_mm`` with torch's own rounding and rescaling.
+``set_enabled(False)`` turns every fast path off (the reference the tests compare with). CUDA
+and autograd use ``F.linear`` (int8 weights dequantised).
 
 The kernels are compiled once per process and cached on disk in the first writable one of
 ``NUMBA_CACHE_DIR`` and ``$XDG_CACHE_HOME/gpt2cli/numba`` (``~/.cache/...``); with neither
@@ -41,9 +44,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.library import custom_op
+from torch.utils.weak import WeakIdKeyDictionary
 
 from gpt2cli.cpuload import LoadWatch
 
@@ -198,20 +203,8 @@ def warm_up() -> None:
 
 
 @functools.cache
-def cpu_features() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.cache
 def _capabilities() -> frozenset[str]:
-    """The fast GEMM paths this CPU and this torch build offer: bf16, f16, int8."""
+    """The half-precision GEMM paths this CPU and this torch build offer: bf16, f16."""
     caps = set()
     mkldnn = getattr(torch.ops, "mkldnn", None)
     try:
@@ -221,9 +214,6 @@ def _capabilities() -> frozenset[str]:
             caps.add("f16")
     except (AttributeError, RuntimeError):
         pass
-    # int8 x int8 GEMM pays off where the CPU multiplies int8 pairs natively (VNNI, AMX)
-    if cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-        caps.add("int8")
     return frozenset(caps)
 
 
@@ -259,7 +249,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_int8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``x @ (qweight * scale[:, None]).T + bias`` for int8 qweight (out, in), float32 scale (out,)."""
+    """``x @ (qweight * scale[:, None]).T + bias`` for int8 qweight (out, in), float32 scale (out,).
+
+    On CPU x is rounded to int8 per row and the int8 products summed exactly (``int8_gemm``'s
+    arithmetic on every path); CUDA and half activations dequantise the weight instead.
+    """
     rows = x.numel() // x.shape[-1]
     out_shape = (*x.shape[:-1], qweight.shape[0])
     if x.device.type == "cpu" and x.dtype == torch.float32:
@@ -268,9 +262,7 @@ def linear_int8(
             if torch.compiler.is_compiling():
                 return torch.ops.gpt2cli.gemv_int8(x2, qweight, scale, bias).view(out_shape)
             return _gemv_int8(x2, qweight, scale, bias).view(out_shape)
-        if rows > SMALL_BATCH and _can("int8"):
-            return int8_gemm(x2, qweight, scale, bias).view(out_shape)
-    # Reference path (and CUDA): dequantise for this call.
+        return int8_gemm(x2, qweight, scale, bias).view(out_shape)
     w = qweight.to(x.dtype) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 
@@ -309,36 +301,55 @@ _STORED_AS = {torch.float32: torch.float32, torch.bfloat16: torch.uint16, torch.
 
 def gemv_operands(
     weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None
-) -> tuple[Any, Any, Any]:
-    """(weight, per-row scale, bias) as numpy arrays the ``gemv`` kernels read.
+) -> tuple[Any, Any, Any, Any]:
+    """(weight, per-row scale, bias, row sums) as numpy arrays the decode kernels read.
 
-    weight (out, in): float32, bfloat16 or float16 (scale None: ones), or int8 with its scales.
+    weight (out, in): float32, bfloat16 or float16 (scale None: ones; no row sums), or int8
+    with its scales (``gemv_i8``; row sums int32 (out,)).
     """
     n = weight.shape[0]
     if weight.dtype == torch.int8 and scale is not None:
-        w = weight.detach().contiguous()
+        w, sums = weight.detach().contiguous(), _row_sums(weight)
     elif weight.dtype in _STORED_AS and scale is None:
-        w, scale = weight.detach().contiguous().view(_STORED_AS[weight.dtype]), _ones(n)
+        w, scale, sums = weight.detach().contiguous().view(_STORED_AS[weight.dtype]), _ones(n), _NO_SUMS
     else:
         raise TypeError(f"no decode kernel for {weight.dtype} weights")
-    return w.numpy(), scale.detach().numpy(), _bias(bias, n).numpy()
+    return w.numpy(), scale.detach().numpy(), _bias(bias, n).numpy(), sums
+
+
+_NO_SUMS = np.zeros(0, np.int32)
+_sums = WeakIdKeyDictionary()
+"""Per int8 weight: (its address, its version, its row sums): a pass over the weight, done once."""
+
+
+def _row_sums(qweight: torch.Tensor) -> Any:
+    """sum(qweight[o, :]) for each row o, int32 (out,); recomputed if the weight changed."""
+    key = (qweight.data_ptr(), qweight._version)
+    kept = _sums.get(qweight)
+    if kept is not None and kept[:2] == key:
+        return kept[2]
+    sums = qweight.detach().sum(dim=1, dtype=torch.int32).numpy()
+    _sums[qweight] = (*key, sums)
+    return sums
 
 
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 float32 (B, in), weight float32/bfloat16/float16 (out, in) -> float32 (B, out)."""
-    return _run(x2, gemv_operands(weight, None, bias))
+    return _run(x2, "gemv", gemv_operands(weight, None, bias))
 
 
 def _gemv_int8(
     x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x2 float32 (B, in), int8 qweight (out, in), scale (out,) -> float32 (B, out)."""
-    return _run(x2, gemv_operands(qweight, scale, bias))
+    """x2 float32 (B, in), int8 qweight (out, in), scale (out,) -> float32 (B, out), as ``int8_gemm``."""
+    return _run(x2, "gemv_i8", gemv_operands(qweight, scale, bias))
 
 
-def _run(x2: torch.Tensor, operands: tuple[Any, Any, Any]) -> torch.Tensor:
+def _run(x2: torch.Tensor, kernel: str, operands: tuple[Any, Any, Any, Any]) -> torch.Tensor:
     out = torch.empty(x2.shape[0], operands[0].shape[0])
-    _kernel()(x2.contiguous().numpy(), *operands, out.numpy())
+    w, scale, b, sums = operands
+    args = (w, scale, b, sums) if kernel == "gemv_i8" else (w, scale, b)
+    _kernel(kernel)(x2.contiguous().numpy(), *args, out.numpy())
     return out
 
 
@@ -402,7 +413,7 @@ def int8_mlp(x: torch.Tensor, fc: Any, proj: Any, activation: str) -> torch.Tens
         return None
     if torch.compiler.is_compiling():  # numba is no graph op: the layers' own paths, one by one
         return None
-    if not (hasattr(fc, "qweight") and hasattr(proj, "qweight") and _can("int8") and is_enabled()):
+    if not (hasattr(fc, "qweight") and hasattr(proj, "qweight") and is_enabled()):
         return None
     fc, proj = cast(Int8Layer, fc), cast(Int8Layer, proj)
     act = _nk.ACTIVATIONS.get(activation)
@@ -428,7 +439,7 @@ def _int8_rescale(
         out = torch.empty(acc.shape)
         _kernel("dequantize_acc")(acc.numpy(), xs.view(-1).numpy(), scale.numpy(), b.numpy(), out.numpy())
         return out
-    return acc.float().mul_(scale).mul_(xs.view(-1, 1)).add_(b)
+    return acc.float().mul_(xs.view(-1, 1)).mul_(scale).add_(b)  # the order numba's epilogue keeps
 
 
 # --- custom ops: the numba kernels inside torch.compile graphs -----------------------------------

@@ -13,10 +13,12 @@ little more than one. ``fastmath`` lets LLVM vectorise the reduction (reassociat
 result differs from BLAS by rounding only (~1e-6 relative). The order of the sum does not
 depend on the number of threads, so the output is bit-identical for 1, 2 or N threads.
 
-One kernel serves every storage type: ``widen`` is compiled per weight element type.
+``gemv`` serves the float storage types: ``widen`` is compiled per weight element type.
 Half-precision weights arrive as their raw 16 bits (bfloat16 as uint16, float16 as int16):
 bfloat16 -> float32 is a 16-bit shift, float16 -> float32 one ``vcvtph2ps`` (F16C, on every
-AVX2 CPU), so both vectorise like the float32 kernel while reading half the bytes.
+AVX2 CPU), so both vectorise like the float32 kernel while reading half the bytes. int8
+weights go to ``gemv_i8``: x rounded to int8 per row, int8 x int8 products summed exactly
+(``vpdpbusd`` where the CPU has VNNI), the int8 GEMM's numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ if _CACHE_DIR is not None:
     numba.config.CACHE_DIR = str(_CACHE_DIR)  # type: ignore[attr-defined]  # read at decoration
 CACHE = _CACHE_DIR is not None
 """Compiled kernels are kept on disk where a cache directory is writable, else compiled in memory."""
+# Every kernel takes error_model="numpy": numba's default (Python's) tests each float division
+# for zero to raise ZeroDivisionError, and that branch keeps a loop with a division scalar (the
+# GELU's rational tanh, the int8 quantiser: ~9x slower). Our divisors are never zero.
 
 
 @intrinsic
@@ -116,8 +121,6 @@ def widen(v):  # type: ignore[no-untyped-def]
 def _widen(v):  # type: ignore[no-untyped-def]
     if v == types.float32:
         return lambda v: v
-    if v == types.int8:
-        return lambda v: np.float32(v)
     if v == types.uint16:  # bfloat16 bits
         return lambda v: bf16_bits_to_f32(v)  # type: ignore[call-arg]
     if v == types.int16:  # float16 bits
@@ -133,7 +136,7 @@ def _widen(v):  # type: ignore[no-untyped-def]
 # sizes may differ in the last bit (~3e-7 relative), never between thread counts. ``gemv``
 # splits the blocks between numba's threads, ``gemv_serial`` runs them in the calling thread
 # (no thread pool: what a busy machine needs). Both inline the same block code: bit-identical sums.
-_INLINE = {"fastmath": True, "cache": CACHE, "nogil": True, "inline": "always"}
+_INLINE = {"fastmath": True, "cache": CACHE, "nogil": True, "error_model": "numpy", "inline": "always"}
 
 
 @numba.njit(**_INLINE)  # type: ignore[call-overload]
@@ -193,7 +196,7 @@ def _row(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # the last ou
         out[r, o] = acc * scale[o] + b[o]
 
 
-@numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
+@numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def gemv(x, w, scale, b, out):  # type: ignore[no-untyped-def]
     n4 = w.shape[0] // 4
     for t in prange(n4):
@@ -202,7 +205,7 @@ def gemv(x, w, scale, b, out):  # type: ignore[no-untyped-def]
         _row(x, w, scale, b, out, o)
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True)
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def gemv_serial(x, w, scale, b, out):  # type: ignore[no-untyped-def]
     n4 = w.shape[0] // 4
     for t in range(n4):
@@ -211,7 +214,7 @@ def gemv_serial(x, w, scale, b, out):  # type: ignore[no-untyped-def]
         _row(x, w, scale, b, out, o)
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True)
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def embed_i8(ids, w, scale, out):  # type: ignore[no-untyped-def]  # ids (n,), w int8 (V, C) -> out (n, C)
     for t in range(ids.shape[0]):
         row = w[ids[t]]
@@ -223,9 +226,12 @@ def embed_i8(ids, w, scale, out):  # type: ignore[no-untyped-def]  # ids (n,), w
 # The int8 GEMM's prologue and epilogue (kernels.int8_gemm), row by row, parallel and serial.
 # No "arcp" in the quantisation (x / s as x * (1 / s)): its values equal torch's round(x / s).
 _EXACT = {"nnan", "ninf", "nsz", "reassoc"}
+# The int8 epilogue: no reassociation or contraction, so (sum * x scale) * w scale + bias rounds
+# the same in ``dequantize_acc``, in ``gemv_i8`` and in torch's reference ops: bit-identical results.
+_STRICT = {"nnan", "ninf", "nsz"}
 
 
-@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, inline="always")  # type: ignore[call-overload]
+@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
 def _quantize_into(xr, qr):  # type: ignore[no-untyped-def]  # one row (K,) -> int8 qr (K,); returns its scale
     peak = np.float32(0.0)
     for k in range(xr.shape[0]):
@@ -236,46 +242,267 @@ def _quantize_into(xr, qr):  # type: ignore[no-untyped-def]  # one row (K,) -> i
     return s
 
 
-@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, inline="always")  # type: ignore[call-overload]
+@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
 def _quantize_row(x, xq, xs, m):  # type: ignore[no-untyped-def]  # x (M, K) -> xq (M, K) int8, xs (M,)
     xs[m] = _quantize_into(x[m], xq[m])
 
 
-@numba.njit(parallel=True, fastmath=_EXACT, cache=CACHE, nogil=True)  # type: ignore[call-overload]
+@numba.njit(parallel=True, fastmath=_EXACT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def quantize_rows_i8(x, xq, xs):  # type: ignore[no-untyped-def]
     """Symmetric per-row int8: xs[m] = max|x[m]| / 127, xq = round(x / xs) (half to even)."""
     for m in prange(x.shape[0]):
         _quantize_row(x, xq, xs, m)
 
 
-@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True)  # type: ignore[call-overload]
+@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def quantize_rows_i8_serial(x, xq, xs):  # type: ignore[no-untyped-def]
     for m in range(x.shape[0]):
         _quantize_row(x, xq, xs, m)
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+@numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
 def _dequantize_row(acc, xs, ws, b, out, m):  # type: ignore[no-untyped-def]  # int32 (M, N) -> float32
     sm = xs[m]
     for n in range(acc.shape[1]):
         out[m, n] = np.float32(acc[m, n]) * sm * ws[n] + b[n]
 
 
-@numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
+@numba.njit(parallel=True, fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def dequantize_acc(acc, xs, ws, b, out):  # type: ignore[no-untyped-def]
     """out[m, n] = acc[m, n] * xs[m] * ws[n] + b[n]: the int8 GEMM's epilogue in one pass."""
     for m in prange(acc.shape[0]):
         _dequantize_row(acc, xs, ws, b, out, m)
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True)
+@numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def dequantize_acc_serial(acc, xs, ws, b, out):  # type: ignore[no-untyped-def]
     for m in range(acc.shape[0]):
         _dequantize_row(acc, xs, ws, b, out, m)
 
 
-WEIGHT_TYPES = (np.float32, np.uint16, np.int16, np.int8)
-"""Stored weight element types: float32, bfloat16 bits, float16 bits, int8."""
+# --- int8 x int8 dot products: the int8 decode GEMV ----------------------------------------------
+#
+# int8 layers multiply int8 activations (x rounded per row, as the int8 GEMM of prefill does)
+# by int8 weights with exact int32 sums, so a row's result is the same whatever path, tile,
+# batch or thread count computed it. The inner loop is one LLVM intrinsic written per
+# instruction set numba compiles for (its target features, part of numba's cache key):
+#   vnni512  AVX512-VNNI ``vpdpbusd`` zmm: 64 u8 x s8 products per instruction
+#   vnni256  AVX-VNNI (or AVX512-VNNI+VL without AVX512BW) ``vpdpbusd`` ymm: 32
+#   avx2     ``vpmaddwd`` on sign-extended int16: 16
+#   generic  plain vector IR (sext to i32, mul, add) that any LLVM target lowers
+# ``vpdpbusd`` takes one operand unsigned: x goes in as x + 128 (its sign bit flipped) and
+# 128 * sum(w[o]) (``wsum``, computed once per weight) is taken off the sum afterwards.
+
+
+def _target_features() -> frozenset[str]:
+    """The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
+    import llvmlite.binding as llvm
+
+    spec = numba.config.CPU_FEATURES  # type: ignore[attr-defined]
+    if spec is None:
+        spec = llvm.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in spec.split(",") if f.startswith("+"))
+
+
+def _dot_tier(features: frozenset[str]) -> str:
+    if {"avx512vnni", "avx512bw"} <= features:
+        return "vnni512"
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
+        return "vnni256"
+    if "avx2" in features:
+        return "avx2"
+    return "generic"
+
+
+DOT_TIER = _dot_tier(_target_features())
+"""How the int8 dot products are computed on this CPU (see above)."""
+CHUNK = {"vnni512": 64, "vnni256": 32, "avx2": 32, "generic": 16}[DOT_TIER]
+"""Bytes of a row the intrinsic takes per iteration; the last ``in % CHUNK`` go one by one."""
+OFFSET = 128 if DOT_TIER.startswith("vnni") else 0
+"""What the intrinsic adds to each x value (vpdpbusd's unsigned operand)."""
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+
+def _row_pointer(context: Any, builder: Any, aryty: Any, value: Any, row: Any) -> Any:
+    """An i8* to ``value[row, 0]`` (a C-contiguous 2-D int8 array)."""
+    ary = context.make_array(aryty)(context, builder, value)
+    row = builder.sext(row, _I64) if row.type.width < 64 else row
+    ptr = cgutils.get_item_pointer(
+        context, builder, aryty, ary, [row, ir.Constant(_I64, 0)], wraparound=False
+    )
+    return builder.bitcast(ptr, _I8.as_pointer())
+
+
+def _load(builder: Any, ptr: Any, offset: Any, lanes: int) -> Any:
+    return builder.load(
+        builder.bitcast(builder.gep(ptr, [offset]), ir.VectorType(_I8, lanes).as_pointer()), align=1
+    )
+
+
+def _halves(builder: Any, v: Any, parts: int) -> list[Any]:
+    """v (<n x i8>) split into ``parts`` equal vectors."""
+    n = v.type.count // parts
+    return [
+        builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(p * n, p * n + n))))
+        for p in range(parts)
+    ]
+
+
+def _chunk_dots(builder: Any, xs: list[Any], ws: list[Any], accs: list[Any], tier: str) -> None:
+    """accs[j * 4 + k] += the products of chunk xs[j] (x row j) and ws[k] (weight row k)."""
+    module = builder.module
+    if tier.startswith("vnni"):
+        lanes = CHUNK // 4
+        vec = ir.VectorType(_I32, lanes)
+        name = f"llvm.x86.avx512.vpdpbusd.{CHUNK * 8}"
+        fn = cgutils.get_or_insert_function(module, ir.FunctionType(vec, [vec, vec, vec]), name)
+        flip = ir.Constant(ir.VectorType(_I8, CHUNK), [-128] * CHUNK)
+        xu = [builder.bitcast(builder.xor(x, flip), vec) for x in xs]
+        wv = [builder.bitcast(w, vec) for w in ws]
+        for j, x in enumerate(xu):
+            for k, w in enumerate(wv):
+                a = accs[4 * j + k]
+                builder.store(builder.call(fn, [builder.load(a), x, w]), a)
+        return
+    if tier == "avx2":  # 16 int16 pairs -> 8 int32 per vpmaddwd
+        v16, v8 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+        fn = cgutils.get_or_insert_function(module, ir.FunctionType(v8, [v16, v16]), "llvm.x86.avx2.pmadd.wd")
+        xh = [[builder.sext(h, v16) for h in _halves(builder, x, 2)] for x in xs]
+        wh = [[builder.sext(h, v16) for h in _halves(builder, w, 2)] for w in ws]
+        for j in range(len(xs)):
+            for k in range(len(ws)):
+                a = accs[4 * j + k]
+                total = builder.load(a)
+                for p in range(2):
+                    total = builder.add(total, builder.call(fn, [xh[j][p], wh[k][p]]))
+                builder.store(total, a)
+        return
+    v32 = ir.VectorType(_I32, CHUNK)
+    xw = [builder.sext(x, v32) for x in xs]
+    ww = [builder.sext(w, v32) for w in ws]
+    for j in range(len(xs)):
+        for k in range(len(ws)):
+            a = accs[4 * j + k]
+            builder.store(builder.add(builder.load(a), builder.mul(xw[j], ww[k])), a)
+
+
+def _make_dots(rows: int) -> Any:
+    """An intrinsic: the int32 dot products of x rows r..r+rows-1 with w rows o..o+3 over their
+    first ``chunks * CHUNK`` values (x values plus OFFSET), as a tuple (x row major)."""
+
+    @intrinsic
+    def dots(typingctx: Any, x: Any, r: Any, w: Any, o: Any, chunks: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            x_ty, _, w_ty, _, _ = signature.args
+            x_val, r_val, w_val, o_val, n_val = args
+            xp = [
+                _row_pointer(context, builder, x_ty, x_val, builder.add(r_val, ir.Constant(r_val.type, j)))
+                for j in range(rows)
+            ]
+            wp = [
+                _row_pointer(context, builder, w_ty, w_val, builder.add(o_val, ir.Constant(o_val.type, k)))
+                for k in range(4)
+            ]
+            lanes = {"vnni512": 16, "vnni256": 8, "avx2": 8, "generic": CHUNK}[DOT_TIER]
+            vec = ir.VectorType(_I32, lanes)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(4 * rows)]
+            with cgutils.for_range(builder, n_val) as loop:
+                offset = builder.mul(loop.index, ir.Constant(loop.index.type, CHUNK))
+                xs = [_load(builder, p, offset, CHUNK) for p in xp]
+                ws = [_load(builder, p, offset, CHUNK) for p in wp]
+                _chunk_dots(builder, xs, ws, accs, DOT_TIER)
+            reduce = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_I32, [vec]), f"llvm.vector.reduce.add.v{lanes}i32"
+            )
+            sums = [builder.call(reduce, [builder.load(a)]) for a in accs]
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return types.UniTuple(types.int32, 4 * rows)(x, r, w, o, chunks), codegen
+
+    return dots
+
+
+_dots_1x4 = _make_dots(1)
+_dots_4x4 = _make_dots(4)
+
+
+@numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
+def _tail(xq, r, w, o, start):  # type: ignore[no-untyped-def]  # sum over the last in % CHUNK values
+    total = 0
+    for i in range(start, xq.shape[1]):
+        total += (np.int32(xq[r, i]) + OFFSET) * np.int32(w[o, i])
+    return total
+
+
+@numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
+def _block_i8(xq, xs, w, scale, b, wsum, out, o, tail):  # type: ignore[no-untyped-def]  # rows o..o+3 of w
+    prefetch_block(w, o + 4 * PREFETCH_BLOCKS)
+    chunks = xq.shape[1] // CHUNK
+    start = chunks * CHUNK
+    tiled = xq.shape[0] // 4 * 4
+    for r in range(0, tiled, 4):
+        s = _dots_4x4(xq, r, w, o, chunks)  # type: ignore[call-arg]
+        for j in range(4):
+            for k in range(4):
+                acc = s[4 * j + k] - OFFSET * wsum[o + k]
+                if tail:
+                    acc += _tail(xq, r + j, w, o + k, start)
+                out[r + j, o + k] = np.float32(acc) * xs[r + j] * scale[o + k] + b[o + k]
+    for r in range(tiled, xq.shape[0]):
+        s1 = _dots_1x4(xq, r, w, o, chunks)  # type: ignore[call-arg]
+        for k in range(4):
+            acc = s1[k] - OFFSET * wsum[o + k]
+            if tail:
+                acc += _tail(xq, r, w, o + k, start)
+            out[r, o + k] = np.float32(acc) * xs[r] * scale[o + k] + b[o + k]
+
+
+@numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
+def _row_i8(xq, xs, w, scale, b, wsum, out, o):  # type: ignore[no-untyped-def]  # the last out % 4 rows
+    for r in range(xq.shape[0]):
+        acc = _tail(xq, r, w, o, 0) - OFFSET * wsum[o]
+        out[r, o] = np.float32(acc) * xs[r] * scale[o] + b[o]
+
+
+@numba.njit(parallel=True, fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
+def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
+    """out = (x rounded to int8 per row) @ w.T, rescaled, + b; x float32 (B, in), w int8 (out, in),
+    wsum int32 (out,) = w's row sums. The same numbers as ``int8_gemm`` (quantise, exact sums, rescale)."""
+    xq = np.empty(x.shape, np.int8)
+    xs = np.empty(x.shape[0], np.float32)
+    quantize_rows_i8_serial(x, xq, xs)
+    n4 = w.shape[0] // 4
+    # The tail's loop is compiled only where in % CHUNK > 0 (GPT-2's widths are multiples of
+    # 64): its mere presence beside the intrinsic halves the block's speed.
+    if x.shape[1] % CHUNK == 0:
+        for t in prange(n4):
+            _block_i8(xq, xs, w, scale, b, wsum, out, 4 * t, False)
+    else:
+        for t in prange(n4):
+            _block_i8(xq, xs, w, scale, b, wsum, out, 4 * t, True)
+    for o in range(4 * n4, w.shape[0]):
+        _row_i8(xq, xs, w, scale, b, wsum, out, o)
+
+
+@numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
+def gemv_i8_serial(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
+    xq = np.empty(x.shape, np.int8)
+    xs = np.empty(x.shape[0], np.float32)
+    quantize_rows_i8_serial(x, xq, xs)
+    n4 = w.shape[0] // 4
+    if x.shape[1] % CHUNK == 0:
+        for t in range(n4):
+            _block_i8(xq, xs, w, scale, b, wsum, out, 4 * t, False)
+    else:
+        for t in range(n4):
+            _block_i8(xq, xs, w, scale, b, wsum, out, 4 * t, True)
+    for o in range(4 * n4, w.shape[0]):
+        _row_i8(xq, xs, w, scale, b, wsum, out, o)
+
+
+WEIGHT_TYPES = (np.float32, np.uint16, np.int16)
+"""The float weights' stored element types (``gemv``): float32, bfloat16 bits, float16 bits."""
 
 
 def warm_up() -> None:
@@ -286,6 +513,8 @@ def warm_up() -> None:
     for dtype in WEIGHT_TYPES:
         for kernel in (gemv, gemv_serial):
             kernel(x, np.zeros((5, 8), dtype), ones, ones, out)
+    for int8_kernel in (gemv_i8, gemv_i8_serial):
+        int8_kernel(x, np.zeros((5, 8), np.int8), ones, ones, np.zeros(5, np.int32), out)
     embed_i8(np.zeros(1, np.int64), np.zeros((4, 5), np.int8), ones, out)
     for quantize in (quantize_rows_i8, quantize_rows_i8_serial):
         quantize(out, np.empty((1, 5), np.int8), ones[:1])
@@ -318,7 +547,7 @@ ACTIVATIONS = {
 """The activations ``block_step`` computes, by the code it takes (config.SUPPORTED_ACTIVATIONS)."""
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy", inline="always")
 def _tanh(u):  # type: ignore[no-untyped-def]
     # Eigen's float tanh (a 13/6 rational function, within a few ulp; torch's Sleef tanh is
     # 1 ulp): unlike libm's tanhf it vectorises, and GELU takes one per hidden unit.
@@ -336,7 +565,7 @@ def _tanh(u):  # type: ignore[no-untyped-def]
     return u * p / q
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy", inline="always")
 def _activate(row, act):  # type: ignore[no-untyped-def]  # one row (N,) in place
     if act == 0:  # tanh GELU (GPT-2's gelu_new)
         for j in range(row.shape[0]):
@@ -355,7 +584,7 @@ def _activate(row, act):  # type: ignore[no-untyped-def]  # one row (N,) in plac
             row[j] = row[j] / (np.float32(1.0) + np.exp(-row[j]))
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy", inline="always")
 def _attend_one(qkv, pos, kc, vc, row0, scale, y, scores, r, hd):  # type: ignore[no-untyped-def]
     """Row r, head hd: store its key and value at pos[r], attend over keys 0..pos[r].
 
@@ -391,21 +620,21 @@ def _attend_one(qkv, pos, kc, vc, row0, scale, y, scores, r, hd):  # type: ignor
         out[d] *= inv
 
 
-@numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True)
+@numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def attend(qkv, pos, kc, vc, row0, scale, y, scores):  # type: ignore[no-untyped-def]
     n_head = kc.shape[1]
     for t in prange(qkv.shape[0] * n_head):
         _attend_one(qkv, pos, kc, vc, row0, scale, y, scores[t], t // n_head, t % n_head)
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True)
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def attend_serial(qkv, pos, kc, vc, row0, scale, y, scores):  # type: ignore[no-untyped-def]
     n_head = kc.shape[1]
     for t in range(qkv.shape[0] * n_head):
         _attend_one(qkv, pos, kc, vc, row0, scale, y, scores[t], t // n_head, t % n_head)
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy", inline="always")
 def _layer_norm(x, w, b, eps, out):  # type: ignore[no-untyped-def]  # x (B, C) -> out (B, C)
     n = x.shape[1]
     for r in range(x.shape[0]):
@@ -422,29 +651,47 @@ def _layer_norm(x, w, b, eps, out):  # type: ignore[no-untyped-def]  # x (B, C) 
             out[r, i] = (xr[i] - mean) * inv * w[i] + b[i]
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True, inline="always")
-def _matmul(x, w, scale, b, out, parallel):  # type: ignore[no-untyped-def]
-    if parallel:
-        gemv(x, w, scale, b, out)
-    else:
-        gemv_serial(x, w, scale, b, out)
+def matmul(x, op, out, parallel):  # type: ignore[no-untyped-def]
+    """out = x @ w.T (rescaled) + b for op = (w, scale, b, wsum): ``gemv`` or ``gemv_i8`` by w's type."""
+    raise NotImplementedError  # only called inside numba-compiled code
 
 
-@numba.njit(fastmath=True, cache=CACHE, nogil=True)
+@overload(matmul, inline="always")
+def _matmul(x, op, out, parallel):  # type: ignore[no-untyped-def]
+    if op.types[0].dtype == types.int8:
+
+        def int8(x, op, out, parallel):  # type: ignore[no-untyped-def]
+            if parallel:
+                gemv_i8(x, op[0], op[1], op[2], op[3], out)
+            else:
+                gemv_i8_serial(x, op[0], op[1], op[2], op[3], out)
+
+        return int8
+
+    def floats(x, op, out, parallel):  # type: ignore[no-untyped-def]
+        if parallel:
+            gemv(x, op[0], op[1], op[2], out)
+        else:
+            gemv_serial(x, op[0], op[1], op[2], out)
+
+    return floats
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def block_step(  # type: ignore[no-untyped-def]
     x, pos, kc, vc, row0, ln1, qkv_w, attn_o, ln2, fc, proj, eps, attn_scale, act, parallel
 ):
     """One GPT-2 block for x (B, C), each row one token at position pos[r], in place.
 
     ``ln1``/``ln2`` are (weight, bias); ``qkv_w``, ``attn_o``, ``fc``, ``proj`` are (weight,
-    scale, bias) as ``gemv`` takes them. Writes the rows' keys and values into kc, vc (rows
+    scale, bias, row sums) as ``matmul`` takes them. Writes the rows' keys and values into kc, vc (rows
     row0..row0+B-1) and leaves the block's output in x.
     """
     B, C = x.shape
     h = np.empty((B, C), np.float32)
     _layer_norm(x, ln1[0], ln1[1], eps, h)
     qkv = np.empty((B, qkv_w[0].shape[0]), np.float32)
-    _matmul(h, qkv_w[0], qkv_w[1], qkv_w[2], qkv, parallel)
+    matmul(h, qkv_w, qkv, parallel)
     y = np.empty((B, C), np.float32)
     scores = np.empty((B * kc.shape[1], pos.max() + 1), np.float32)
     if parallel:
@@ -452,14 +699,14 @@ def block_step(  # type: ignore[no-untyped-def]
     else:
         attend_serial(qkv, pos, kc, vc, row0, attn_scale, y, scores)
     a = np.empty((B, C), np.float32)
-    _matmul(y, attn_o[0], attn_o[1], attn_o[2], a, parallel)
+    matmul(y, attn_o, a, parallel)
     x += a
     _layer_norm(x, ln2[0], ln2[1], eps, h)
     f = np.empty((B, fc[0].shape[0]), np.float32)
-    _matmul(h, fc[0], fc[1], fc[2], f, parallel)
+    matmul(h, fc, f, parallel)
     for r in range(B):
         _activate(f[r], act)
-    _matmul(f, proj[0], proj[1], proj[2], a, parallel)
+    matmul(f, proj, a, parallel)
     x += a
 
 
@@ -469,7 +716,7 @@ def block_step(  # type: ignore[no-untyped-def]
 _EPILOGUE = {"nnan", "ninf", "nsz", "reassoc", "contract"}
 
 
-@numba.njit(fastmath=_EPILOGUE, cache=CACHE, nogil=True, inline="always")  # type: ignore[call-overload]
+@numba.njit(fastmath=_EPILOGUE, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
 def _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m):  # type: ignore[no-untyped-def]
     row = np.empty(acc.shape[1], np.float32)
     sm = xs[m]
@@ -479,7 +726,7 @@ def _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m):  # type: ignore[no-u
     hs[m] = _quantize_into(row, hq[m])
 
 
-@numba.njit(parallel=True, fastmath=_EPILOGUE, cache=CACHE, nogil=True)  # type: ignore[call-overload]
+@numba.njit(parallel=True, fastmath=_EPILOGUE, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def activate_quantize(acc, xs, ws, b, act, hq, hs):  # type: ignore[no-untyped-def]
     """acc int32 (M, N), x scales xs (M,), weight scales ws (N,), bias b (N,) -> the activation
     of the float32 result, rounded to int8 per row: hq (M, N), hs (M,)."""
@@ -487,7 +734,7 @@ def activate_quantize(acc, xs, ws, b, act, hq, hs):  # type: ignore[no-untyped-d
         _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m)
 
 
-@numba.njit(fastmath=_EPILOGUE, cache=CACHE, nogil=True)  # type: ignore[call-overload]
+@numba.njit(fastmath=_EPILOGUE, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def activate_quantize_serial(acc, xs, ws, b, act, hq, hs):  # type: ignore[no-untyped-def]
     for m in range(acc.shape[0]):
         _activate_quantize_row(acc, xs, ws, b, act, hq, hs, m)

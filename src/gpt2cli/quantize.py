@@ -4,8 +4,10 @@ Every linear layer of the blocks and the tied ``wte`` (the embedding table and t
 get int8 weights: row ``o`` is stored as ``round(w[o] / s[o])`` with ``s[o] = max|w[o]| / 127``
 (symmetric, no zero point). Weights can be quantised while the checkpoint is read
 (``RowQuantizer``, a ``weights.RowConvert``: no float copy of the model is ever held) or after
-loading (``quantize_model`` on a float model). Activations stay float (kernels.linear_int8
-picks the path); the embedding lookup dequantises the rows it reads.
+loading (``quantize_model`` on a float model). On CPU each layer rounds its input to int8 per
+row (one scale per row, as CTranslate2's int8) and sums the int8 products exactly
+(kernels.linear_int8 picks the path); on CUDA activations stay float. The embedding lookup
+dequantises the rows it reads.
 """
 
 from __future__ import annotations
