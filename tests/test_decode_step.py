@@ -182,3 +182,21 @@ def test_gpt2_kernels_unfused_turns_it_off(ckpt_h: Path, monkeypatch: pytest.Mon
     fused, _ = decode_steps(lm, ids, 3)
     assert decode_step.calls == before + 3
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)
+
+
+def test_int8_row_is_the_same_bits_alone_or_in_a_batch(ckpt_h: Path) -> None:
+    """int8 sums are exact and everything else is per row: a row's decode logits do not depend
+    on how many other rows share its step (as served by continuous batching)."""
+    lm = load(str(ckpt_h), device="cpu", quantize="int8")
+    ids = torch.tensor([lm.encode(PROMPT)] * 6)
+    together, _ = decode_steps(lm, ids, 3)  # (steps, 6, V): rows of different lengths
+    before = decode_step.calls
+    for r in range(6):  # row r alone: the same prompt length, the same fed tokens
+        model, n = lm.model, ids.shape[1] - r
+        cache = model.new_cache(1, ids.shape[1] + 7)
+        with torch.inference_mode():
+            model(ids[r : r + 1, :n], torch.arange(n)[None], cache)
+            for s in range(3):
+                alone = model(torch.tensor([[7 + r + s]]), torch.tensor([[n + s]]), cache, last_only=True)
+                torch.testing.assert_close(alone[0], together[s, r], atol=0, rtol=0)
+    assert decode_step.calls == before + 18  # every step alone was fused too

@@ -12,10 +12,11 @@ float32 (..., in) and a weight (out, in) on CPU:
 | int8, per-row scale | numba ``gemv_i8`` (VNNI where the CPU has it) | ``torch._int_mm`` (oneDNN: VNNI/AMX) |
 
 int8 layers round x to int8 per row on every CPU path and sum the int8 products exactly, so
-decode, prefill and the reference give the same numbers bit for bit. Where the CPU lacks the
-half-precision instructions (an AVX2-only CPU), or numba is not installed, or
-``GPT2_KERNELS=torch``, paths fall back to torch: half weights are converted to float32 for the
-call, int8 goes through ``torch._int_mm`` with torch's own rounding and rescaling.
+``linear_int8`` gives a row the same bits whatever its batch, path (GEMV, GEMM, reference) or
+threads. Where the CPU lacks the half-precision instructions (an AVX2-only CPU), or numba is
+not installed, or ``GPT2_KERNELS=torch``, paths fall back to torch: half weights are converted
+to float32 for the call, int8 goes through ``torch._int_mm`` with torch's own rounding and
+rescaling.
 ``set_enabled(False)`` turns every fast path off (the reference the tests compare with). CUDA
 and autograd use ``F.linear`` (int8 weights dequantised).
 

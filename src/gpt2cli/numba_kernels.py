@@ -24,6 +24,7 @@ weights go to ``gemv_i8``: x rounded to int8 per row, int8 x int8 products summe
 from __future__ import annotations
 
 import math
+import platform
 from typing import Any
 
 import numba
@@ -64,6 +65,30 @@ def f16_bits_to_f32(typingctx: Any, bits: Any) -> Any:
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def i32_bits_to_f32(typingctx: Any, bits: Any) -> Any:
+    """The float32 whose bits are ``bits`` (an int32)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@numba.njit(inline="always", error_model="numpy")
+def f16_bits_to_f32_soft(bits):  # type: ignore[no-untyped-def]
+    """``f16_bits_to_f32`` in integer operations, for x86 targets without F16C (where LLVM would
+    call ``__extendhfsf2``, which numba's JIT cannot link: a fatal LLVM error)."""
+    h = np.int32(bits) & 0xFFFF
+    sign, exponent, mantissa = (h & 0x8000) << 16, (h >> 10) & 0x1F, h & 0x3FF
+    if exponent == 0:  # zero or subnormal: mantissa * 2**-24, exactly
+        magnitude = np.float32(mantissa) * np.float32(5.960464477539063e-08)
+        return -magnitude if sign else magnitude
+    if exponent == 31:  # inf, nan
+        return i32_bits_to_f32(np.int32(sign | 0x7F800000 | (mantissa << 13)))  # type: ignore[call-arg]
+    return i32_bits_to_f32(np.int32(sign | ((exponent + 112) << 23) | (mantissa << 13)))  # type: ignore[call-arg]
 
 
 @intrinsic
@@ -112,6 +137,22 @@ def _prefetch_block(w, o):  # type: ignore[no-untyped-def]
     return impl
 
 
+def _target_features() -> frozenset[str]:
+    """The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
+    import llvmlite.binding as llvm
+
+    spec = numba.config.CPU_FEATURES  # type: ignore[attr-defined]
+    if spec is None:
+        spec = llvm.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in spec.split(",") if f.startswith("+"))
+
+
+_SOFT_F16 = (
+    platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and "f16c" not in _target_features()
+)
+"""float16 widened in integer operations: an x86 target without F16C (e.g. NUMBA_CPU_NAME=generic)."""
+
+
 def widen(v):  # type: ignore[no-untyped-def]
     """One stored weight as float32 (compiled per storage type by the overload below)."""
     raise NotImplementedError  # only called inside numba-compiled code
@@ -124,6 +165,8 @@ def _widen(v):  # type: ignore[no-untyped-def]
     if v == types.uint16:  # bfloat16 bits
         return lambda v: bf16_bits_to_f32(v)  # type: ignore[call-arg]
     if v == types.int16:  # float16 bits
+        if _SOFT_F16:
+            return lambda v: f16_bits_to_f32_soft(v)
         return lambda v: f16_bits_to_f32(v)  # type: ignore[call-arg]
     return None
 
@@ -292,16 +335,6 @@ def dequantize_acc_serial(acc, xs, ws, b, out):  # type: ignore[no-untyped-def]
 #   generic  plain vector IR (sext to i32, mul, add) that any LLVM target lowers
 # ``vpdpbusd`` takes one operand unsigned: x goes in as x + 128 (its sign bit flipped) and
 # 128 * sum(w[o]) (``wsum``, computed once per weight) is taken off the sum afterwards.
-
-
-def _target_features() -> frozenset[str]:
-    """The CPU features numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
-    import llvmlite.binding as llvm
-
-    spec = numba.config.CPU_FEATURES  # type: ignore[attr-defined]
-    if spec is None:
-        spec = llvm.get_host_cpu_features().flatten()
-    return frozenset(f[1:] for f in spec.split(",") if f.startswith("+"))
 
 
 def _dot_tier(features: frozenset[str]) -> str:
