@@ -165,6 +165,24 @@ def test_every_int8_instruction_set_gives_the_same_bits(tier: str, tmp_path: Pat
 
 
 @needs_numba
+def test_int8_row_sums_follow_the_weight() -> None:
+    """The GEMV's per-weight row sums (VNNI's correction) are redone when the weight changes in
+    place, and inference-mode weights (no version counter) work too."""
+    x, w, b = _data(64, 128, 2)
+    q, scale = quantize_rows(w)
+    kernels.linear_int8(x, q, scale, b)  # row sums computed and kept
+    q.neg_()  # same storage, new values
+    torch.testing.assert_close(
+        kernels.linear_int8(x, q, scale, b), _int8_by_definition(x, q, scale, b), atol=0, rtol=0
+    )
+    with torch.inference_mode():
+        qi, si = quantize_rows(w)
+        torch.testing.assert_close(
+            kernels.linear_int8(x, qi, si, b), _int8_by_definition(x, qi, si, b), atol=0, rtol=0
+        )
+
+
+@needs_numba
 def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     """One thread runs the serial twins: the sums must not change with the thread count."""
     nk = kernels._nk

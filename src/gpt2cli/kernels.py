@@ -325,7 +325,11 @@ _sums = WeakIdKeyDictionary()
 
 def _row_sums(qweight: torch.Tensor) -> Any:
     """sum(qweight[o, :]) for each row o, int32 (out,); recomputed if the weight changed."""
-    key = (qweight.data_ptr(), qweight._version)
+    try:
+        version = qweight._version
+    except RuntimeError:  # an inference-mode tensor has no version counter (nor in-place edits outside it)
+        version = -1
+    key = (qweight.data_ptr(), version)
     kept = _sums.get(qweight)
     if kept is not None and kept[:2] == key:
         return kept[2]

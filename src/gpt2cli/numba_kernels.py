@@ -426,6 +426,9 @@ def _make_dots(rows: int) -> Any:
 
     @intrinsic
     def dots(typingctx: Any, x: Any, r: Any, w: Any, o: Any, chunks: Any) -> Any:
+        if x.layout != "C" or w.layout != "C":  # rows are read as contiguous bytes
+            return None
+
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             x_ty, _, w_ty, _, _ = signature.args
             x_val, r_val, w_val, o_val, n_val = args
