@@ -340,21 +340,21 @@ def _row_sums(qweight: torch.Tensor) -> Any:
 
 def _gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2 float32 (B, in), weight float32/bfloat16/float16 (out, in) -> float32 (B, out)."""
-    return _run(x2, "gemv", gemv_operands(weight, None, bias))
+    w, scale, b, _ = gemv_operands(weight, None, bias)
+    return _run(x2, "gemv", w, scale, b)
 
 
 def _gemv_int8(
     x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x2 float32 (B, in), int8 qweight (out, in), scale (out,) -> float32 (B, out), as ``int8_gemm``."""
-    return _run(x2, "gemv_i8", gemv_operands(qweight, scale, bias))
+    return _run(x2, "gemv_i8", *gemv_operands(qweight, scale, bias))
 
 
-def _run(x2: torch.Tensor, kernel: str, operands: tuple[Any, Any, Any, Any]) -> torch.Tensor:
+def _run(x2: torch.Tensor, kernel: str, *operands: Any) -> torch.Tensor:
+    """The numba ``kernel`` on x2 and the weight's numpy operands (the weight first) -> (B, out)."""
     out = torch.empty(x2.shape[0], operands[0].shape[0])
-    w, scale, b, sums = operands
-    args = (w, scale, b, sums) if kernel == "gemv_i8" else (w, scale, b)
-    _kernel(kernel)(x2.contiguous().numpy(), *args, out.numpy())
+    _kernel(kernel)(x2.contiguous().numpy(), *operands, out.numpy())
     return out
 
 

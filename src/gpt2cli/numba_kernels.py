@@ -495,19 +495,26 @@ def _block_i8(xq, xs, w, scale, b, wsum, out, o, tail):  # type: ignore[no-untyp
 
 
 @numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
-def _row_i8(xq, xs, w, scale, b, wsum, out, o):  # type: ignore[no-untyped-def]  # the last out % 4 rows
-    for r in range(xq.shape[0]):
-        acc = _tail(xq, r, w, o, 0) - OFFSET * wsum[o]
-        out[r, o] = np.float32(acc) * xs[r] * scale[o] + b[o]
+def _rows_left_i8(xq, xs, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]  # the last out % 4 rows
+    for o in range(w.shape[0] // 4 * 4, w.shape[0]):
+        for r in range(xq.shape[0]):
+            acc = _tail(xq, r, w, o, 0) - OFFSET * wsum[o]
+            out[r, o] = np.float32(acc) * xs[r] * scale[o] + b[o]
+
+
+@numba.njit(fastmath=_EXACT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
+def _rounded(x):  # type: ignore[no-untyped-def]  # x float32 (B, in) -> int8 (B, in), scales (B,)
+    xq = np.empty(x.shape, np.int8)
+    xs = np.empty(x.shape[0], np.float32)
+    quantize_rows_i8_serial(x, xq, xs)
+    return xq, xs
 
 
 @numba.njit(parallel=True, fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
     """out = (x rounded to int8 per row) @ w.T, rescaled, + b; x float32 (B, in), w int8 (out, in),
     wsum int32 (out,) = w's row sums. The same numbers as ``int8_gemm`` (quantise, exact sums, rescale)."""
-    xq = np.empty(x.shape, np.int8)
-    xs = np.empty(x.shape[0], np.float32)
-    quantize_rows_i8_serial(x, xq, xs)
+    xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
     # The tail's loop is compiled only where in % CHUNK > 0 (GPT-2's widths are multiples of
     # 64): its mere presence beside the intrinsic halves the block's speed.
@@ -517,15 +524,12 @@ def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
     else:
         for t in prange(n4):
             _block_i8(xq, xs, w, scale, b, wsum, out, 4 * t, True)
-    for o in range(4 * n4, w.shape[0]):
-        _row_i8(xq, xs, w, scale, b, wsum, out, o)
+    _rows_left_i8(xq, xs, w, scale, b, wsum, out)
 
 
 @numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
 def gemv_i8_serial(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
-    xq = np.empty(x.shape, np.int8)
-    xs = np.empty(x.shape[0], np.float32)
-    quantize_rows_i8_serial(x, xq, xs)
+    xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
     if x.shape[1] % CHUNK == 0:
         for t in range(n4):
@@ -533,8 +537,7 @@ def gemv_i8_serial(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
     else:
         for t in range(n4):
             _block_i8(xq, xs, w, scale, b, wsum, out, 4 * t, True)
-    for o in range(4 * n4, w.shape[0]):
-        _row_i8(xq, xs, w, scale, b, wsum, out, o)
+    _rows_left_i8(xq, xs, w, scale, b, wsum, out)
 
 
 WEIGHT_TYPES = (np.float32, np.uint16, np.int16)
