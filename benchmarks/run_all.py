@@ -91,6 +91,7 @@ class Engine:
     prefill: Callable[[int], float]  # prompt -> prefill tok/s
     weight_bytes: int = 0
     batches: tuple[int, ...] = (1, 8)
+    warms_itself: bool = False  # llama-bench runs a warm-up of its own before the timed run
 
     @property
     def label(self) -> str:
@@ -153,14 +154,43 @@ def ct2_engines(ckpt: Path, size: str, args: argparse.Namespace) -> tuple[list[E
             conv = Path(sys.executable).parent / "ct2-transformers-converter"
             subprocess.run([str(conv), "--model", str(ckpt), "--output_dir", str(out), "--quantization", quant,
                             "--force"], check=True, capture_output=True)  # fmt: skip
-        gen = ctranslate2.Generator(str(out), device="cpu", compute_type=quant, intra_threads=args.threads)
-        vocab = json.loads((out / "vocabulary.json").read_text())
-        engines.append(_ct2_engine(gen, vocab, quant))
+        engines.append(_ct2_engine(out, quant, args.threads))
         engines[-1].weight_bytes = (out / "model.bin").stat().st_size
-    return engines, f"CTranslate2 {ctranslate2.__version__}"
+    return engines, f"CTranslate2 {ctranslate2.__version__} (each precision in its own process)"
 
 
-def _ct2_engine(gen, vocab: list[str], quant: str) -> Engine:  # noqa: ANN001
+def _ct2_engine(model_dir: Path, quant: str, threads: int) -> Engine:
+    """CTranslate2 in a process of its own, as llama.cpp is. In ours, once it has run (its
+    wheel brings a second libgomp), numba's parallel regions slowed down for good: our float32
+    decode from 52 to 41 tok/s, a hot 768 x 768 GEMV from 19 to 80-110 us, numba's own worker
+    thread idle while one of the new threads worked (measured 2026-12-02): a cost of sharing
+    one process that no user of either pays."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_ct2_serve, args=(theirs, str(model_dir), quant, threads), daemon=True)
+    proc.start()
+    if ours.recv() != "ready":
+        raise RuntimeError(f"CTranslate2 {quant} did not start")
+
+    def ask(*request: object) -> float:
+        ours.send(request)
+        return float(ours.recv())
+
+    engine = Engine("CTranslate2", quant, lambda p, b, n: ask("decode", p, b, n), lambda p: ask("prefill", p))
+    engine.proc = proc  # type: ignore[attr-defined]  # kept alive with the engine
+    return engine
+
+
+def _ct2_serve(conn, model_dir: str, quant: str, threads: int) -> None:  # noqa: ANN001
+    """The CTranslate2 process: loads the model, warms it up, then answers decode / prefill
+    requests (tok/s) until the pipe closes."""
+    import ctranslate2
+
+    gen = ctranslate2.Generator(model_dir, device="cpu", compute_type=quant, intra_threads=threads)
+    vocab = json.loads((Path(model_dir) / "vocabulary.json").read_text())
+
     def run(prompt: int, batch: int, new: int) -> list[float]:
         tokens = [vocab[i] for i in _ids(prompt, 1)]
         prompts = [tokens] * batch
@@ -174,15 +204,19 @@ def _ct2_engine(gen, vocab: list[str], quant: str) -> Engine:  # noqa: ANN001
                 stamps.append(time.perf_counter() - t0)
         return stamps
 
-    def decode(prompt: int, batch: int, new: int) -> float:
-        stamps = run(prompt, batch, new)
-        return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-    def prefill(prompt: int) -> float:
-        return prompt / run(prompt, 1, 1)[0]  # the first token's time: the prompt's forward pass
-
     run(PROMPT, 1, 4)  # warm-up
-    return Engine("CTranslate2", quant, decode, prefill)
+    conn.send("ready")
+    while True:
+        try:
+            kind, *params = conn.recv()
+        except EOFError:
+            return
+        if kind == "decode":
+            prompt, batch, new = params
+            stamps = run(prompt, batch, new)
+            conn.send(batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        else:  # prefill: the first token's time is the prompt's forward pass
+            conn.send(params[0] / run(params[0], 1, 1)[0])
 
 
 def llama_engines(ckpt: Path, size: str, args: argparse.Namespace) -> tuple[list[Engine], str]:
@@ -221,7 +255,7 @@ def _llama_engine(bin_dir: Path, gguf: Path, outtype: str, threads: int) -> Engi
     def prefill(prompt: int) -> float:
         return bench("-p", str(prompt), "-n", "0")
 
-    e = Engine("llama.cpp", outtype, decode, prefill, batches=(1,))
+    e = Engine("llama.cpp", outtype, decode, prefill, batches=(1,), warms_itself=True)
     e.weight_bytes = gguf.stat().st_size
     return e
 
@@ -300,25 +334,42 @@ class Figures:
         return f"{statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
-def workloads(big: bool, new: int) -> list[tuple[str, Callable[[Engine], float], Callable[[Engine], bool]]]:
-    """(name, run one measurement, applies to this engine)."""
-    items = [
-        ("decode b1", lambda e: e.decode(PROMPT, 1, new), lambda e: True),
-        (f"prefill {PREFILL}", lambda e: e.prefill(PREFILL), lambda e: True),
+Workload = tuple[str, Callable[[Engine], float], Callable[[Engine], object], Callable[[Engine], bool]]
+"""(name, run one measurement, its untimed warm-up, applies to this engine)."""
+
+WARM_TOKENS = 16
+"""Tokens of the untimed decode before each timed one. Every engine gets a warm-up right
+before it is timed, as llama-bench gives itself one: without it, whichever engine followed
+another's run paid for it (our float32 decode right after a llama-bench process: 42-45 tok/s
+against 49-51 after a 16-token warm-up, measured 2026-12-02)."""
+
+
+def workloads(big: bool, new: int) -> list[Workload]:
+    def decode(batch: int) -> tuple[Callable[[Engine], float], Callable[[Engine], object]]:
+        return lambda e: e.decode(PROMPT, batch, new), lambda e: e.decode(PROMPT, batch, WARM_TOKENS)
+
+    items: list[Workload] = [
+        ("decode b1", *decode(1), lambda e: True),
+        (f"prefill {PREFILL}", lambda e: e.prefill(PREFILL), lambda e: e.prefill(PREFILL), lambda e: True),
     ]
     if not big:
-        items.append(("decode b8", lambda e: e.decode(PROMPT, 8, new), lambda e: 8 in e.batches))
+        items.append(("decode b8", *decode(8), lambda e: 8 in e.batches))
     return items
 
 
-def interleaved(engines: list[Engine], work, repeats: int, figures: Figures, tag: str = "") -> None:  # noqa: ANN001
-    """Each repeat runs every workload on every engine, the engine order rotating per repeat."""
+def interleaved(
+    engines: list[Engine], work: list[Workload], repeats: int, figures: Figures, tag: str = ""
+) -> None:
+    """Each repeat runs every workload on every engine, the engine order rotating per repeat;
+    each timed run right after its untimed warm-up."""
     for r in range(repeats):
         order = engines[r % len(engines) :] + engines[: r % len(engines)]
-        for name, run, applies in work:
+        for name, run, warm, applies in work:
             for e in order:
                 if applies(e):
                     log(f"repeat {r + 1}/{repeats}: {e.label} {name}{tag}")
+                    if not e.warms_itself:
+                        warm(e)
                     figures.add(e.label, name + tag, run(e))
 
 
