@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 FLOATS = ("nll", "total_nll", "perplexity", "bits_per_byte", "word_perplexity")
+EXPONENTIAL = ("perplexity", "word_perplexity")
 
 
 WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " dog", " ran", " far", " 7", " blue"]
@@ -32,13 +33,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def assert_same_lines(got: list[dict], want: list[dict], rel: float = 1e-6) -> None:
+SAME_SCORE = 1e-5
+"""Relative tolerance between a document's score packed with others (or in another worker
+process) and alone: float32 GEMMs of other shapes and thread counts round differently (2.4e-6
+seen on an nll of 12, which worker got which documents depending on timing); a window or mask
+crossing documents moves an nll by 1e-2 or more."""
+
+
+def assert_same_lines(got: list[dict], want: list[dict], rel: float = SAME_SCORE) -> None:
     """The same lines in the same order: equal ids, counts and errors; numbers within ``rel``."""
     assert [g["id"] for g in got] == [w["id"] for w in want]
     for g, w in zip(got, want, strict=True):
         assert set(g) == set(w), (g, w)
         for key in g:
-            if key in FLOATS and not (math.isinf(w[key]) or math.isnan(w[key])):
+            if key in EXPONENTIAL and 0 < w[key] < math.inf:  # exp(nll): compare the nll's
+                assert math.log(g[key]) == pytest.approx(math.log(w[key]), rel=rel), (key, g, w)
+            elif key in FLOATS and not (math.isinf(w[key]) or math.isnan(w[key])):
                 assert g[key] == pytest.approx(w[key], rel=rel), (key, g, w)
             elif key == "per_token":
                 assert [t["id"] for t in g[key]] == [t["id"] for t in w[key]]

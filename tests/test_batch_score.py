@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from batchutil import assert_same_lines, read_jsonl, text_of, write_jsonl
+from batchutil import SAME_SCORE, assert_same_lines, read_jsonl, text_of, write_jsonl
 from cliutil import GPT2_BIN, assert_one_line_error, run_inprocess, run_subprocess
 
 from gpt2cli.scoring import ScoreInputError
@@ -294,7 +294,7 @@ def test_score_many_yields_in_order_with_errors_in_place(lm_h, docs) -> None:
             continue
         alone = lm_h.score(text, context=CONTEXT, stride=STRIDE)
         assert (result.tokens, result.bytes, result.words) == (alone.tokens, alone.bytes, alone.words)
-        assert result.total_nll == pytest.approx(alone.total_nll, rel=1e-6)
+        assert result.total_nll == pytest.approx(alone.total_nll, rel=SAME_SCORE)
 
 
 def test_score_many_reads_only_a_lookahead_ahead(lm_h, docs) -> None:
@@ -346,7 +346,9 @@ def test_windows_much_shorter_than_their_batch_start_another(lm_h, monkeypatch: 
     packed = list(lm_h.score_many(texts, context=128, stride=64, batch_size=8, lookahead=4))
     assert calls == [[110, 126], [20, 50]]  # 126 - 50 = 76 > 64 and > 126 / 4
     for text, result in zip(texts, packed, strict=True):
-        assert result.total_nll == pytest.approx(lm_h.score(text, context=128, stride=64).total_nll, rel=1e-6)
+        assert result.total_nll == pytest.approx(
+            lm_h.score(text, context=128, stride=64).total_nll, rel=SAME_SCORE
+        )
 
 
 # --- workers and Ray: the same lines ------------------------------------------------------------
