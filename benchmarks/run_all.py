@@ -171,8 +171,14 @@ def _ct2_engine(model_dir: Path, quant: str, threads: int) -> Engine:
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=_ct2_serve, args=(theirs, str(model_dir), quant, threads), daemon=True)
     proc.start()
-    if ours.recv() != "ready":
-        raise RuntimeError(f"CTranslate2 {quant} did not start")
+    theirs.close()  # the child's end: a child that dies closes the pipe, and recv() says so
+    try:
+        ready = ours.recv()
+    except EOFError:
+        ready = None
+    if ready != "ready":
+        proc.join(timeout=5)
+        raise RuntimeError(f"CTranslate2 {quant} did not start (its process exited with {proc.exitcode})")
 
     def ask(*request: object) -> float:
         ours.send(request)
