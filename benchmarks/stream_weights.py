@@ -27,21 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_all import SIZES, read_bandwidth  # noqa: E402
 
+from gpt2cli import kernels  # noqa: E402
+from gpt2cli.quantize import quantize_rows  # noqa: E402
+
 VOCAB = 50257
 
 
-def stored(rng: np.random.Generator, shape: tuple[int, int], dtype: str) -> tuple:
-    """Random weights of ``shape`` as the kernels take them: (w, scale, bias, row sums or None)."""
-    w = rng.standard_normal(shape, dtype=np.float32) * 0.02
-    ones, zeros = np.ones(shape[0], np.float32), np.zeros(shape[0], np.float32)
+def stored(shape: tuple[int, int], dtype: str, gen: torch.Generator) -> tuple:
+    """Random weights of ``shape`` as decode reads them (``kernels.gemv_operands``; int8 rounded
+    per row by ``quantize_rows``, as loading does)."""
+    w = torch.randn(shape, generator=gen) * 0.02
     if dtype == "int8":
-        q = rng.integers(-127, 128, shape, dtype=np.int8)
-        return q, np.full(shape[0], 0.02 / 127, np.float32), zeros, q.astype(np.int32).sum(1).astype(np.int32)
-    if dtype == "bfloat16":
-        w = (w.view(np.uint32) >> 16).astype(np.uint16)
-    elif dtype == "float16":
-        w = w.astype(np.float16).view(np.int16)
-    return w, ones, zeros, None
+        return kernels.gemv_operands(*quantize_rows(w), None)
+    return kernels.gemv_operands(w.to(getattr(torch, dtype)), None, None)
 
 
 def main() -> None:
@@ -53,23 +51,22 @@ def main() -> None:
     args = ap.parse_args()
     import numba
 
-    from gpt2cli import numba_kernels as nk
-
     numba.set_num_threads(args.threads)
+    nk = kernels.nk()
     n_layer, _, c = SIZES[args.size]
-    rng = np.random.default_rng(0)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     shapes = [(3 * c, c), (c, c), (4 * c, c), (c, 4 * c)] * n_layer + [(VOCAB, c)]
-    mats = [stored(rng, s, args.dtype) for s in shapes]
+    mats = [stored(s, args.dtype, gen) for s in shapes]
     xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n in (c, 4 * c)}
     outs = [np.empty((1, s[0]), np.float32) for s in shapes]
 
     def step() -> None:
         for (w, scale, bias, sums), out in zip(mats, outs, strict=True):
             x = xs[w.shape[1]]
-            if sums is None:
-                nk.gemv(x, w, scale, bias, out)
-            else:
+            if w.dtype == np.int8:
                 nk.gemv_i8(x, w, scale, bias, sums, out)
+            else:
+                nk.gemv(x, w, scale, bias, out)
 
     step()  # compile (or load numba's cache)
     times = []
@@ -79,7 +76,6 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     nbytes = sum(m[0].nbytes for m in mats)
     bw1, bwn = read_bandwidth(args.threads)
-    torch.set_num_threads(args.threads)
     med = statistics.median(times)
     print(
         f"{args.size} {args.dtype}, {args.threads} threads: one step's {len(mats)} matrices ({nbytes / 1e6:.0f} MB) "
