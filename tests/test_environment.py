@@ -122,6 +122,7 @@ def test_latin1_locale_replaces_what_it_cannot_show(ckpt_h: Path, latin1_locale,
         ({"GPT2_THREADS": "abc"}, ["GPT2_THREADS='abc'", "positive integer"]),
         ({"GPT2_THREADS": "0"}, ["GPT2_THREADS='0'"]),
         ({"GPT2_KERNELS": "bogus"}, ["GPT2_KERNELS='bogus'", "torch", "unfused"]),
+        ({"GPT2_GEMM": "mkl"}, ["GPT2_GEMM='mkl'", "onednn", "blas"]),
         ({"GPT2_DEVICE": "tpu"}, ["GPT2_DEVICE='tpu' in the environment", "unset GPT2_DEVICE"]),
     ],
 )
@@ -142,6 +143,19 @@ def test_every_kernel_choice_is_accepted(ckpt_h: Path, capsys, monkeypatch) -> N
         monkeypatch.setenv("GPT2_KERNELS", choice.upper())
         result = run_inprocess(
             ["generate", "-m", str(ckpt_h), "hi", "-n", "2", "-t", "0"], capsys, monkeypatch
+        )
+        assert result.code == 0, result.err
+
+
+def test_every_gemm_choice_is_accepted(ckpt_h: Path, capsys, monkeypatch) -> None:
+    from gpt2cli import kernels
+    from gpt2cli.cli.options import GEMM_CHOICES
+
+    assert GEMM_CHOICES == kernels.GEMM_CHOICES
+    for choice in GEMM_CHOICES:
+        monkeypatch.setenv("GPT2_GEMM", f" {choice.upper()} ")
+        result = run_inprocess(
+            ["score", "-m", str(ckpt_h), "-", "--format", "json"], capsys, monkeypatch, stdin=b"hello " * 30
         )
         assert result.code == 0, result.err
 

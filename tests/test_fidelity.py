@@ -17,7 +17,9 @@ def reference(path: Path):
     return model.eval()
 
 
-def test_logits_match_transformers(ckpt: Path) -> None:
+@pytest.mark.parametrize("gemm", ["blas", "onednn"])  # kernels.fp32_gemm_path: prefill's GEMM
+def test_logits_match_transformers(ckpt: Path, gemm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPT2_GEMM", gemm)
     lm = load(str(ckpt), device="cpu")
     ref = reference(ckpt)
     ids = torch.tensor([lm.encode("Hello world, this is a test of GPT-2 fidelity! ünïcödé 🎉")])
@@ -131,7 +133,9 @@ def ckpt_124m(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(dest, n_layer=12, n_head=12, n_embd=768, n_positions=1024, std=0.02, seed=0)
 
 
-def test_124m_shape_logits_greedy_ids_and_perplexity_match_transformers(ckpt_124m: Path) -> None:
+def test_124m_shape_logits_greedy_ids_and_perplexity_match_transformers(
+    ckpt_124m: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lm = load(str(ckpt_124m), device="cpu")
     ref = reference(ckpt_124m)
     text = "GPT-2 small has twelve layers, twelve heads and a 768-wide residual stream. " * 3
@@ -139,7 +143,10 @@ def test_124m_shape_logits_greedy_ids_and_perplexity_match_transformers(ckpt_124
     x = torch.tensor([ids])
     with torch.no_grad():
         theirs = ref(x, labels=x)
-        torch.testing.assert_close(lm.model(x), theirs.logits, atol=1e-4, rtol=0)
+        for gemm in ("blas", "onednn"):  # the float32 GEMM either way (kernels.fp32_gemm_path)
+            monkeypatch.setenv("GPT2_GEMM", gemm)
+            torch.testing.assert_close(lm.model(x), theirs.logits, atol=1e-4, rtol=0, msg=gemm)
+        monkeypatch.delenv("GPT2_GEMM")
         out = ref.generate(
             x[:, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=50256
         )

@@ -210,6 +210,78 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     assert torch.equal(outs[0], outs[1]), "i8"
 
 
+needs_onednn = pytest.mark.skipif(not kernels._has_onednn_linear(), reason="torch without oneDNN")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The input shape of every oneDNN float32 GEMM call: proves which path ran."""
+    calls: list[tuple[int, ...]] = []
+    real = kernels._onednn_linear
+
+    def counted(x, w, b):
+        calls.append(tuple(x.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(kernels, "_onednn_linear", counted)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm_env_chooses_the_float32_gemm(monkeypatch, onednn_calls, bias: bool) -> None:
+    x, w, b = _data(300, 130, 40)  # 40 rows > SMALL_BATCH: the GEMM path
+    bias_t = b if bias else None
+    x3 = x.view(2, 20, 130)  # (B, T, C), as the model calls it
+    reference = F.linear(x3, w, bias_t)
+    monkeypatch.setenv("GPT2_GEMM", "blas")
+    assert kernels.fp32_gemm_path() == "blas"
+    assert torch.equal(kernels.linear(x3, w, bias_t), reference) and onednn_calls == []
+    monkeypatch.setenv("GPT2_GEMM", "onednn")
+    assert kernels.fp32_gemm_path() == "onednn"
+    y = kernels.linear(x3, w, bias_t)
+    assert onednn_calls == [(2, 20, 130)] and y.shape == (2, 20, 300)
+    torch.testing.assert_close(y, reference, atol=1e-4, rtol=1e-5)
+    kernels.linear(x[:16], w, bias_t)  # up to SMALL_BATCH rows: the decode kernels, never a GEMM
+    doubled = kernels.linear(x.double(), w.double(), None)  # not float32: torch's own path
+    assert len(onednn_calls) == 1 and doubled.dtype == torch.float64
+
+
+@needs_onednn
+def test_onednn_gemm_rows_do_not_depend_on_batch_or_threads(monkeypatch, onednn_calls) -> None:
+    """A row's bits whatever else is in the batch and however many threads: what keeps greedy
+    ids and scores identical across batch sizes and ``--threads`` on the oneDNN path."""
+    monkeypatch.setenv("GPT2_GEMM", "onednn")
+    x, w, b = _data(2304, 768, 64)
+    whole = kernels.linear(x, w, b)
+    part = kernels.linear(x[:20], w, b)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = kernels.linear(x, w, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(onednn_calls) == 3
+    assert torch.equal(whole[:20], part) and torch.equal(whole, one_thread)
+
+
+def test_gemm_auto_follows_the_cpu_vendor(monkeypatch) -> None:
+    monkeypatch.delenv("GPT2_GEMM", raising=False)
+    monkeypatch.setattr(kernels, "_has_onednn_linear", lambda: True)
+    for vendor, path in [("AuthenticAMD", "onednn"), ("GenuineIntel", "blas"), ("", "blas")]:
+        monkeypatch.setattr(kernels, "_cpu_vendor", lambda v=vendor: v)
+        assert kernels.fp32_gemm_path() == path, vendor
+    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: "AuthenticAMD")
+    kernels.set_enabled(False)
+    try:
+        assert kernels.fp32_gemm_path() == "blas"  # the reference never changes path
+    finally:
+        kernels.set_enabled(True)
+    monkeypatch.setattr(kernels, "_has_onednn_linear", lambda: False)
+    monkeypatch.setenv("GPT2_GEMM", "onednn")
+    assert kernels.fp32_gemm_path() == "blas"
+
+
 def test_int8_gemm_is_exact_on_row_quantised_activations() -> None:
     x, w, b = _data(50, 96, 40)  # 40 rows > SMALL_BATCH: the GEMM path
     q, scale = quantize_rows(w)

@@ -6,7 +6,7 @@ float32 (..., in) and a weight (out, in) on CPU:
 
 | weight | up to 16 rows (decode) | more rows (prefill, scoring) |
 |---|---|---|
-| float32 | numba ``gemv`` | ``F.linear`` (BLAS GEMM) |
+| float32 | numba ``gemv`` | GEMM: oneDNN on AMD CPUs, else torch's BLAS (``fp32_gemm_path``) |
 | bfloat16 | numba ``gemv`` (bits widened) | bf16 GEMM (oneDNN: AVX512-BF16/AMX), x rounded to bf16 |
 | float16 | numba ``gemv`` (bits widened) | f16 GEMM (oneDNN: AVX512-FP16/AMX-FP16), x rounded to f16 |
 | int8, per-row scale | numba ``gemv_i8`` (VNNI where the CPU has it) | ``torch._int_mm`` (oneDNN: VNNI/AMX) |
@@ -16,7 +16,9 @@ int8 layers round x to int8 per row on every CPU path and sum the int8 products 
 threads. Where the CPU lacks the half-precision instructions (an AVX2-only CPU), or numba is
 not installed, or ``GPT2_KERNELS=torch``, paths fall back to torch: half weights are converted
 to float32 for the call, int8 goes through ``torch._int_mm`` with torch's own rounding and
-rescaling.
+rescaling. Float32 GEMMs go to oneDNN where torch's BLAS (MKL) does not run its AVX-512 code:
+on AMD CPUs MKL's sgemm reached 140-200 GFLOP/s, oneDNN's 300-460 on a 2-core Zen 5
+(docs/performance.md); ``GPT2_GEMM=onednn|blas`` chooses by hand.
 ``set_enabled(False)`` turns every fast path off (the reference the tests compare with). CUDA
 and autograd use ``F.linear`` (int8 weights dequantised).
 
@@ -67,6 +69,13 @@ OMP_SPINCOUNT = "10000"
 beside torch's own pool (a second libgomp)."""
 
 HALF = (torch.float16, torch.bfloat16)
+
+GEMM_ENV = "GPT2_GEMM"
+GEMM_CHOICES = ("auto", "onednn", "blas")
+ONEDNN_VENDORS = ("AuthenticAMD", "HygonGenuine")
+"""CPU vendors whose float32 GEMMs go to oneDNN by default: MKL's sgemm takes its AVX2 code there
+(2-3x slower than oneDNN's AVX-512 on Zen 5). Intel CPUs keep MKL, which runs its AVX-512 code
+there (the Sapphire Rapids runs in docs/performance.md used it)."""
 
 _nk: Any = None  # the gpt2cli.numba_kernels module, once compiled
 _state = "unknown"  # unknown | ready | missing | off
@@ -222,6 +231,43 @@ def _can(path: str) -> bool:
     return _state != "off" and path in _capabilities()
 
 
+@functools.cache
+def _cpu_vendor() -> str:
+    """The CPU's vendor string on Linux (``vendor_id`` in /proc/cpuinfo), else ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def _has_onednn_linear() -> bool:
+    """Whether this torch build has oneDNN's linear op (x86 and aarch64 wheels do)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fp32_gemm_path() -> str:
+    """Where float32 GEMMs of more than ``SMALL_BATCH`` rows go on CPU: "onednn" or "blas".
+
+    ``GPT2_GEMM`` (onednn, blas) chooses; unset, auto or unknown: oneDNN on ``ONEDNN_VENDORS``'
+    CPUs, torch's BLAS elsewhere. Always "blas" with the fast paths off (the reference) or
+    without oneDNN in this torch.
+    """
+    if _state == "off" or not _has_onednn_linear():
+        return "blas"
+    choice = os.environ.get(GEMM_ENV, "").strip().lower()
+    if choice in ("onednn", "blas"):
+        return choice
+    return "onednn" if _cpu_vendor() in ONEDNN_VENDORS else "blas"
+
+
 # --- the entry points the model calls -----------------------------------------------------------
 
 
@@ -244,7 +290,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return y.view(*x.shape[:-1], weight.shape[0])
     if weight.dtype in HALF:
         return _half_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return _gemm(x, weight, bias)
 
 
 def linear_int8(
@@ -368,7 +414,21 @@ def _half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if x.numel() == x.shape[-1]:  # one row: torch's half GEMV, as fast as any pure-torch path
         b = bias.to(weight.dtype) if bias is not None else None
         return F.linear(x.to(weight.dtype), weight, b).float()
-    return F.linear(x, weight.float(), bias.float() if bias is not None else None)
+    return _gemm(x, weight.float(), bias.float() if bias is not None else None)
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x float32 (..., in) @ float32 weight (out, in).T + bias: oneDNN or BLAS (``fp32_gemm_path``)."""
+    many_rows = x.numel() > SMALL_BATCH * x.shape[-1]
+    if many_rows and x.dtype == weight.dtype == torch.float32 and fp32_gemm_path() == "onednn":
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The weight as stored (no packed copy: the same memory as BLAS); oneDNN gives a row the same
+    # bits whatever the batch and the thread count (tests/test_kernels.py).
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def quantize_rows_dynamic(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

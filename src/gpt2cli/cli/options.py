@@ -160,15 +160,17 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(one, text)
 
 
-THREADS_ENV, KERNELS_ENV = "GPT2_THREADS", "GPT2_KERNELS"
+THREADS_ENV, KERNELS_ENV, GEMM_ENV = "GPT2_THREADS", "GPT2_KERNELS", "GPT2_GEMM"
 KERNEL_CHOICES = ("auto", "numba", "unfused", "torch")
+GEMM_CHOICES = ("auto", "onednn", "blas")  # kernels.GEMM_CHOICES (not imported: it imports torch)
 
 
 def check_environment(environ: dict[str, str] | None = None) -> None:
     """Refuse GPT2_* variables with values we would otherwise have to ignore.
 
     Raises:
-        BadInputError: GPT2_THREADS is not a positive integer, GPT2_KERNELS not a known path.
+        BadInputError: GPT2_THREADS is not a positive integer, GPT2_KERNELS or GPT2_GEMM not a
+            known path.
     """
     env = os.environ if environ is None else environ
     threads = env.get(THREADS_ENV, "").strip()
@@ -184,6 +186,13 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
             + ", ".join(KERNEL_CHOICES),
             hint=f"{KERNELS_ENV}=torch uses PyTorch's matmuls only, unfused the numba matmuls without "
             "the fused decode step; unset it for the default",
+        )
+    gemm = env.get(GEMM_ENV, "").strip().lower()
+    if gemm and gemm not in GEMM_CHOICES:
+        raise BadInputError(
+            f"{GEMM_ENV}={env[GEMM_ENV]!r} in the environment is not one of " + ", ".join(GEMM_CHOICES),
+            hint=f"{GEMM_ENV}=onednn or blas picks the float32 GEMM of prefill and scoring; unset it "
+            "for the default (oneDNN on AMD CPUs, BLAS elsewhere)",
         )
 
 
