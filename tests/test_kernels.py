@@ -76,7 +76,7 @@ def test_gemv_f32_matches_f_linear(spy, rows: int, out_f: int, in_f: int, bias: 
 
 @needs_numba
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 3, 5])  # 1, 3: one weight row at a time; 5: blocks of four
 def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) -> None:
     x, w, b = _data(77, 200, rows)
     wh = w.to(dtype)
@@ -89,7 +89,8 @@ def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) ->
 
 @needs_numba
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 16])  # tiles of four rows of x and rows alone
-@pytest.mark.parametrize(("out_f", "in_f"), [(64, 48), (65, 200), (9, 3)])  # a tail in both dims
+# a tail in both dims; 128: whole chunks on every tier (one row of x: the row-at-a-time path)
+@pytest.mark.parametrize(("out_f", "in_f"), [(64, 48), (65, 200), (9, 3), (67, 128)])
 def test_gemv_int8_is_the_int8_definition_bit_for_bit(spy, rows: int, out_f: int, in_f: int) -> None:
     """The int8 decode GEMV: x rounded per row, exact int32 sums (VNNI here where the CPU has
     it), the strict epilogue: the same bits as the definition in torch and as the many-row GEMM."""
@@ -114,11 +115,12 @@ _TIER_SCRIPT = """
 import sys, numpy as np
 from gpt2cli import numba_kernels as nk
 assert nk.DOT_TIER == sys.argv[1], nk.DOT_TIER
-data = np.load(sys.argv[2])
-for name in ("gemv_i8", "gemv_i8_serial"):
-    out = np.empty((data["x"].shape[0], data["w"].shape[0]), np.float32)
-    getattr(nk, name)(data["x"], data["w"], data["scale"], data["b"], data["sums"], out)
-    np.save(sys.argv[3] + name + ".npy", out)
+for case in ("blocks", "row"):
+    data = np.load(sys.argv[2] + case + ".npz")
+    for name in ("gemv_i8", "gemv_i8_serial"):
+        out = np.empty((data["x"].shape[0], data["w"].shape[0]), np.float32)
+        getattr(nk, name)(data["x"], data["w"], data["scale"], data["b"], data["sums"], out)
+        np.save(sys.argv[3] + case + name + ".npy", out)
 if sys.argv[1] == "generic":  # no F16C: float16 weights widened in integer operations, exactly
     assert nk._SOFT_F16
     bits = np.arange(-32768, 32768, dtype=np.int32).astype(np.int16)
@@ -143,25 +145,32 @@ def test_every_int8_instruction_set_gives_the_same_bits(tier: str, tmp_path: Pat
     cpu, features, needs = _TIERS[tier]
     if needs not in nk._target_features():
         pytest.skip(f"this CPU has no {needs}")
-    x, w, b = _data(133, 200, 6)  # 33 blocks of four rows and one alone; 200 = chunks and a tail
-    q, scale = quantize_rows(w)
-    sums = q.sum(dim=1, dtype=torch.int32).numpy()
-    np.savez(tmp_path / "data.npz", x=x.numpy(), w=q.numpy(), scale=scale.numpy(), b=b.numpy(), sums=sums)
+    cases = {  # 33 blocks of four rows and one alone, 200 = chunks and a tail; one row of x
+        "blocks": _data(133, 200, 6),
+        "row": _data(133, 128, 1),
+    }
+    for case, (x, w, b) in cases.items():
+        q, scale = quantize_rows(w)
+        sums = q.sum(dim=1, dtype=torch.int32).numpy()
+        arrays = {"x": x.numpy(), "w": q.numpy(), "scale": scale.numpy(), "b": b.numpy(), "sums": sums}
+        np.savez(tmp_path / f"data_{case}.npz", **arrays)
     env = {
         **os.environ,
         "NUMBA_CPU_NAME": cpu,
         "NUMBA_CPU_FEATURES": features,
         "NUMBA_CACHE_DIR": str(tmp_path),
     }
-    args = [sys.executable, "-c", _TIER_SCRIPT, tier, str(tmp_path / "data.npz"), str(tmp_path / "out_")]
+    args = [sys.executable, "-c", _TIER_SCRIPT, tier, str(tmp_path / "data_"), str(tmp_path / "out_")]
     subprocess.run(args, env=env, check=True, timeout=600)
-    here = torch.empty(6, 133)
-    nk.gemv_i8(x.numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, here.numpy())
-    torch.testing.assert_close(here, _int8_by_definition(x, q, scale, b), atol=0, rtol=0)
-    for name in ("gemv_i8", "gemv_i8_serial"):
-        torch.testing.assert_close(
-            torch.from_numpy(np.load(tmp_path / f"out_{name}.npy")), here, atol=0, rtol=0
-        )
+    for case, (x, w, b) in cases.items():
+        q, scale = quantize_rows(w)
+        sums = q.sum(dim=1, dtype=torch.int32).numpy()
+        here = torch.empty(x.shape[0], 133)
+        nk.gemv_i8(x.numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, here.numpy())
+        torch.testing.assert_close(here, _int8_by_definition(x, q, scale, b), atol=0, rtol=0)
+        for name in ("gemv_i8", "gemv_i8_serial"):
+            theirs = torch.from_numpy(np.load(tmp_path / f"out_{case}{name}.npy"))
+            torch.testing.assert_close(theirs, here, atol=0, rtol=0, msg=f"{case} {name}")
 
 
 @needs_numba
@@ -195,12 +204,17 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
         "f16": (w.to(torch.float16).view(torch.int16).numpy(), ones),
     }
     for kind, (weights, sc) in cases.items():
-        outs = []
-        for kernel in (nk.gemv, nk.gemv_serial):
-            out = torch.empty(7, 333)
-            kernel(x.numpy(), weights, sc, b.numpy(), out.numpy())
-            outs.append(out)
-        assert torch.equal(outs[0], outs[1]), kind
+        by_batch = []
+        for xr in (x, x[4:6]):  # half weights and fewer than four rows: one weight row at a time
+            outs = []
+            for kernel in (nk.gemv, nk.gemv_serial):
+                out = torch.empty(xr.shape[0], 333)
+                kernel(xr.contiguous().numpy(), weights, sc, b.numpy(), out.numpy())
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1]), (kind, xr.shape[0])
+            by_batch.append(outs[0])
+        # rows 4 and 5 alone get the bits they get in the batch of 7 (outside its tile)
+        assert torch.equal(by_batch[1], by_batch[0][4:6]), kind
     sums = q.sum(dim=1, dtype=torch.int32).numpy()
     outs = []
     for kernel in (nk.gemv_i8, nk.gemv_i8_serial):

@@ -124,6 +124,7 @@ def _prefetch_block(w, o):  # type: ignore[no-untyped-def]
     # float32 rows stream at the memory's pace on their own; 16- and 8-bit rows take twice or
     # four times the instructions per cache line, so the out-of-order window sees too few lines
     # ahead: prefetching the block after next lifts them from ~6 to ~9 GB/s on one core here.
+    # (Half rows read one at a time, at batch 1, go without: it gained nothing on Zen 5.)
     if w.dtype == types.float32:
         return lambda w, o: None
 
@@ -172,13 +173,19 @@ def _widen(v):  # type: ignore[no-untyped-def]
 
 
 # The weight rows are taken four at a time: x is loaded once for four dot products (four
-# independent sums in flight), ~15-25% faster than one row at a time here. Rows of x go four
-# at a time too where there are four (``_tile``: 16 sums, each weight value loaded once for
-# four rows of x instead of once per row), 1.6-1.9x faster at 8 rows; the rest go one by one.
-# A row's sum is then ordered by where it falls (in a tile or not): batches of different
-# sizes may differ in the last bit (~3e-7 relative), never between thread counts. ``gemv``
-# splits the blocks between numba's threads, ``gemv_serial`` runs them in the calling thread
-# (no thread pool: what a busy machine needs). Both inline the same block code: bit-identical sums.
+# independent sums in flight), ~15-25% faster than one row at a time on Sapphire Rapids. With
+# half-precision weights and fewer than four rows of x (batch-1 decode), rows go one at a time
+# instead (``_row``), the matrix read front to back as one stream per thread: four rows read
+# side by side are four short streams (a 768-wide bf16 row is 24 cache lines), and on a
+# 2-core Zen 5 that read bf16/f16 weights 18-21% slower than one row at a time (float32 rows,
+# twice as long, lose nothing either way; docs/performance.md). The sums are the same bits.
+# Rows of x go four at a time where there are four (``_tile``: 16 sums, each weight value
+# loaded once for four rows of x instead of once per row), 1.6-1.9x faster at 8 rows (there
+# one weight row at a time is 20% slower than four); the rest go one by one. A row's sum is
+# then ordered by where it falls (in a tile or not): batches of different sizes may differ in
+# the last bit (~3e-7 relative), never between thread counts. ``gemv`` splits the rows between
+# numba's threads, ``gemv_serial`` runs them in the calling thread (no thread pool: what a busy
+# machine needs). Both inline the same block code: bit-identical sums.
 _INLINE = {"fastmath": True, "cache": CACHE, "nogil": True, "error_model": "numpy", "inline": "always"}
 
 
@@ -239,8 +246,24 @@ def _row(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # the last ou
         out[r, o] = acc * scale[o] + b[o]
 
 
+def row_at_a_time(w):  # type: ignore[no-untyped-def]
+    """Whether ``gemv`` takes w's rows one at a time for fewer than four rows of x (half
+    precision) or four at a time (float32, and four rows of x or more: ``_tile``)."""
+    raise NotImplementedError  # only called inside numba-compiled code
+
+
+@overload(row_at_a_time, inline="always")
+def _row_at_a_time(w):  # type: ignore[no-untyped-def]
+    one = w.dtype != types.float32
+    return lambda w: one
+
+
 @numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def gemv(x, w, scale, b, out):  # type: ignore[no-untyped-def]
+    if row_at_a_time(w) and x.shape[0] < 4:
+        for o in prange(w.shape[0]):
+            _row(x, w, scale, b, out, o)
+        return
     n4 = w.shape[0] // 4
     for t in prange(n4):
         _block(x, w, scale, b, out, 4 * t)
@@ -250,6 +273,10 @@ def gemv(x, w, scale, b, out):  # type: ignore[no-untyped-def]
 
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def gemv_serial(x, w, scale, b, out):  # type: ignore[no-untyped-def]
+    if row_at_a_time(w) and x.shape[0] < 4:
+        for o in range(w.shape[0]):
+            _row(x, w, scale, b, out, o)
+        return
     n4 = w.shape[0] // 4
     for t in range(n4):
         _block(x, w, scale, b, out, 4 * t)
@@ -383,8 +410,9 @@ def _halves(builder: Any, v: Any, parts: int) -> list[Any]:
 
 
 def _chunk_dots(builder: Any, xs: list[Any], ws: list[Any], accs: list[Any], tier: str) -> None:
-    """accs[j * 4 + k] += the products of chunk xs[j] (x row j) and ws[k] (weight row k)."""
+    """accs[j * len(ws) + k] += the products of chunk xs[j] (x row j) and ws[k] (weight row k)."""
     module = builder.module
+    n = len(ws)
     if tier.startswith("vnni"):
         lanes = CHUNK // 4
         vec = ir.VectorType(_I32, lanes)
@@ -395,7 +423,7 @@ def _chunk_dots(builder: Any, xs: list[Any], ws: list[Any], accs: list[Any], tie
         wv = [builder.bitcast(w, vec) for w in ws]
         for j, x in enumerate(xu):
             for k, w in enumerate(wv):
-                a = accs[4 * j + k]
+                a = accs[n * j + k]
                 builder.store(builder.call(fn, [builder.load(a), x, w]), a)
         return
     if tier == "avx2":  # 16 int16 pairs -> 8 int32 per vpmaddwd
@@ -405,7 +433,7 @@ def _chunk_dots(builder: Any, xs: list[Any], ws: list[Any], accs: list[Any], tie
         wh = [[builder.sext(h, v16) for h in _halves(builder, w, 2)] for w in ws]
         for j in range(len(xs)):
             for k in range(len(ws)):
-                a = accs[4 * j + k]
+                a = accs[n * j + k]
                 total = builder.load(a)
                 for p in range(2):
                     total = builder.add(total, builder.call(fn, [xh[j][p], wh[k][p]]))
@@ -416,13 +444,13 @@ def _chunk_dots(builder: Any, xs: list[Any], ws: list[Any], accs: list[Any], tie
     ww = [builder.sext(w, v32) for w in ws]
     for j in range(len(xs)):
         for k in range(len(ws)):
-            a = accs[4 * j + k]
+            a = accs[n * j + k]
             builder.store(builder.add(builder.load(a), builder.mul(xw[j], ww[k])), a)
 
 
-def _make_dots(rows: int) -> Any:
-    """An intrinsic: the int32 dot products of x rows r..r+rows-1 with w rows o..o+3 over their
-    first ``chunks * CHUNK`` values (x values plus OFFSET), as a tuple (x row major)."""
+def _make_dots(rows: int, wrows: int = 4) -> Any:
+    """An intrinsic: the int32 dot products of x rows r..r+rows-1 with w rows o..o+wrows-1 over
+    their first ``chunks * CHUNK`` values (x values plus OFFSET), as a tuple (x row major)."""
 
     @intrinsic
     def dots(typingctx: Any, x: Any, r: Any, w: Any, o: Any, chunks: Any) -> Any:
@@ -438,11 +466,11 @@ def _make_dots(rows: int) -> Any:
             ]
             wp = [
                 _row_pointer(context, builder, w_ty, w_val, builder.add(o_val, ir.Constant(o_val.type, k)))
-                for k in range(4)
+                for k in range(wrows)
             ]
             lanes = {"vnni512": 16, "vnni256": 8, "avx2": 8, "generic": CHUNK}[DOT_TIER]
             vec = ir.VectorType(_I32, lanes)
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(4 * rows)]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vec, None)) for _ in range(wrows * rows)]
             with cgutils.for_range(builder, n_val) as loop:
                 offset = builder.mul(loop.index, ir.Constant(loop.index.type, CHUNK))
                 xs = [_load(builder, p, offset, CHUNK) for p in xp]
@@ -454,11 +482,12 @@ def _make_dots(rows: int) -> Any:
             sums = [builder.call(reduce, [builder.load(a)]) for a in accs]
             return context.make_tuple(builder, signature.return_type, sums)
 
-        return types.UniTuple(types.int32, 4 * rows)(x, r, w, o, chunks), codegen
+        return types.UniTuple(types.int32, wrows * rows)(x, r, w, o, chunks), codegen
 
     return dots
 
 
+_dots_1x1 = _make_dots(1, 1)
 _dots_1x4 = _make_dots(1)
 _dots_4x4 = _make_dots(4)
 
@@ -495,6 +524,17 @@ def _block_i8(xq, xs, w, scale, b, wsum, out, o, tail):  # type: ignore[no-untyp
 
 
 @numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
+def _row_i8(xq, xs, w, scale, b, wsum, out, o, tail):  # type: ignore[no-untyped-def]  # row o of w, each row of x
+    chunks = xq.shape[1] // CHUNK
+    start = chunks * CHUNK
+    for r in range(xq.shape[0]):
+        acc = _dots_1x1(xq, r, w, o, chunks)[0] - OFFSET * wsum[o]  # type: ignore[call-arg]
+        if tail:
+            acc += _tail(xq, r, w, o, start)
+        out[r, o] = np.float32(acc) * xs[r] * scale[o] + b[o]
+
+
+@numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
 def _rows_left_i8(xq, xs, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]  # the last out % 4 rows
     for o in range(w.shape[0] // 4 * 4, w.shape[0]):
         for r in range(xq.shape[0]):
@@ -516,6 +556,12 @@ def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
     wsum int32 (out,) = w's row sums. The same numbers as ``int8_gemm`` (quantise, exact sums, rescale)."""
     xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
+    # One row of x (batch-1 decode): the weight rows one at a time, one stream per thread
+    # (``gemv``'s comment): 30% faster on Zen 5, the same sums; with two rows, 10% slower.
+    if x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
+        for o in prange(w.shape[0]):
+            _row_i8(xq, xs, w, scale, b, wsum, out, o, False)
+        return
     # The tail's loop is compiled only where in % CHUNK > 0 (GPT-2's widths are multiples of
     # 64): its mere presence beside the intrinsic halves the block's speed.
     if x.shape[1] % CHUNK == 0:
@@ -531,6 +577,10 @@ def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
 def gemv_i8_serial(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
     xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
+    if x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
+        for o in range(w.shape[0]):
+            _row_i8(xq, xs, w, scale, b, wsum, out, o, False)
+        return
     if x.shape[1] % CHUNK == 0:
         for t in range(n4):
             _block_i8(xq, xs, w, scale, b, wsum, out, 4 * t, False)
