@@ -236,7 +236,7 @@ def _store(out, r, o, scale, b, a0, a1, a2, a3):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_INLINE)  # type: ignore[call-overload]
-def _row(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # the last out % 4 rows
+def _row(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # row o of w, each row of x
     row = w[o]
     for r in range(x.shape[0]):
         xr = x[r]
@@ -524,13 +524,10 @@ def _block_i8(xq, xs, w, scale, b, wsum, out, o, tail):  # type: ignore[no-untyp
 
 
 @numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy", inline="always")  # type: ignore[call-overload]
-def _row_i8(xq, xs, w, scale, b, wsum, out, o, tail):  # type: ignore[no-untyped-def]  # row o of w, each row of x
-    chunks = xq.shape[1] // CHUNK
-    start = chunks * CHUNK
+def _row_i8(xq, xs, w, scale, b, wsum, out, o):  # type: ignore[no-untyped-def]  # row o of w, each row of x
+    chunks = xq.shape[1] // CHUNK  # whole chunks only: the caller checks in % CHUNK == 0
     for r in range(xq.shape[0]):
         acc = _dots_1x1(xq, r, w, o, chunks)[0] - OFFSET * wsum[o]  # type: ignore[call-arg]
-        if tail:
-            acc += _tail(xq, r, w, o, start)
         out[r, o] = np.float32(acc) * xs[r] * scale[o] + b[o]
 
 
@@ -560,7 +557,7 @@ def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
     # (``gemv``'s comment): 30% faster on Zen 5, the same sums; with two rows, 10% slower.
     if x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
         for o in prange(w.shape[0]):
-            _row_i8(xq, xs, w, scale, b, wsum, out, o, False)
+            _row_i8(xq, xs, w, scale, b, wsum, out, o)
         return
     # The tail's loop is compiled only where in % CHUNK > 0 (GPT-2's widths are multiples of
     # 64): its mere presence beside the intrinsic halves the block's speed.
@@ -579,7 +576,7 @@ def gemv_i8_serial(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
     n4 = w.shape[0] // 4
     if x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
         for o in range(w.shape[0]):
-            _row_i8(xq, xs, w, scale, b, wsum, out, o, False)
+            _row_i8(xq, xs, w, scale, b, wsum, out, o)
         return
     if x.shape[1] % CHUNK == 0:
         for t in range(n4):
