@@ -145,7 +145,9 @@ def test_124m_shape_logits_greedy_ids_and_perplexity_match_transformers(
         theirs = ref(x, labels=x)
         for gemm in ("blas", "onednn"):  # the float32 GEMM either way (kernels.fp32_gemm_path)
             monkeypatch.setenv("GPT2_GEMM", gemm)
-            torch.testing.assert_close(lm.model(x), theirs.logits, atol=1e-4, rtol=0, msg=gemm)
+            torch.testing.assert_close(
+                lm.model(x), theirs.logits, atol=1e-4, rtol=0, msg=lambda m, g=gemm: f"GPT2_GEMM={g}: {m}"
+            )
         monkeypatch.delenv("GPT2_GEMM")
         out = ref.generate(
             x[:, :8], max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=50256

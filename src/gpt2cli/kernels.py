@@ -263,7 +263,7 @@ def fp32_gemm_path() -> str:
     if _state == "off" or not _has_onednn_linear():
         return "blas"
     choice = os.environ.get(GEMM_ENV, "").strip().lower()
-    if choice in ("onednn", "blas"):
+    if choice in GEMM_CHOICES and choice != "auto":
         return choice
     return "onednn" if _cpu_vendor() in ONEDNN_VENDORS else "blas"
 
