@@ -358,6 +358,30 @@ def test_without_cpu_support_every_path_is_the_torch_reference(monkeypatch: pyte
     )
 
 
+def test_bf16_gemm_only_where_the_cpu_multiplies_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN emulates bf16 on x86 CPUs without AVX512-BF16 or AMX, 3-4x slower than widening
+    the weight: there the weight is widened per call (the float32 result, bit for bit)."""
+    x, w, b = _data(70, 96, 33)
+    wh = w.to(torch.bfloat16)
+    onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    try:
+        for native in (False, True):
+            with monkeypatch.context() as patch:
+                patch.setattr(kernels.platform, "machine", lambda: "x86_64")
+                patch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+                patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+                kernels._capabilities.cache_clear()
+                assert ("bf16" in kernels._capabilities()) == (native and onednn_bf16)
+                y = kernels.linear(x, wh, b)
+            widened = F.linear(x, wh.float(), b)
+            if native and onednn_bf16:  # x rounded to bf16: close, not equal
+                assert not torch.equal(y, widened)
+            else:
+                torch.testing.assert_close(y, widened, atol=1e-6, rtol=1e-6)
+    finally:
+        kernels._capabilities.cache_clear()
+
+
 def test_kernels_off_is_the_torch_reference() -> None:
     x1, w, b = _data(70, 96, 1)
     x40 = torch.randn(40, 96)

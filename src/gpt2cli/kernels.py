@@ -13,9 +13,10 @@ float32 (..., in) and a weight (out, in) on CPU:
 
 int8 layers round x to int8 per row on every CPU path and sum the int8 products exactly, so
 ``linear_int8`` gives a row the same bits whatever its batch, path (GEMV, GEMM, reference) or
-threads. Where the CPU lacks the half-precision instructions (an AVX2-only CPU), or numba is
-not installed, or ``GPT2_KERNELS=torch``, paths fall back to torch: half weights are converted
-to float32 for the call, int8 goes through ``torch._int_mm`` with torch's own rounding and
+threads. Where the CPU lacks the half-precision instructions (bf16: AVX512-BF16 or AMX, which
+oneDNN emulates on other x86 CPUs 3-4x slower than widening), or numba is not installed, or
+``GPT2_KERNELS=torch``, paths fall back to torch: half weights are converted to float32 for
+the call, int8 goes through ``torch._int_mm`` with torch's own rounding and
 rescaling. Float32 GEMMs go to oneDNN where torch's BLAS (MKL) does not run its AVX-512 code:
 on AMD CPUs MKL's sgemm reached 140-200 GFLOP/s, oneDNN's 300-460 on a 2-core Zen 5
 (docs/performance.md); ``GPT2_GEMM=onednn|blas`` chooses by hand.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -218,13 +220,27 @@ def _capabilities() -> frozenset[str]:
     caps = set()
     mkldnn = getattr(torch.ops, "mkldnn", None)
     try:
-        if mkldnn is not None and mkldnn._is_mkldnn_bf16_supported():
+        if mkldnn is not None and mkldnn._is_mkldnn_bf16_supported() and _native_bf16():
             caps.add("bf16")
         if mkldnn is not None and mkldnn._is_mkldnn_fp16_supported():
             caps.add("f16")
     except (AttributeError, RuntimeError):
         pass
     return frozenset(caps)
+
+
+def _native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 itself (AVX512-BF16 or AMX), not by oneDNN's emulation.
+
+    oneDNN also reports bf16 on plain AVX-512 x86 CPUs and emulates it there: on an Ice Lake
+    Xeon its bf16 GEMM ran at 54-59 GFLOP/s against 150-240 for the weight widened to float32
+    per call (docs/performance.md). Elsewhere (aarch64) oneDNN's own answer stands.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    cpu = torch.cpu
+    has = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in has)
 
 
 def _can(path: str) -> bool:
