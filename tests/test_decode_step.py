@@ -120,11 +120,13 @@ def test_block_step_serial_equals_parallel_bit_for_bit(ckpt_h: Path) -> None:
     k0 = rng.standard_normal((7, c.n_head, 12, c.head_dim), dtype=np.float32)
     results = []
     for parallel in (False, True):
-        x, k, v = x0.copy(), k0.copy(), k0.copy() * 2
-        kernels.nk().block_step(x, pos, k, v, 1, *operands, 1e-5, scale, 0, parallel)
-        results.append((x, k, v))
-    for a, b in zip(*results, strict=True):
-        assert np.array_equal(a, b)
+        for rows_alone in (False, True):  # the GEMV's weight-row layout: the same bits either way
+            x, k, v = x0.copy(), k0.copy(), k0.copy() * 2
+            kernels.nk().block_step(x, pos, k, v, 1, *operands, 1e-5, scale, 0, parallel, rows_alone)
+            results.append((x, k, v))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert np.array_equal(a, b)
     assert not np.array_equal(results[0][0], x0)
 
 

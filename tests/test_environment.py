@@ -123,6 +123,7 @@ def test_latin1_locale_replaces_what_it_cannot_show(ckpt_h: Path, latin1_locale,
         ({"GPT2_THREADS": "0"}, ["GPT2_THREADS='0'"]),
         ({"GPT2_KERNELS": "bogus"}, ["GPT2_KERNELS='bogus'", "torch", "unfused"]),
         ({"GPT2_GEMM": "mkl"}, ["GPT2_GEMM='mkl'", "onednn", "blas"]),
+        ({"GPT2_GEMV": "tiles"}, ["GPT2_GEMV='tiles'", "rows", "blocks"]),
         ({"GPT2_DEVICE": "tpu"}, ["GPT2_DEVICE='tpu' in the environment", "unset GPT2_DEVICE"]),
     ],
 )
@@ -156,6 +157,21 @@ def test_every_gemm_choice_is_accepted(ckpt_h: Path, capsys, monkeypatch) -> Non
         monkeypatch.setenv("GPT2_GEMM", f" {choice.upper()} ")
         result = run_inprocess(
             ["score", "-m", str(ckpt_h), "-", "--format", "json"], capsys, monkeypatch, stdin=b"hello " * 30
+        )
+        assert result.code == 0, result.err
+
+
+def test_every_gemv_choice_is_accepted(ckpt_h: Path, capsys, monkeypatch) -> None:
+    from gpt2cli import kernels
+    from gpt2cli.cli.options import GEMV_CHOICES
+
+    assert GEMV_CHOICES == kernels.GEMV_CHOICES
+    for choice in GEMV_CHOICES:
+        monkeypatch.setenv("GPT2_GEMV", f" {choice.upper()} ")
+        result = run_inprocess(
+            ["generate", "-m", str(ckpt_h), "hi", "-n", "2", "-t", "0", "--quantize", "int8"],
+            capsys,
+            monkeypatch,
         )
         assert result.code == 0, result.err
 

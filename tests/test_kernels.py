@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,7 +120,8 @@ for case in ("blocks", "row"):
     data = np.load(sys.argv[2] + case + ".npz")
     for name in ("gemv_i8", "gemv_i8_serial"):
         out = np.empty((data["x"].shape[0], data["w"].shape[0]), np.float32)
-        getattr(nk, name)(data["x"], data["w"], data["scale"], data["b"], data["sums"], out)
+        rows_alone = case == "row"
+        getattr(nk, name)(data["x"], data["w"], data["scale"], data["b"], data["sums"], out, rows_alone)
         np.save(sys.argv[3] + case + name + ".npy", out)
 if sys.argv[1] == "generic":  # no F16C: float16 weights widened in integer operations, exactly
     assert nk._SOFT_F16
@@ -128,7 +130,7 @@ if sys.argv[1] == "generic":  # no F16C: float16 weights widened in integer oper
     ones, zeros = np.ones(finite.shape[0], np.float32), np.zeros(finite.shape[0], np.float32)
     for j in range(8):  # x = e_j picks column j: out = the widened values, bit for bit
         out = np.empty((1, finite.shape[0]), np.float32)
-        nk.gemv_serial(np.eye(8, dtype=np.float32)[j : j + 1], finite, ones, zeros, out)
+        nk.gemv_serial(np.eye(8, dtype=np.float32)[j : j + 1], finite, ones, zeros, out, True)
         assert (out[0] == finite[:, j].view(np.float16).astype(np.float32)).all(), j
 """
 
@@ -166,7 +168,7 @@ def test_every_int8_instruction_set_gives_the_same_bits(tier: str, tmp_path: Pat
         q, scale = quantize_rows(w)
         sums = q.sum(dim=1, dtype=torch.int32).numpy()
         here = torch.empty(x.shape[0], 133)
-        nk.gemv_i8(x.numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, here.numpy())
+        nk.gemv_i8(x.numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, here.numpy(), case == "row")
         torch.testing.assert_close(here, _int8_by_definition(x, q, scale, b), atol=0, rtol=0)
         for name in ("gemv_i8", "gemv_i8_serial"):
             theirs = torch.from_numpy(np.load(tmp_path / f"out_{case}{name}.npy"))
@@ -193,9 +195,10 @@ def test_int8_row_sums_follow_the_weight() -> None:
 
 @needs_numba
 def test_serial_and_parallel_kernels_are_bit_identical() -> None:
-    """One thread runs the serial twins: the sums must not change with the thread count."""
+    """One thread runs the serial twins: the sums must not change with the thread count, nor
+    with the weight-row layout (``rows_alone``: one weight row at a time or four-row blocks)."""
     nk = kernels._nk
-    x, w, b = _data(333, 200, 7)  # 333 rows: 83 blocks of four and a tail of one; x: a tile and three
+    x, w, b = _data(333, 256, 7)  # 333 rows: 83 blocks of four and a tail of one; x: a tile and three
     q, scale = quantize_rows(w)
     ones = torch.ones(333).numpy()
     cases = {
@@ -205,23 +208,69 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     }
     for kind, (weights, sc) in cases.items():
         by_batch = []
-        for xr in (x, x[4:6]):  # half weights and fewer than four rows: one weight row at a time
+        for xr in (x, x[4:6], x[4:5]):  # half weights, fewer than four rows: the layout choice applies
             outs = []
             for kernel in (nk.gemv, nk.gemv_serial):
-                out = torch.empty(xr.shape[0], 333)
-                kernel(xr.contiguous().numpy(), weights, sc, b.numpy(), out.numpy())
-                outs.append(out)
-            assert torch.equal(outs[0], outs[1]), (kind, xr.shape[0])
+                for rows_alone in (False, True):
+                    out = torch.empty(xr.shape[0], 333)
+                    kernel(xr.contiguous().numpy(), weights, sc, b.numpy(), out.numpy(), rows_alone)
+                    outs.append(out)
+            assert all(torch.equal(outs[0], o) for o in outs[1:]), (kind, xr.shape[0])
             by_batch.append(outs[0])
         # rows 4 and 5 alone get the bits they get in the batch of 7 (outside its tile)
         assert torch.equal(by_batch[1], by_batch[0][4:6]), kind
+        assert torch.equal(by_batch[2], by_batch[0][4:5]), kind
     sums = q.sum(dim=1, dtype=torch.int32).numpy()
-    outs = []
-    for kernel in (nk.gemv_i8, nk.gemv_i8_serial):
-        out = torch.empty(7, 333)
-        kernel(x.numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, out.numpy())
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1]), "i8"
+    for xr in (x, x[4:5]):  # one row of x (whole chunks): the layout choice applies
+        outs = []
+        for kernel in (nk.gemv_i8, nk.gemv_i8_serial):
+            for rows_alone in (False, True):
+                out = torch.empty(xr.shape[0], 333)
+                kernel(
+                    xr.contiguous().numpy(),
+                    q.numpy(),
+                    scale.numpy(),
+                    b.numpy(),
+                    sums,
+                    out.numpy(),
+                    rows_alone,
+                )
+                outs.append(out)
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), ("i8", xr.shape[0])
+
+
+@needs_numba
+def test_gemv_layout_follows_the_cpu_and_gpt2_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch-1 decode takes half and int8 weight rows one at a time on AMD CPUs (faster there)
+    and four-row blocks elsewhere (faster on Ice Lake); GPT2_GEMV=rows|blocks overrides. The
+    choice reaches the kernel (a spy on its last argument)."""
+    seen: list[bool] = []
+    real = kernels._nk.gemv
+
+    def spied(*args: Any) -> None:
+        seen.append(args[-1])
+        real(*args)
+
+    monkeypatch.setattr(kernels._nk, "gemv", spied)
+    monkeypatch.setattr(kernels._nk, "gemv_serial", spied)
+    monkeypatch.delenv("GPT2_GEMV", raising=False)
+    x, w, b = _data(40, 64, 1)
+    for vendor, env, expected in [
+        ("AuthenticAMD", None, True),
+        ("GenuineIntel", None, False),
+        ("GenuineIntel", "rows", True),
+        ("AuthenticAMD", " Blocks ", False),
+        ("AuthenticAMD", "auto", True),
+    ]:
+        monkeypatch.setattr(kernels, "_cpu_vendor", lambda vendor=vendor: vendor)
+        if env is None:
+            monkeypatch.delenv("GPT2_GEMV", raising=False)
+        else:
+            monkeypatch.setenv("GPT2_GEMV", env)
+        assert kernels.gemv_rows_alone() is expected, (vendor, env)
+        seen.clear()
+        kernels.linear(x, w.to(torch.bfloat16), b)
+        assert seen == [expected], (vendor, env)
 
 
 needs_onednn = pytest.mark.skipif(not kernels._has_onednn_linear(), reason="torch without oneDNN")

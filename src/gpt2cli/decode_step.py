@@ -82,6 +82,7 @@ def warm_up(model: GPT2) -> None:
             scale,
             0,
             parallel,
+            kernels.gemv_rows_alone(),
         )
 
 
@@ -98,10 +99,11 @@ def run_blocks(model: GPT2, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, 
     row0 = rows.start or 0
     eps = float(model.config.layer_norm_epsilon)
     act = nk.ACTIVATIONS[model.config.activation_function]
+    rows_alone = kernels.gemv_rows_alone()
     with kernels.parallel_slot() as parallel:
         for i, (operands, scale) in enumerate(_block_operands(model)):
             k, v = cache.k[i].numpy(), cache.v[i].numpy()
-            nk.block_step(h_np, pos_np, k, v, row0, *operands, eps, scale, act, parallel)
+            nk.block_step(h_np, pos_np, k, v, row0, *operands, eps, scale, act, parallel, rows_alone)
     calls += 1
     return h.view(B, 1, C)
 

@@ -79,6 +79,13 @@ ONEDNN_VENDORS = ("AuthenticAMD", "HygonGenuine")
 (2-3x slower than oneDNN's AVX-512 on Zen 5). Intel CPUs keep MKL, which runs its AVX-512 code
 there (the Sapphire Rapids runs in docs/performance.md used it)."""
 
+GEMV_ENV = "GPT2_GEMV"
+GEMV_CHOICES = ("auto", "rows", "blocks")
+ROWS_ALONE_VENDORS = ("AuthenticAMD", "HygonGenuine")
+"""CPU vendors whose batch-1 decode reads half and int8 weights one row at a time: 1.18-1.30x
+faster than four rows side by side on a 2-core Zen 5, 0.82-0.89x on an Ice Lake Xeon, where
+the four-row blocks stay (docs/performance.md). The same bits either way."""
+
 _nk: Any = None  # the gpt2cli.numba_kernels module, once compiled
 _state = "unknown"  # unknown | ready | missing | off
 _numba_threads = 0  # numba's thread count as last set
@@ -284,6 +291,16 @@ def fp32_gemm_path() -> str:
     return "onednn" if _cpu_vendor() in ONEDNN_VENDORS else "blas"
 
 
+def gemv_rows_alone() -> bool:
+    """Whether the decode GEMV reads half and int8 weights one row at a time for batch 1
+    (``rows_alone`` in numba_kernels.gemv): ``GPT2_GEMV`` (rows, blocks) chooses; unset, auto or
+    unknown: one row at a time on ``ROWS_ALONE_VENDORS``' CPUs, four-row blocks elsewhere."""
+    choice = os.environ.get(GEMV_ENV, "").strip().lower()
+    if choice in GEMV_CHOICES and choice != "auto":
+        return choice == "rows"
+    return _cpu_vendor() in ROWS_ALONE_VENDORS
+
+
 # --- the entry points the model calls -----------------------------------------------------------
 
 
@@ -416,7 +433,7 @@ def _gemv_int8(
 def _run(x2: torch.Tensor, kernel: str, *operands: Any) -> torch.Tensor:
     """The numba ``kernel`` on x2 and the weight's numpy operands (the weight first) -> (B, out)."""
     out = torch.empty(x2.shape[0], operands[0].shape[0])
-    _kernel(kernel)(x2.contiguous().numpy(), *operands, out.numpy())
+    _kernel(kernel)(x2.contiguous().numpy(), *operands, out.numpy(), gemv_rows_alone())
     return out
 
 

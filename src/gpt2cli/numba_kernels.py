@@ -174,11 +174,13 @@ def _widen(v):  # type: ignore[no-untyped-def]
 
 # The weight rows are taken four at a time: x is loaded once for four dot products (four
 # independent sums in flight), ~15-25% faster than one row at a time on Sapphire Rapids. With
-# half-precision weights and fewer than four rows of x (batch-1 decode), rows go one at a time
-# instead (``_row``), the matrix read front to back as one stream per thread: four rows read
-# side by side are four short streams (a 768-wide bf16 row is 24 cache lines), and on a
-# 2-core Zen 5 that read bf16/f16 weights 18-21% slower than one row at a time (float32 rows,
-# twice as long, lose nothing either way; docs/performance.md). The sums are the same bits.
+# ``rows_alone`` (the caller's choice: kernels.gemv_rows_alone), half-precision weights and
+# fewer than four rows of x (batch-1 decode), rows go one at a time instead (``_row``), the
+# matrix read front to back as one stream per thread: four rows read side by side are four
+# short streams (a 768-wide bf16 row is 24 cache lines), and on a 2-core Zen 5 that read
+# bf16/f16 weights 18-21% slower than one row at a time, while on an Ice Lake Xeon one row at
+# a time was 15% slower than four (float32 rows, twice as long, lose nothing either way;
+# docs/performance.md). The sums are the same bits.
 # Rows of x go four at a time where there are four (``_tile``: 16 sums, each weight value
 # loaded once for four rows of x instead of once per row), 1.6-1.9x faster at 8 rows (there
 # one weight row at a time is 20% slower than four); the rest go one by one. A row's sum is
@@ -247,8 +249,8 @@ def _row(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # row o of w,
 
 
 def row_at_a_time(w):  # type: ignore[no-untyped-def]
-    """Whether ``gemv`` takes w's rows one at a time for fewer than four rows of x (half
-    precision) or four at a time (float32, and four rows of x or more: ``_tile``)."""
+    """Whether ``gemv`` may take w's rows one at a time for fewer than four rows of x (half
+    precision: where the caller asks, ``rows_alone``) or always four at a time (float32)."""
     raise NotImplementedError  # only called inside numba-compiled code
 
 
@@ -259,8 +261,8 @@ def _row_at_a_time(w):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
-def gemv(x, w, scale, b, out):  # type: ignore[no-untyped-def]
-    if row_at_a_time(w) and x.shape[0] < 4:
+def gemv(x, w, scale, b, out, rows_alone):  # type: ignore[no-untyped-def]
+    if rows_alone and row_at_a_time(w) and x.shape[0] < 4:
         for o in prange(w.shape[0]):
             _row(x, w, scale, b, out, o)
         return
@@ -272,8 +274,8 @@ def gemv(x, w, scale, b, out):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
-def gemv_serial(x, w, scale, b, out):  # type: ignore[no-untyped-def]
-    if row_at_a_time(w) and x.shape[0] < 4:
+def gemv_serial(x, w, scale, b, out, rows_alone):  # type: ignore[no-untyped-def]
+    if rows_alone and row_at_a_time(w) and x.shape[0] < 4:
         for o in range(w.shape[0]):
             _row(x, w, scale, b, out, o)
         return
@@ -548,14 +550,15 @@ def _rounded(x):  # type: ignore[no-untyped-def]  # x float32 (B, in) -> int8 (B
 
 
 @numba.njit(parallel=True, fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
-def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
+def gemv_i8(x, w, scale, b, wsum, out, rows_alone):  # type: ignore[no-untyped-def]
     """out = (x rounded to int8 per row) @ w.T, rescaled, + b; x float32 (B, in), w int8 (out, in),
     wsum int32 (out,) = w's row sums. The same numbers as ``int8_gemm`` (quantise, exact sums, rescale)."""
     xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
-    # One row of x (batch-1 decode): the weight rows one at a time, one stream per thread
-    # (``gemv``'s comment): 30% faster on Zen 5, the same sums; with two rows, 10% slower.
-    if x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
+    # One row of x (batch-1 decode) and ``rows_alone``: the weight rows one at a time, one
+    # stream per thread (``gemv``'s comment): 22-30% faster on Zen 5, 11% slower on Ice Lake,
+    # the same sums; with two rows, 10% slower on Zen 5 too.
+    if rows_alone and x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
         for o in prange(w.shape[0]):
             _row_i8(xq, xs, w, scale, b, wsum, out, o)
         return
@@ -571,10 +574,10 @@ def gemv_i8(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
-def gemv_i8_serial(x, w, scale, b, wsum, out):  # type: ignore[no-untyped-def]
+def gemv_i8_serial(x, w, scale, b, wsum, out, rows_alone):  # type: ignore[no-untyped-def]
     xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
-    if x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
+    if rows_alone and x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
         for o in range(w.shape[0]):
             _row_i8(xq, xs, w, scale, b, wsum, out, o)
         return
@@ -598,9 +601,9 @@ def warm_up() -> None:
     out = np.empty((1, 5), np.float32)
     for dtype in WEIGHT_TYPES:
         for kernel in (gemv, gemv_serial):
-            kernel(x, np.zeros((5, 8), dtype), ones, ones, out)
+            kernel(x, np.zeros((5, 8), dtype), ones, ones, out, True)
     for int8_kernel in (gemv_i8, gemv_i8_serial):
-        int8_kernel(x, np.zeros((5, 8), np.int8), ones, ones, np.zeros(5, np.int32), out)
+        int8_kernel(x, np.zeros((5, 8), np.int8), ones, ones, np.zeros(5, np.int32), out, True)
     embed_i8(np.zeros(1, np.int64), np.zeros((4, 5), np.int8), ones, out)
     for quantize in (quantize_rows_i8, quantize_rows_i8_serial):
         quantize(out, np.empty((1, 5), np.int8), ones[:1])
@@ -737,47 +740,49 @@ def _layer_norm(x, w, b, eps, out):  # type: ignore[no-untyped-def]  # x (B, C) 
             out[r, i] = (xr[i] - mean) * inv * w[i] + b[i]
 
 
-def matmul(x, op, out, parallel):  # type: ignore[no-untyped-def]
-    """out = x @ w.T (rescaled) + b for op = (w, scale, b, wsum): ``gemv`` or ``gemv_i8`` by w's type."""
+def matmul(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
+    """out = x @ w.T (rescaled) + b for op = (w, scale, b, wsum): ``gemv`` or ``gemv_i8`` by w's type
+    (their ``_serial`` twins unless ``parallel``; ``rows_alone`` as they take it)."""
     raise NotImplementedError  # only called inside numba-compiled code
 
 
 @overload(matmul, inline="always")
-def _matmul(x, op, out, parallel):  # type: ignore[no-untyped-def]
+def _matmul(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
     if op.types[0].dtype == types.int8:
 
-        def int8(x, op, out, parallel):  # type: ignore[no-untyped-def]
+        def int8(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
             if parallel:
-                gemv_i8(x, op[0], op[1], op[2], op[3], out)
+                gemv_i8(x, op[0], op[1], op[2], op[3], out, rows_alone)
             else:
-                gemv_i8_serial(x, op[0], op[1], op[2], op[3], out)
+                gemv_i8_serial(x, op[0], op[1], op[2], op[3], out, rows_alone)
 
         return int8
 
-    def floats(x, op, out, parallel):  # type: ignore[no-untyped-def]
+    def floats(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
         if parallel:
-            gemv(x, op[0], op[1], op[2], out)
+            gemv(x, op[0], op[1], op[2], out, rows_alone)
         else:
-            gemv_serial(x, op[0], op[1], op[2], out)
+            gemv_serial(x, op[0], op[1], op[2], out, rows_alone)
 
     return floats
 
 
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def block_step(  # type: ignore[no-untyped-def]
-    x, pos, kc, vc, row0, ln1, qkv_w, attn_o, ln2, fc, proj, eps, attn_scale, act, parallel
+    x, pos, kc, vc, row0, ln1, qkv_w, attn_o, ln2, fc, proj, eps, attn_scale, act, parallel, rows_alone
 ):
     """One GPT-2 block for x (B, C), each row one token at position pos[r], in place.
 
     ``ln1``/``ln2`` are (weight, bias); ``qkv_w``, ``attn_o``, ``fc``, ``proj`` are (weight,
-    scale, bias, row sums) as ``matmul`` takes them. Writes the rows' keys and values into kc, vc (rows
-    row0..row0+B-1) and leaves the block's output in x.
+    scale, bias, row sums) as ``matmul`` takes them, and ``parallel`` and ``rows_alone`` too.
+    Writes the rows' keys and values into kc, vc (rows row0..row0+B-1) and leaves the block's
+    output in x.
     """
     B, C = x.shape
     h = np.empty((B, C), np.float32)
     _layer_norm(x, ln1[0], ln1[1], eps, h)
     qkv = np.empty((B, qkv_w[0].shape[0]), np.float32)
-    matmul(h, qkv_w, qkv, parallel)
+    matmul(h, qkv_w, qkv, parallel, rows_alone)
     y = np.empty((B, C), np.float32)
     scores = np.empty((B * kc.shape[1], pos.max() + 1), np.float32)
     if parallel:
@@ -785,14 +790,14 @@ def block_step(  # type: ignore[no-untyped-def]
     else:
         attend_serial(qkv, pos, kc, vc, row0, attn_scale, y, scores)
     a = np.empty((B, C), np.float32)
-    matmul(y, attn_o, a, parallel)
+    matmul(y, attn_o, a, parallel, rows_alone)
     x += a
     _layer_norm(x, ln2[0], ln2[1], eps, h)
     f = np.empty((B, fc[0].shape[0]), np.float32)
-    matmul(h, fc, f, parallel)
+    matmul(h, fc, f, parallel, rows_alone)
     for r in range(B):
         _activate(f[r], act)
-    matmul(f, proj, a, parallel)
+    matmul(f, proj, a, parallel, rows_alone)
     x += a
 
 

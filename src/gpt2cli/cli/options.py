@@ -160,17 +160,18 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(one, text)
 
 
-THREADS_ENV, KERNELS_ENV, GEMM_ENV = "GPT2_THREADS", "GPT2_KERNELS", "GPT2_GEMM"
+THREADS_ENV, KERNELS_ENV, GEMM_ENV, GEMV_ENV = "GPT2_THREADS", "GPT2_KERNELS", "GPT2_GEMM", "GPT2_GEMV"
 KERNEL_CHOICES = ("auto", "numba", "unfused", "torch")
 GEMM_CHOICES = ("auto", "onednn", "blas")  # kernels.GEMM_CHOICES (not imported: it imports torch)
+GEMV_CHOICES = ("auto", "rows", "blocks")  # kernels.GEMV_CHOICES, likewise
 
 
 def check_environment(environ: dict[str, str] | None = None) -> None:
     """Refuse GPT2_* variables with values we would otherwise have to ignore.
 
     Raises:
-        BadInputError: GPT2_THREADS is not a positive integer, GPT2_KERNELS or GPT2_GEMM not a
-            known path.
+        BadInputError: GPT2_THREADS is not a positive integer, GPT2_KERNELS, GPT2_GEMM or
+            GPT2_GEMV not a known path.
     """
     env = os.environ if environ is None else environ
     threads = env.get(THREADS_ENV, "").strip()
@@ -193,6 +194,13 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
             f"{GEMM_ENV}={env[GEMM_ENV]!r} in the environment is not one of " + ", ".join(GEMM_CHOICES),
             hint=f"{GEMM_ENV}=onednn or blas picks the float32 GEMM of prefill and scoring; unset it "
             "for the default (oneDNN on AMD CPUs, BLAS elsewhere)",
+        )
+    gemv = env.get(GEMV_ENV, "").strip().lower()
+    if gemv and gemv not in GEMV_CHOICES:
+        raise BadInputError(
+            f"{GEMV_ENV}={env[GEMV_ENV]!r} in the environment is not one of " + ", ".join(GEMV_CHOICES),
+            hint=f"{GEMV_ENV}=rows or blocks picks how batch-1 decode reads half and int8 weights; "
+            "unset it for the default (rows on AMD CPUs, blocks elsewhere)",
         )
 
 
