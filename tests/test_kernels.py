@@ -454,6 +454,30 @@ def test_bf16_gemm_only_where_the_cpu_multiplies_bf16(monkeypatch: pytest.Monkey
         kernels._capabilities.cache_clear()
 
 
+def test_half_weights_are_widened_a_block_of_rows_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a half-precision GEMM a half weight is widened to float32 in blocks of rows
+    (never a float32 copy of the whole matrix), with the float32 GEMM's result."""
+    monkeypatch.setattr(kernels, "_capabilities", lambda: frozenset())
+    monkeypatch.setattr(kernels, "WIDEN_BLOCK_BYTES", 96 * 4 * 10)  # ten rows of 96 a block
+    widened: list[tuple[int, ...]] = []
+    real = kernels._gemm
+
+    def spied(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        widened.append(tuple(weight.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(kernels, "_gemm", spied)
+    x, w, b = _data(33, 96, 40)
+    for dtype in HALF:
+        for bias in (b, None):
+            widened.clear()
+            wh = w.to(dtype)
+            y = kernels.linear(x.view(4, 10, 96), wh, bias)
+            assert y.shape == (4, 10, 33)
+            torch.testing.assert_close(y.view(40, 33), F.linear(x, wh.float(), bias), atol=1e-6, rtol=1e-6)
+            assert widened == [(10, 96), (10, 96), (10, 96), (3, 96)]
+
+
 def test_kernels_off_is_the_torch_reference() -> None:
     x1, w, b = _data(70, 96, 1)
     x40 = torch.randn(40, 96)

@@ -450,7 +450,29 @@ def _half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if x.numel() == x.shape[-1]:  # one row: torch's half GEMV, as fast as any pure-torch path
         b = bias.to(weight.dtype) if bias is not None else None
         return F.linear(x.to(weight.dtype), weight, b).float()
-    return _gemm(x, weight.float(), bias.float() if bias is not None else None)
+    return _widened_gemm(x, weight, bias)
+
+
+WIDEN_BLOCK_BYTES = 16 << 20
+"""The float32 copy of a half weight that ``_widened_gemm`` holds at once (a block of its rows)."""
+
+
+def _widened_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x float32 (..., in) @ half weight (out, in).T + bias, widened to float32 a block of rows at a
+    time: never a float32 copy of the whole matrix (the 124M lm_head's is 154 MB, which also
+    stayed in the process once freed), at the float32 GEMM's speed."""
+    n_out, n_in = weight.shape
+    b = bias.float() if bias is not None else None
+    step = max(1, WIDEN_BLOCK_BYTES // (4 * n_in))
+    if step >= n_out:
+        return _gemm(x, weight.float(), b)
+    x2 = x.reshape(-1, n_in)
+    y = torch.empty(x2.shape[0], n_out)
+    for o in range(0, n_out, step):
+        y[:, o : o + step] = _gemm(
+            x2, weight[o : o + step].float(), b[o : o + step] if b is not None else None
+        )
+    return y.view(*x.shape[:-1], n_out)
 
 
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
