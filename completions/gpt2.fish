@@ -389,7 +389,7 @@ complete -c gpt2 -n '__gpt2_at generate' -l help -s h -d 'Show this message and 
 complete -c gpt2 -n '__gpt2_at score' -l model -s m -x -a 'gpt2 gpt2-medium gpt2-large gpt2-xl distilgpt2 (__fish_complete_directories (commandline -ct))' -d 'Model: alias (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2), org/name[@revision], or a directory.'
 complete -c gpt2 -n '__gpt2_at score' -l context -x -d 'Window size in tokens (default: the model\'s window).'
 complete -c gpt2 -n '__gpt2_at score' -l stride -x -d 'Tokens between window starts (default: half the context).'
-complete -c gpt2 -n '__gpt2_at score' -l batch-size -x -d 'Windows run through the model together.'
+complete -c gpt2 -n '__gpt2_at score' -l batch-size -x -d 'Windows run through the model together (default: 2048 tokens\' worth on CPU, 8 on a GPU).'
 complete -c gpt2 -n '__gpt2_at score' -l format -x -a 'text json jsonl csv' -d 'text (a table), json, jsonl or csv.'
 complete -c gpt2 -n '__gpt2_at score' -l per-token -d 'Each token\'s score: a heat map on a terminal; text, id, logprob and rank in json/jsonl.'
 complete -c gpt2 -n '__gpt2_at score' -l top -x -d 'List the N most surprising tokens with their context.'

@@ -121,6 +121,30 @@ def test_batching_does_not_change_scores(lms) -> None:
     assert many.total_nll == pytest.approx(one.total_nll, rel=1e-6)
 
 
+def test_default_batch_is_a_token_budget_on_cpu(lms, monkeypatch) -> None:
+    """Unless --batch-size is given, a CPU batch holds CPU_BATCH_TOKENS worth of windows (the
+    memory of eight 1024-token windows bought no speed there); a GPU batch eight windows."""
+    assert scoring.default_batch_size(1024, torch.device("cpu")) == scoring.CPU_BATCH_TOKENS // 1024
+    assert scoring.default_batch_size(scoring.CPU_BATCH_TOKENS * 2, torch.device("cpu")) == 1
+    assert scoring.default_batch_size(1024, torch.device("cuda")) == scoring.GPU_BATCH_WINDOWS
+    lm = lms["h"]
+    batches: list[int] = []
+    real = scoring.Scorer._run
+
+    def spied(self, windows, *rest):  # type: ignore[no-untyped-def]
+        batches.append(len(windows))
+        return real(self, windows, *rest)
+
+    monkeypatch.setattr(scoring.Scorer, "_run", spied)
+    monkeypatch.setattr(scoring, "CPU_BATCH_TOKENS", 3 * 24)
+    default = lm.score(TEXT, context=24, stride=8)
+    assert max(batches) == 3 and len(batches) > 2, batches
+    batches.clear()
+    given = lm.score(TEXT, context=24, stride=8, batch_size=5)
+    assert max(batches) == 5, batches
+    assert default.total_nll == pytest.approx(given.total_nll, rel=1e-6)
+
+
 def test_windows_score_every_target_once() -> None:
     for context, stride, n in [(4, 2, 11), (4, 4, 8), (4, 1, 3), (5, 3, 5), (5, 5, 4), (3, 2, 0)]:
         cutter = WindowCutter(-1, context, stride)

@@ -366,7 +366,7 @@ class LM:
         *,
         context: int | None = None,
         stride: int | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         errors: str = "strict",
         per_token: bool = False,
         top: int = 0,
@@ -402,7 +402,7 @@ class LM:
         *,
         context: int | None = None,
         stride: int | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         lookahead: int | None = None,
         errors: str = "strict",
         per_token: bool = False,
@@ -410,7 +410,8 @@ class LM:
         """Score many texts, each as ``score`` scores it alone, packed into shared batches.
 
         Windows of ``lookahead`` texts at a time are sorted by length and run in batches of
-        ``batch_size`` x ``context`` padded tokens (see ``packing``). Yields one result per
+        ``batch_size`` x ``context`` padded tokens (see ``packing``; ``batch_size`` defaults as
+        ``scoring.default_batch_size`` says). Yields one result per
         text in input order; a text that cannot be scored (empty, invalid UTF-8) yields its
         ``ScoreInputError`` in its place.
 
@@ -428,7 +429,7 @@ class LM:
         self,
         context: int | None = None,
         stride: int | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         protocol: str = "lm-eval",
     ) -> Scorer:
         """A ``Scorer`` over this model; ``context`` defaults to the window, ``stride`` to half of it."""

@@ -44,6 +44,20 @@ READ_BYTES = 1 << 20  # bytes read from the input at a time
 FORCE_CUT_CHARS = 16 << 20  # text without any safe boundary is cut here anyway (pathological input)
 LOGIT_ELEMENTS = 1 << 23  # logits computed at once: rows x vocab (32 MiB in float32; int8 needs 3x)
 CONTEXT_TOKENS = 12  # tokens of context shown either side of a --top token
+CPU_BATCH_TOKENS = 2048
+"""Tokens a CPU batch of windows holds by default (two windows of 1024): on a 2-core CPU one or
+two windows of 1024 scored as fast as eight (0.98-1.19x) with half to a third of the extra
+memory (docs/performance.md). GPUs keep ``GPU_BATCH_WINDOWS``: they want large batches."""
+GPU_BATCH_WINDOWS = 8
+
+
+def default_batch_size(context: int, device: torch.device) -> int:
+    """Windows scored together unless the caller says: ``CPU_BATCH_TOKENS`` worth on CPU."""
+    if device.type == "cpu":
+        return max(1, CPU_BATCH_TOKENS // context)
+    return GPU_BATCH_WINDOWS
+
+
 _WORD_BREAK = re.compile(r"\s+")
 
 Progress = Callable[[int, int], None]  # (bytes of text scored so far, tokens scored so far)
@@ -558,16 +572,18 @@ class Scorer:
         *,
         context: int,
         stride: int,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         protocol: str = "lm-eval",
     ) -> None:
         check_windows(context, stride, model.config.n_positions, protocol)
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise BadInputError(f"--batch-size {batch_size} is below 1", hint="use 1 or more")
         self.model, self.tokenizer = model, tokenizer
+        self.device = model.wte.weight.device
+        if batch_size is None:
+            batch_size = default_batch_size(context, self.device)
         self.context, self.stride, self.batch_size = context, stride, batch_size
         self.protocol = protocol
-        self.device = model.wte.weight.device
 
     def score(
         self,

@@ -87,7 +87,7 @@ class ScoreSettings:
     input_field: str = "text"
     context: int | None = None
     stride: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # scoring.default_batch_size
     per_token: bool = False
 
     def build(self, lm: LM) -> Task:

@@ -67,8 +67,13 @@ def score(
         int | None, typer.Option("--stride", help="Tokens between window starts (default: half the context).")
     ] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Windows run through the model together.")
-    ] = 8,
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Windows run through the model together (default: 2048 tokens' worth on CPU, 8 on a GPU).",
+            show_default=False,
+        ),
+    ] = None,
     output_format: Annotated[
         ScoreFormat, typer.Option("--format", help="text (a table), json, jsonl or csv.")
     ] = ScoreFormat.text,
@@ -237,7 +242,7 @@ def _interrupted(renderer: _Renderer, results: list[Any], partial: Any, several:
     sys.stderr.flush()
 
 
-def _check_options(context: int | None, stride: int | None, batch_size: int, top: int) -> None:
+def _check_options(context: int | None, stride: int | None, batch_size: int | None, top: int) -> None:
     """The checks that need no model (the window limit is checked once it is loaded)."""
     if context is not None and context < 1:
         raise BadInputError(f"--context {context} is below 1", hint="use 1 up to the model's window")
@@ -248,7 +253,7 @@ def _check_options(context: int | None, stride: int | None, batch_size: int, top
             f"--stride {stride} is larger than --context {context}: tokens between windows would go unscored",
             hint=f"use --stride {context} (disjoint windows) or less",
         )
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise BadInputError(f"--batch-size {batch_size} is below 1", hint="use 1 or more")
     if top < 0:
         raise BadInputError(f"--top {top} is below 0", hint="use --top N with N >= 1")
@@ -279,7 +284,7 @@ def _score_one(
     source: str,
     context: int,
     stride: int,
-    batch_size: int,
+    batch_size: int | None,
     errors: str,
     protocol: str,
     renderer: _Renderer,
