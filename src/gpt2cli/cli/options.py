@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from enum import Enum
 from typing import Annotated, Any
 
@@ -180,27 +181,35 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
             f"{THREADS_ENV}={env[THREADS_ENV]!r} in the environment is not a positive integer",
             hint=f"set it to a thread count such as {THREADS_ENV}=2, or unset it",
         )
-    kernels = env.get(KERNELS_ENV, "").strip().lower()
-    if kernels and kernels not in KERNEL_CHOICES:
+    _check_choice(
+        env,
+        KERNELS_ENV,
+        KERNEL_CHOICES,
+        f"{KERNELS_ENV}=torch uses PyTorch's matmuls only, unfused the numba matmuls without "
+        "the fused decode step; unset it for the default",
+    )
+    _check_choice(
+        env,
+        GEMM_ENV,
+        GEMM_CHOICES,
+        f"{GEMM_ENV}=onednn or blas picks the float32 GEMM of prefill and scoring; unset it "
+        "for the default (oneDNN on AMD CPUs, BLAS elsewhere)",
+    )
+    _check_choice(
+        env,
+        GEMV_ENV,
+        GEMV_CHOICES,
+        f"{GEMV_ENV}=rows or blocks picks how batch-1 decode reads half and int8 weights; "
+        "unset it for the default (rows on AMD CPUs, blocks elsewhere)",
+    )
+
+
+def _check_choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], hint: str) -> None:
+    """Refuse ``name`` in ``env`` unless unset or one of ``choices`` (any case, spaces around)."""
+    value = env.get(name, "").strip().lower()
+    if value and value not in choices:
         raise BadInputError(
-            f"{KERNELS_ENV}={env[KERNELS_ENV]!r} in the environment is not one of "
-            + ", ".join(KERNEL_CHOICES),
-            hint=f"{KERNELS_ENV}=torch uses PyTorch's matmuls only, unfused the numba matmuls without "
-            "the fused decode step; unset it for the default",
-        )
-    gemm = env.get(GEMM_ENV, "").strip().lower()
-    if gemm and gemm not in GEMM_CHOICES:
-        raise BadInputError(
-            f"{GEMM_ENV}={env[GEMM_ENV]!r} in the environment is not one of " + ", ".join(GEMM_CHOICES),
-            hint=f"{GEMM_ENV}=onednn or blas picks the float32 GEMM of prefill and scoring; unset it "
-            "for the default (oneDNN on AMD CPUs, BLAS elsewhere)",
-        )
-    gemv = env.get(GEMV_ENV, "").strip().lower()
-    if gemv and gemv not in GEMV_CHOICES:
-        raise BadInputError(
-            f"{GEMV_ENV}={env[GEMV_ENV]!r} in the environment is not one of " + ", ".join(GEMV_CHOICES),
-            hint=f"{GEMV_ENV}=rows or blocks picks how batch-1 decode reads half and int8 weights; "
-            "unset it for the default (rows on AMD CPUs, blocks elsewhere)",
+            f"{name}={env[name]!r} in the environment is not one of " + ", ".join(choices), hint=hint
         )
 
 
