@@ -81,10 +81,9 @@ there (the Sapphire Rapids runs in docs/performance.md used it)."""
 
 GEMV_ENV = "GPT2_GEMV"
 GEMV_CHOICES = ("auto", "rows", "blocks")
-ROWS_ALONE_VENDORS = ("AuthenticAMD", "HygonGenuine")
-"""CPU vendors whose batch-1 decode reads half and int8 weights one row at a time: 1.18-1.30x
-faster than four rows side by side on a 2-core Zen 5, 0.82-0.89x on an Ice Lake Xeon, where
-the four-row blocks stay (docs/performance.md). The same bits either way."""
+"""How batch-1 decode reads half and int8 weights: one row at a time, prefetched a few rows
+ahead (auto: 1.18-1.30x the four-row blocks on a 2-core Zen 5, 1.06-1.08x on an Ice Lake Xeon),
+or four rows side by side (docs/performance.md). The same bits either way."""
 
 _nk: Any = None  # the gpt2cli.numba_kernels module, once compiled
 _state = "unknown"  # unknown | ready | missing | off
@@ -294,11 +293,10 @@ def fp32_gemm_path() -> str:
 def gemv_rows_alone() -> bool:
     """Whether the decode GEMV reads half and int8 weights one row at a time for batch 1
     (``rows_alone`` in numba_kernels.gemv): ``GPT2_GEMV`` (rows, blocks) chooses; unset, auto or
-    unknown: one row at a time on ``ROWS_ALONE_VENDORS``' CPUs, four-row blocks elsewhere."""
+    unknown: one row at a time (each prefetched a few rows ahead), faster than four-row blocks
+    on the Zen 5 and Ice Lake CPUs measured (docs/performance.md)."""
     choice = os.environ.get(GEMV_ENV, "").strip().lower()
-    if choice in GEMV_CHOICES and choice != "auto":
-        return choice == "rows"
-    return _cpu_vendor() in ROWS_ALONE_VENDORS
+    return choice != "blocks"
 
 
 # --- the entry points the model calls -----------------------------------------------------------

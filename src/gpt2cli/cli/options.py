@@ -200,7 +200,7 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         GEMV_ENV,
         GEMV_CHOICES,
         f"{GEMV_ENV}=rows or blocks picks how batch-1 decode reads half and int8 weights; "
-        "unset it for the default (rows on AMD CPUs, blocks elsewhere)",
+        "unset it for the default (rows, each prefetched a few rows ahead)",
     )
 
 
