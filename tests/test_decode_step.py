@@ -130,6 +130,57 @@ def test_block_step_serial_equals_parallel_bit_for_bit(ckpt_h: Path) -> None:
     assert not np.array_equal(results[0][0], x0)
 
 
+@pytest.mark.parametrize(("dtype", "quantize"), PRECISIONS)
+def test_one_call_for_all_blocks_is_the_blocks_one_by_one(
+    ckpt_h: Path, dtype: str, quantize: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model_step`` (every block in one call, operands by address) gives the bits of one
+    ``block_step`` call per block, serial and parallel, KV cache included; where blocks' weight
+    types differ there is no table and the blocks go one by one, still right."""
+    lm = load(str(ckpt_h), device="cpu", dtype=dtype, quantize=quantize)
+    model, c = lm.model, lm.model.config
+    assert decode_step._operand_table(model) is not None
+    calls: list[str] = []
+    nk = kernels.nk()
+    for name in ("model_step", "block_step"):
+        real = getattr(nk, name)
+        monkeypatch.setattr(nk, name, lambda *a, real=real, name=name: (calls.append(name), real(*a))[1])
+    rng = np.random.default_rng(1)
+    x0 = rng.standard_normal((3, c.n_embd), dtype=np.float32)
+    pos = np.array([0, 4, 2])
+    table = decode_step._operand_table
+    results = {}
+    for parallel in (False, True):
+        for one_call in (True, False):
+            monkeypatch.setattr(decode_step, "_operand_table", table if one_call else lambda model: None)
+            cache = model.new_cache(4, 8)
+            x = x0.copy()
+            calls.clear()
+            decode_step._blocks(model, x, pos, cache, 1, parallel)
+            assert calls == (["model_step"] if one_call else ["block_step"] * c.n_layer)
+            results[parallel, one_call] = (x, torch.stack(cache.k), torch.stack(cache.v))
+    first = results[False, True]
+    assert not np.array_equal(first[0], x0) and first[1][:, 1:4].abs().sum() > 0
+    for other in results.values():
+        assert np.array_equal(other[0], first[0])
+        assert torch.equal(other[1], first[1]) and torch.equal(other[2], first[2])
+
+
+def test_mixed_weight_types_take_one_call_per_block(ckpt_h: Path) -> None:
+    lm = load(str(ckpt_h), device="cpu")
+    model = lm.model
+    ids = torch.tensor([lm.encode(PROMPT)])
+    reference, _ = decode_steps(lm, ids, 3)
+    with torch.no_grad():  # block 1's c_fc in bfloat16, the rest float32: types differ
+        fc = model.h[1].mlp.c_fc
+        fc.weight = torch.nn.Parameter(fc.weight.detach().to(torch.bfloat16), requires_grad=False)
+    assert decode_step._operand_table(model) is None
+    mixed, _ = decode_steps(lm, ids, 3)
+    # the weights moved by bf16 rounding only; the step still runs fused (one call per block)
+    torch.testing.assert_close(mixed, reference, atol=5e-2, rtol=0)
+    assert not torch.equal(mixed, reference)
+
+
 def test_unfused_where_something_would_notice(ckpt_h: Path) -> None:
     """Hooks, autograd and a prompt of several tokens take the ordinary forward."""
     lm = load(str(ckpt_h), device="cpu")

@@ -4,9 +4,12 @@ A decode step multiplies one row per sequence by every weight matrix, so its mat
 short and the ~15 small torch ops around them per block (LayerNorm, views, the cache write,
 SDPA, GELU, residual adds) plus four Python-level kernel calls cost as much as the matmuls in
 bf16 and int8. ``GPT2.body`` hands its blocks to ``run_blocks`` when ``usable`` says the
-forward is such a step; each block is then one ``numba_kernels.block_step`` call doing all of
-it (the matmuls through the same ``gemv`` / ``gemv_i8`` kernels as the unfused path). The embeddings,
-the final LayerNorm and the lm_head stay as they are.
+forward is such a step; each block is then one ``numba_kernels.block_step`` doing all of it
+(the matmuls through the same ``gemv`` / ``gemv_i8`` kernels as the unfused path), and the
+blocks one ``model_step`` call, which finds each block's arrays by address in a table made once
+per model (12 calls of ``block_step`` from Python, each unboxing 24 arrays, cost 0.4-1.5 ms a
+step more on a 2-core Ice Lake). The embeddings, the final LayerNorm and the lm_head stay as
+they are.
 
 Used only where nothing would notice: CPU, float32 activations and cache, no hooks, no
 autograd, not inside ``torch.compile``, the numba kernels on, at most ``SMALL_BATCH`` rows of
@@ -57,8 +60,8 @@ def usable(model: GPT2, idx: torch.Tensor, cache: KVCache | None, static: bool) 
 
 
 def warm_up(model: GPT2) -> None:
-    """Compile (or load from numba's cache) ``block_step`` for this model's weights now, not in
-    the first decode step: one tiny step of block 0, serial and parallel."""
+    """Compile (or load from numba's cache) ``model_step`` (or ``block_step``) for this model's
+    weights now, not in the first decode step: one tiny step, serial and parallel."""
     if not _on() or model.device.type != "cpu" or not kernels.is_enabled():
         return
     if (
@@ -67,45 +70,109 @@ def warm_up(model: GPT2) -> None:
     ):
         return
     c = model.config
-    operands, scale = _block_operands(model)[0]
-    k = torch.zeros(1, c.n_head, 2, c.head_dim).numpy()
+    cache = KVCache(c.n_layer, 1, c.n_head, c.head_dim, 1, device=torch.device("cpu"), dtype=torch.float32)
     for parallel in (False, True):
-        x = torch.zeros(1, c.n_embd).numpy()
-        kernels.nk().block_step(
-            x,
-            torch.zeros(1, dtype=torch.int64).numpy(),
-            k,
-            k.copy(),
-            0,
-            *operands,
-            float(c.layer_norm_epsilon),
-            scale,
-            0,
-            parallel,
-            kernels.gemv_rows_alone(),
-        )
+        x, pos = torch.zeros(1, c.n_embd), torch.zeros(1, dtype=torch.int64)
+        _blocks(model, x.numpy(), pos.numpy(), cache, 0, parallel)
 
 
 def run_blocks(model: GPT2, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, rows: slice) -> torch.Tensor:
     """x (B, 1, C) after the embeddings, positions (B, 1) -> the last block's output (B, 1, C).
 
-    Writes each row's keys and values into ``cache`` rows ``rows`` at its position.
+    Writes each row's keys and values into ``cache`` rows ``rows`` at its position. One native
+    call for every block (``model_step``) where the blocks' weights share their types, else one
+    per block.
     """
     global calls
-    nk = kernels.nk()
     B, _, C = x.shape
     h = x.reshape(B, C).contiguous()  # updated in place, block after block
-    h_np, pos_np = h.numpy(), pos.reshape(B).contiguous().numpy()
-    row0 = rows.start or 0
+    with kernels.parallel_slot() as parallel:
+        _blocks(model, h.numpy(), pos.reshape(B).contiguous().numpy(), cache, rows.start or 0, parallel)
+    calls += 1
+    return h.view(B, 1, C)
+
+
+def _blocks(model: GPT2, h: Any, pos: Any, cache: KVCache, row0: int, parallel: bool) -> None:
+    """Every block on h (B, C) in place, the rows at positions pos (B,), cache rows from row0."""
+    nk = kernels.nk()
     eps = float(model.config.layer_norm_epsilon)
     act = nk.ACTIVATIONS[model.config.activation_function]
     rows_alone = kernels.gemv_rows_alone()
-    with kernels.parallel_slot() as parallel:
+    table = _operand_table(model)
+    if table is None:
         for i, (operands, scale) in enumerate(_block_operands(model)):
             k, v = cache.k[i].numpy(), cache.v[i].numpy()
-            nk.block_step(h_np, pos_np, k, v, row0, *operands, eps, scale, act, parallel, rows_alone)
-    calls += 1
-    return h.view(B, 1, C)
+            nk.block_step(h, pos, k, v, row0, *operands, eps, scale, act, parallel, rows_alone)
+        return
+    addresses, like, dims, scales = table
+    # KVCache allocates each layer's keys and values as one contiguous float32 tensor
+    addresses[:, KV_COLUMNS] = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.k, cache.v, strict=True)]
+    kv_shape = tuple(cache.k[0].shape)
+    nk.model_step(h, pos, addresses, like, dims, kv_shape, row0, eps, scales, act, parallel, rows_alone)
+
+
+KV_COLUMNS = slice(20, 22)
+"""Columns of ``model_step``'s table that hold a block's key and value cache addresses."""
+
+_tables: WeakKeyDictionary[GPT2, tuple[list[tuple[Any, float]], Any]] = WeakKeyDictionary()
+"""Per model: the block operands a table was made of, and the table (None: types differ)."""
+
+
+def _operand_table(model: GPT2) -> tuple[Any, Any, Any, Any] | None:
+    """``model_step``'s (addresses, weight-type witness, dims, attention scales) for the
+    model's current block operands, or None where blocks' operand types differ (one call each).
+
+    The addresses point into the arrays ``_block_operands`` keeps (rebuilt with them).
+    """
+    blocks = _block_operands(model)
+    kept = _tables.get(model)
+    if kept is not None and kept[0] is blocks:
+        return cast("tuple[Any, Any, Any, Any] | None", kept[1])
+    table = _make_table(model, blocks)
+    _tables[model] = (blocks, table)
+    return table
+
+
+def _make_table(model: GPT2, blocks: list[tuple[Any, float]]) -> tuple[Any, Any, Any, Any] | None:
+    import numba
+    import numpy as np
+
+    first = [numba.typeof(a) for a in _flat(blocks[0][0])]
+    for operands, _ in blocks:
+        arrays = _flat(operands)
+        if [numba.typeof(a) for a in arrays] != first or not all(a.flags.c_contiguous for a in arrays):
+            return None  # e.g. one block's weights of another type: one call per block
+        if not _as_model_step_reads(arrays):
+            return None
+    addresses = np.zeros((len(blocks), 22), np.int64)
+    for i, (operands, _) in enumerate(blocks):
+        addresses[i, :20] = [a.ctypes.data for a in _flat(operands)]
+    ln1, qkv, _, _, fc, _ = blocks[0][0]
+    with_sums = int(qkv[3].shape[0] > 0)
+    dims = np.array([ln1[0].shape[0], qkv[0].shape[0], fc[0].shape[0], with_sums], np.int64)
+    scales = np.array([scale for _, scale in blocks], np.float64)
+    return addresses, qkv[0], dims, scales
+
+
+WEIGHT_COLUMNS, SUMS_COLUMNS = (2, 6, 12, 16), (5, 9, 15, 19)
+
+
+def _as_model_step_reads(arrays: list[Any]) -> bool:
+    """Whether a block's 20 arrays have the element types ``model_step`` reads them as: the
+    weights one type, int32 row sums, float32 norms, scales and biases."""
+    import numpy as np
+
+    weight_type = arrays[WEIGHT_COLUMNS[0]].dtype
+    for i, a in enumerate(arrays):
+        expected = weight_type if i in WEIGHT_COLUMNS else np.int32 if i in SUMS_COLUMNS else np.float32
+        if a.dtype != expected:
+            return False
+    return True
+
+
+def _flat(operands: tuple[Any, ...]) -> list[Any]:
+    """A block's operands (ln_1, c_attn, c_proj, ln_2, c_fc, c_proj) as one list of 20 arrays."""
+    return [array for group in operands for array in group]
 
 
 _operands: WeakKeyDictionary[GPT2, tuple[list[int], list[tuple[Any, float]]]] = WeakKeyDictionary()

@@ -858,6 +858,69 @@ def block_step(  # type: ignore[no-untyped-def]
     x += a
 
 
+@intrinsic
+def _pointer_like(typingctx: Any, address: Any, like: Any) -> Any:
+    """The integer ``address`` as a pointer to the element type of ``like`` (an array or a scalar)."""
+    dtype = like.dtype if isinstance(like, types.Array) else like
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return types.CPointer(dtype)(address, like), codegen
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy", inline="always")
+def _at(address, like, shape):  # type: ignore[no-untyped-def]  # the C-ordered array of like's type at address
+    return numba.carray(_pointer_like(address, like), shape)  # type: ignore[call-arg]
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy", inline="always")
+def _linear_at(row, col, like, out_f, in_f, sums):  # type: ignore[no-untyped-def]
+    """The (weight, scale, bias, row sums) ``matmul`` takes, from addresses row[col..col+3]."""
+    one = np.float32(0.0)
+    return (
+        _at(row[col], like, (out_f, in_f)),
+        _at(row[col + 1], one, (out_f,)),
+        _at(row[col + 2], one, (out_f,)),
+        _at(row[col + 3], np.int32(0), (out_f if sums else 0,)),
+    )
+
+
+@numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
+def model_step(x, pos, table, like, dims, kv_shape, row0, eps, scales, act, parallel, rows_alone):  # type: ignore[no-untyped-def]
+    """Every block of a decode step in one call: ``block_step`` for each row of ``table``.
+
+    table int64 (n_layer, 22): a block's operands by address (in ``decode_step._flat``'s order):
+    ln_1 (weight, bias), c_attn, attn c_proj (weight, scale, bias, row sums each), ln_2, c_fc,
+    mlp c_proj, then its key and value cache. ``like``: an array of the weights' element type;
+    dims: (n_embd, c_attn's rows, c_fc's rows, 1 if int8 row sums else 0); kv_shape: a cache
+    tensor's (rows, n_head, capacity + 1, head_dim); scales (n_layer,): attention scales.
+    The caller keeps every addressed tensor alive and where it was.
+    """
+    C, qkv_f, inner, sums = dims[0], dims[1], dims[2], dims[3] == 1
+    one = np.float32(0.0)
+    for i in range(table.shape[0]):
+        row = table[i]
+        block_step(
+            x,
+            pos,
+            _at(row[20], one, kv_shape),
+            _at(row[21], one, kv_shape),
+            row0,
+            (_at(row[0], one, (C,)), _at(row[1], one, (C,))),
+            _linear_at(row, 2, like, qkv_f, C, sums),
+            _linear_at(row, 6, like, C, C, sums),
+            (_at(row[10], one, (C,)), _at(row[11], one, (C,))),
+            _linear_at(row, 12, like, inner, C, sums),
+            _linear_at(row, 16, like, C, inner, sums),
+            eps,
+            scales[i],
+            act,
+            parallel,
+            rows_alone,
+        )
+
+
 # The int8 MLP's middle (kernels.int8_mlp): c_fc's int32 sums -> bias, activation -> int8 for
 # c_proj, row by row in one pass (no float32 hidden matrix, no separate GELU and quantise
 # passes). The dequantisation contracts like ``dequantize_acc``; the rounding like the quantiser.
