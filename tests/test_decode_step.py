@@ -166,6 +166,33 @@ def test_one_call_for_all_blocks_is_the_blocks_one_by_one(
         assert torch.equal(other[1], first[1]) and torch.equal(other[2], first[2])
 
 
+def test_a_step_keeps_its_cache_while_another_runs(ckpt_h: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads may decode one model into two caches (``model_step`` releases the GIL): a
+    step started while another is between building its table and running it must still
+    write into its own cache. The interleaving is made here by running the second step inside
+    the first one's call."""
+    lm = load(str(ckpt_h), device="cpu")
+    model, c = lm.model, lm.model.config
+    nk = kernels.nk()
+    x0 = np.random.default_rng(2).standard_normal((1, c.n_embd), dtype=np.float32)
+    expected = model.new_cache(1, 8)
+    x_expected = x0.copy()
+    decode_step._blocks(model, x_expected, np.array([3]), expected, 0, False)
+    real, other = nk.model_step, model.new_cache(1, 8)
+
+    def interleaved(*args: object) -> None:
+        monkeypatch.setattr(nk, "model_step", real)
+        decode_step._blocks(model, x0 * 2, np.array([5]), other, 0, False)  # the other thread's step
+        real(*args)
+
+    monkeypatch.setattr(nk, "model_step", interleaved)
+    cache, x = model.new_cache(1, 8), x0.copy()
+    decode_step._blocks(model, x, np.array([3]), cache, 0, False)
+    assert np.array_equal(x, x_expected)
+    assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, expected.k + expected.v, strict=True))
+    assert other.k[0][0, :, 5].abs().sum() > 0 and other.k[0][0, :, 3].abs().sum() == 0
+
+
 def test_mixed_weight_types_take_one_call_per_block(ckpt_h: Path) -> None:
     lm = load(str(ckpt_h), device="cpu")
     model = lm.model

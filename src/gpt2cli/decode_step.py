@@ -104,7 +104,8 @@ def _blocks(model: GPT2, h: Any, pos: Any, cache: KVCache, row0: int, parallel: 
             k, v = cache.k[i].numpy(), cache.v[i].numpy()
             nk.block_step(h, pos, k, v, row0, *operands, eps, scale, act, parallel, rows_alone)
         return
-    addresses, like, dims, scales = table
+    shared, like, dims, scales = table
+    addresses = shared.copy()  # this call's own: another thread may decode the model into another cache
     # KVCache allocates each layer's keys and values as one contiguous float32 tensor
     addresses[:, KV_COLUMNS] = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.k, cache.v, strict=True)]
     kv_shape = tuple(cache.k[0].shape)
