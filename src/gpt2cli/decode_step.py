@@ -115,36 +115,23 @@ def _blocks(model: GPT2, h: Any, pos: Any, cache: KVCache, row0: int, parallel: 
 KV_COLUMNS = slice(20, 22)
 """Columns of ``model_step``'s table that hold a block's key and value cache addresses."""
 
-_tables: WeakKeyDictionary[GPT2, tuple[list[tuple[Any, float]], Any]] = WeakKeyDictionary()
-"""Per model: the block operands a table was made of, and the table (None: types differ)."""
+Table = tuple[Any, Any, Any, Any]
+"""``model_step``'s (addresses, weight-type witness, dims, attention scales)."""
 
 
-def _operand_table(model: GPT2) -> tuple[Any, Any, Any, Any] | None:
-    """``model_step``'s (addresses, weight-type witness, dims, attention scales) for the
-    model's current block operands, or None where blocks' operand types differ (one call each).
-
-    The addresses point into the arrays ``_block_operands`` keeps (rebuilt with them).
-    """
-    blocks = _block_operands(model)
-    kept = _tables.get(model)
-    if kept is not None and kept[0] is blocks:
-        return cast("tuple[Any, Any, Any, Any] | None", kept[1])
-    table = _make_table(model, blocks)
-    _tables[model] = (blocks, table)
-    return table
+def _operand_table(model: GPT2) -> Table | None:
+    """``model_step``'s table for the model's current block operands, or None where blocks'
+    operand types differ (one call each). Its addresses point into the arrays
+    ``_block_operands`` keeps, and it is rebuilt with them."""
+    return _kept(model)[1]
 
 
-def _make_table(model: GPT2, blocks: list[tuple[Any, float]]) -> tuple[Any, Any, Any, Any] | None:
-    import numba
+def _make_table(blocks: list[tuple[Any, float]]) -> Table | None:
     import numpy as np
 
-    first = [numba.typeof(a) for a in _flat(blocks[0][0])]
-    for operands, _ in blocks:
-        arrays = _flat(operands)
-        if [numba.typeof(a) for a in arrays] != first or not all(a.flags.c_contiguous for a in arrays):
-            return None  # e.g. one block's weights of another type: one call per block
-        if not _as_model_step_reads(arrays):
-            return None
+    weight_type = blocks[0][0][1][0].dtype  # block 0's c_attn weight
+    if not all(_as_model_step_reads(_flat(operands), weight_type) for operands, _ in blocks):
+        return None  # e.g. one block's weights of another type: one call per block
     addresses = np.zeros((len(blocks), 22), np.int64)
     for i, (operands, _) in enumerate(blocks):
         addresses[i, :20] = [a.ctypes.data for a in _flat(operands)]
@@ -158,15 +145,14 @@ def _make_table(model: GPT2, blocks: list[tuple[Any, float]]) -> tuple[Any, Any,
 WEIGHT_COLUMNS, SUMS_COLUMNS = (2, 6, 12, 16), (5, 9, 15, 19)
 
 
-def _as_model_step_reads(arrays: list[Any]) -> bool:
-    """Whether a block's 20 arrays have the element types ``model_step`` reads them as: the
-    weights one type, int32 row sums, float32 norms, scales and biases."""
+def _as_model_step_reads(arrays: list[Any], weight_type: Any) -> bool:
+    """Whether a block's 20 arrays are C-ordered with the element types ``model_step`` reads
+    them as: the weights ``weight_type``, int32 row sums, float32 norms, scales and biases."""
     import numpy as np
 
-    weight_type = arrays[WEIGHT_COLUMNS[0]].dtype
     for i, a in enumerate(arrays):
         expected = weight_type if i in WEIGHT_COLUMNS else np.int32 if i in SUMS_COLUMNS else np.float32
-        if a.dtype != expected:
+        if a.dtype != expected or not a.flags.c_contiguous:
             return False
     return True
 
@@ -176,9 +162,11 @@ def _flat(operands: tuple[Any, ...]) -> list[Any]:
     return [array for group in operands for array in group]
 
 
-_operands: WeakKeyDictionary[GPT2, tuple[list[int], list[tuple[Any, float]]]] = WeakKeyDictionary()
-"""Per model: its blocks' tensors' addresses and their numpy operands (gathering them takes
-~0.6 ms a step, more than a block's int8 matmuls take in a thread's share)."""
+_operands: WeakKeyDictionary[GPT2, tuple[list[int], list[tuple[Any, float]], Table | None]] = (
+    WeakKeyDictionary()
+)
+"""Per model: its blocks' tensors' addresses, their numpy operands (gathering them takes ~0.6 ms
+a step, more than a block's int8 matmuls take in a thread's share) and ``model_step``'s table."""
 
 
 def _block_operands(model: GPT2) -> list[tuple[Any, float]]:
@@ -188,14 +176,20 @@ def _block_operands(model: GPT2) -> list[tuple[Any, float]]:
     Kept while the tensors stay where they are (training updates them in place); rebuilt
     when any moved (weights replaced or converted).
     """
+    return _kept(model)[0]
+
+
+def _kept(model: GPT2) -> tuple[list[tuple[Any, float]], Table | None]:
+    """The model's block operands and table, rebuilt if any of its blocks' tensors moved."""
     addresses = [0 if t is None else t.data_ptr() for block in model.h for t in _block_tensors(block)]
     kept = _operands.get(model)
     if kept is not None and kept[0] == addresses:
-        return kept[1]
+        return kept[1], kept[2]
     blocks = cast("list[Block]", list(model.h))
     operands = [(_operands_of(block), float(block.attn.scale)) for block in blocks]
-    _operands[model] = (addresses, operands)
-    return operands
+    table = _make_table(operands)
+    _operands[model] = (addresses, operands, table)
+    return operands, table
 
 
 def _operands_of(block: Block) -> tuple[Any, ...]:
