@@ -39,6 +39,8 @@ def test_read_only_install_and_home_compile_kernels_in_memory(ckpt_h: Path, tmp_
     locked = run_subprocess(args, env=env, prefix=prefix)
     assert locked.code == 0, locked.err
     assert locked.out == normal.out and "error" not in locked.err
+    note = "gpt2: warning: no writable cache directory for the compiled CPU kernels"
+    assert note in locked.err and "NUMBA_CACHE_DIR" in locked.err and note not in normal.err
     probe = subprocess.run(
         [
             *prefix,
@@ -53,6 +55,34 @@ def test_read_only_install_and_home_compile_kernels_in_memory(ckpt_h: Path, tmp_
     )
     assert probe.stdout.split() == ["True", "None"], probe.stderr  # the numba kernels still run
     assert list(numba_dir.iterdir()) == [] and list(home.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "gemv_types", "int8_kernels"),
+    [
+        ({}, ["float32"], 0),
+        ({"dtype": "bfloat16"}, ["float32", "uint16"], 0),
+        ({"quantize": "int8"}, ["float32"], 1),
+    ],
+)
+def test_loading_compiles_only_the_kernels_its_weights_take(
+    ckpt_h: Path, options: dict[str, str], gemv_types: list[str], int8_kernels: int
+) -> None:
+    """Compiled in memory (no writable cache) every kernel costs seconds: a model warms up the
+    GEMVs of its own weight types, not all of them (the rest compile if ever called)."""
+    code = (
+        "import sys, json; from gpt2cli.api import load; from gpt2cli import numba_kernels as nk; "
+        "load(sys.argv[1], progress=False, **json.loads(sys.argv[2])); "
+        "print(json.dumps([sorted({str(s[1].dtype) for s in nk.gemv.signatures}), len(nk.gemv_i8.signatures)]))"
+    )
+    out = subprocess.run(
+        [os.sys.executable, "-c", code, str(ckpt_h), json.dumps(options)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [gemv_types, int8_kernels]
 
 
 def test_a_writable_numba_cache_dir_is_used(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ activations keep the output close to the float32 model). On GPUs the whole model
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import cast
@@ -74,7 +75,7 @@ def place(
         quantizer = converter if isinstance(converter, RowQuantizer) else None
         quantize_model(model, quantize, quantizer)
     if device.type == "cpu":
-        kernels.warm_up()
+        kernels.warm_up(t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.dim() == 2)
         decode_step.warm_up(model)
     return model
 

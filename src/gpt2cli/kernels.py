@@ -25,7 +25,8 @@ and autograd use ``F.linear`` (int8 weights dequantised).
 
 The kernels are compiled once per process and cached on disk in the first writable one of
 ``NUMBA_CACHE_DIR`` and ``$XDG_CACHE_HOME/gpt2cli/numba`` (``~/.cache/...``); with neither
-(a read-only install and home) they are compiled in memory, never failing.
+(a read-only install and home) they are compiled in memory, never failing. Loading a model
+warms up only the kernels of its weight types (``warm_up``); others compile if ever called.
 
 Inside ``torch.compile`` graphs the numba kernels run as custom ops (``torch.ops.gpt2cli.*``,
 with fake implementations for tracing); eager calls skip the dispatcher (~10 us a call).
@@ -44,7 +45,7 @@ import os
 import platform
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -115,7 +116,7 @@ def _build() -> bool:
     spin = os.environ.get("GOMP_SPINCOUNT")
     os.environ["GOMP_SPINCOUNT"] = spin or OMP_SPINCOUNT  # read once, when the pool starts
     try:
-        numba_kernels.warm_up()
+        numba_kernels.warm_up([np.float32])  # starts the OpenMP pool; other types at load (warm_up)
     finally:
         if spin is None:
             del os.environ["GOMP_SPINCOUNT"]
@@ -130,6 +131,16 @@ def cache_dirs() -> list[Path]:
     dirs = [Path(os.environ["NUMBA_CACHE_DIR"])] if os.environ.get("NUMBA_CACHE_DIR") else []
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return [*dirs, Path(base) / "gpt2cli" / "numba"]
+
+
+def compiles_in_memory() -> bool:
+    """Whether this process would compile the numba kernels without a disk cache to keep them
+    (numba installed and wanted, none of ``cache_dirs`` writable)."""
+    import importlib.util
+
+    if os.environ.get("GPT2_KERNELS", "").lower() == "torch" or importlib.util.find_spec("numba") is None:
+        return False
+    return writable_cache_dir() is None
 
 
 def writable_cache_dir() -> Path | None:
@@ -215,9 +226,14 @@ def is_enabled() -> bool:
     return _state == "ready" or (_state == "unknown" and _build())
 
 
-def warm_up() -> None:
-    """Compile the kernels now (at load time) rather than in the first decode step."""
-    _build()
+def warm_up(weight_dtypes: Iterable[torch.dtype] = ()) -> None:
+    """Compile the kernels that weights of ``weight_dtypes`` take now (at load time), rather
+    than in the first decode step. Not the others: compiled in memory, where no cache
+    directory is writable, each kernel costs seconds (all of them: ~1-2 minutes)."""
+    if _build():
+        kinds = {d for d in weight_dtypes if d in _STORED_AS or d == torch.int8}
+        # each as the kernels get it (gemv_operands): half precision as its raw 16 bits
+        _nk.warm_up([torch.empty(0, dtype=_STORED_AS.get(d, d)).numpy().dtype for d in kinds])
 
 
 @functools.cache

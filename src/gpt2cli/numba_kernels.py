@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Iterable
 from typing import Any
 
 import numba
@@ -651,14 +652,20 @@ WEIGHT_TYPES = (np.float32, np.uint16, np.int16)
 """The float weights' stored element types (``gemv``): float32, bfloat16 bits, float16 bits."""
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's disk cache) every kernel for the types the wrappers pass."""
+def warm_up(weight_types: Iterable[Any] = (*WEIGHT_TYPES, np.int8)) -> None:
+    """Compile (or load from numba's disk cache) the kernels that weights stored as
+    ``weight_types`` (numpy element types: WEIGHT_TYPES, int8) take, for the types the
+    wrappers pass. Only those: compiled in memory (no writable cache), each costs seconds."""
+    wanted = {np.dtype(t) for t in weight_types}
     x = np.zeros((1, 8), np.float32)
     ones = np.ones(5, np.float32)
     out = np.empty((1, 5), np.float32)
     for dtype in WEIGHT_TYPES:
-        for kernel in (gemv, gemv_serial):
-            kernel(x, np.zeros((5, 8), dtype), ones, ones, out, True)
+        if np.dtype(dtype) in wanted:
+            for kernel in (gemv, gemv_serial):
+                kernel(x, np.zeros((5, 8), dtype), ones, ones, out, True)
+    if np.dtype(np.int8) not in wanted:
+        return
     for int8_kernel in (gemv_i8, gemv_i8_serial):
         int8_kernel(x, np.zeros((5, 8), np.int8), ones, ones, np.zeros(5, np.int32), out, True)
     embed_i8(np.zeros(1, np.int64), np.zeros((4, 5), np.int8), ones, out)

@@ -32,6 +32,7 @@ def load_model(
     from gpt2cli.hub import resolve
 
     resolved = resolve(spec, offline=offline, allow_pickle=allow_pickle, progress=True, warn=warn)
+    _note_kernels_in_memory(device)
     with status(f"loading {resolved.name}"):
         return load_resolved(
             resolved,
@@ -40,6 +41,19 @@ def load_model(
             allow_pickle=allow_pickle,
             quantize=quantize,
             compile=compile,
+        )
+
+
+def _note_kernels_in_memory(device: str) -> None:
+    """Say so where this run compiles its CPU kernels in memory: a minute or more of every start."""
+    from gpt2cli import kernels
+    from gpt2cli.device import pick_device
+
+    if pick_device(device).type == "cpu" and kernels.compiles_in_memory():
+        warn(
+            "no writable cache directory for the compiled CPU kernels (NUMBA_CACHE_DIR, "
+            "$XDG_CACHE_HOME or ~/.cache): compiling them in memory, a minute or more at every "
+            "start; set NUMBA_CACHE_DIR to a writable directory to keep them"
         )
 
 

@@ -83,11 +83,11 @@ def serve(
     if any(not n for n in names):
         raise BadInputError("a served model name cannot be empty", hint="pass --served-model-name NAME")
 
-    from gpt2cli.api import load
+    from gpt2cli.cli.loading import load_model
     from gpt2cli.server.http import Timeouts
     from gpt2cli.server.run import serve as run_server
 
-    lm = load(
+    lm = load_model(
         model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, quantize=quantize
     )
     _log(f"serving {lm.name} on http://{_url_host(host)}:{port}/v1 (Ctrl-C to stop)")
