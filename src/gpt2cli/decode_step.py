@@ -19,14 +19,13 @@ numba matmuls on; ``calls`` counts the fused steps (tests prove the path runs).
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, cast
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
-from gpt2cli import kernels
+from gpt2cli import kernels, switches
 from gpt2cli.kvcache import KVCache
 
 if TYPE_CHECKING:
@@ -45,7 +44,7 @@ def set_enabled(enabled: bool) -> None:
 
 
 def _on() -> bool:
-    return _enabled and os.environ.get("GPT2_KERNELS", "").strip().lower() != "unfused"
+    return _enabled and switches.choice(switches.KERNELS_ENV, switches.KERNEL_CHOICES) != "unfused"
 
 
 def usable(model: GPT2, idx: torch.Tensor, cache: KVCache | None, static: bool) -> bool:

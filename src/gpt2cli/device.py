@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 
 import torch
 
+from gpt2cli import switches
 from gpt2cli.errors import BadInputError, DeviceUnavailableError
 
 DTYPES = {
@@ -110,7 +110,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def configure_threads(threads: int | None) -> None:
     """Set torch's intra-op threads (default: torch's own choice, or GPT2_THREADS)."""
-    if threads is None and os.environ.get("GPT2_THREADS", "").isdigit():
-        threads = int(os.environ["GPT2_THREADS"])
+    if threads is None:
+        threads = switches.threads()
     if threads:
         torch.set_num_threads(threads)

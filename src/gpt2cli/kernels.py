@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch.library import custom_op
 from torch.utils.weak import WeakIdKeyDictionary
 
+from gpt2cli import switches
 from gpt2cli.cpuload import LoadWatch
 
 SMALL_BATCH = 16
@@ -73,18 +74,10 @@ beside torch's own pool (a second libgomp)."""
 
 HALF = (torch.float16, torch.bfloat16)
 
-GEMM_ENV = "GPT2_GEMM"
-GEMM_CHOICES = ("auto", "onednn", "blas")
 ONEDNN_VENDORS = ("AuthenticAMD", "HygonGenuine")
 """CPU vendors whose float32 GEMMs go to oneDNN by default: MKL's sgemm takes its AVX2 code there
 (2-3x slower than oneDNN's AVX-512 on Zen 5). Intel CPUs keep MKL, which runs its AVX-512 code
 there (the Sapphire Rapids runs in docs/performance.md used it)."""
-
-GEMV_ENV = "GPT2_GEMV"
-GEMV_CHOICES = ("auto", "rows", "blocks")
-"""How batch-1 decode reads half and int8 weights: one row at a time, prefetched a few rows
-ahead (auto: 1.18-1.30x the four-row blocks on a 2-core Zen 5, 1.06-1.08x on an Ice Lake Xeon),
-or four rows side by side (docs/performance.md). The same bits either way."""
 
 _nk: Any = None  # the gpt2cli.numba_kernels module, once compiled
 _state = "unknown"  # unknown | ready | missing | off
@@ -101,7 +94,7 @@ def _build() -> bool:
     global _nk, _state
     if _state != "unknown":
         return _state == "ready"
-    if os.environ.get("GPT2_KERNELS", "").lower() == "torch":
+    if switches.choice(switches.KERNELS_ENV, switches.KERNEL_CHOICES) == "torch":
         _state = "missing"
         return False
     try:
@@ -138,7 +131,9 @@ def compiles_in_memory() -> bool:
     (numba installed and wanted, none of ``cache_dirs`` writable)."""
     import importlib.util
 
-    if os.environ.get("GPT2_KERNELS", "").lower() == "torch" or importlib.util.find_spec("numba") is None:
+    if switches.choice(switches.KERNELS_ENV, switches.KERNEL_CHOICES) == "torch":
+        return False
+    if importlib.util.find_spec("numba") is None:
         return False
     return writable_cache_dir() is None
 
@@ -300,8 +295,8 @@ def fp32_gemm_path() -> str:
     """
     if _state == "off" or not _has_onednn_linear():
         return "blas"
-    choice = os.environ.get(GEMM_ENV, "").strip().lower()
-    if choice in GEMM_CHOICES and choice != "auto":
+    choice = switches.choice(switches.GEMM_ENV, switches.GEMM_CHOICES)
+    if choice != "auto":
         return choice
     return "onednn" if _cpu_vendor() in ONEDNN_VENDORS else "blas"
 
@@ -311,8 +306,7 @@ def gemv_rows_alone() -> bool:
     (``rows_alone`` in numba_kernels.gemv): ``GPT2_GEMV`` (rows, blocks) chooses; unset, auto or
     unknown: one row at a time (each prefetched a few rows ahead), faster than four-row blocks
     on the Zen 5 and Ice Lake CPUs measured (docs/performance.md)."""
-    choice = os.environ.get(GEMV_ENV, "").strip().lower()
-    return choice != "blocks"
+    return switches.choice(switches.GEMV_ENV, switches.GEMV_CHOICES) != "blocks"
 
 
 # --- the entry points the model calls -----------------------------------------------------------

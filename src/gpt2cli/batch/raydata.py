@@ -24,6 +24,7 @@ import ray
 import ray.data
 from ray.data.datasource import FileBasedDatasource
 
+from gpt2cli import switches
 from gpt2cli.batch.jsonl import Line, Outcome, chunks
 from gpt2cli.batch.tasks import ModelSettings, TaskSettings, run_chunk
 
@@ -131,9 +132,8 @@ def _run(model: ModelSettings, task: TaskSettings, options: Any, done: set[str])
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
-    env = os.environ.get("GPT2_THREADS", "")
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = int(env) if env.isdigit() and int(env) > 0 else max(1, cpus // options.workers)
+    threads = switches.threads() or max(1, cpus // options.workers)
     chunked = ray.data.read_datasource(JsonlChunks(options.input, options.lookahead), num_cpus=0)  # I/O
     results = chunked.map_batches(
         ChunkActor,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from gpt2cli import switches
 from gpt2cli.batch.jsonl import LOOKAHEAD, STDIO, BatchInputError, Line, Outcome, chunks, open_output
 from gpt2cli.batch.tasks import ModelSettings, Task, TaskSettings, run_chunk
 from gpt2cli.errors import BadInputError, Gpt2Error, MissingExtraError
@@ -245,8 +246,7 @@ def cores() -> int:
 
 def threads_per_worker(workers: int) -> int:
     """GPT2_THREADS if set, else this machine's cores shared out (at least one each)."""
-    env = os.environ.get("GPT2_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else max(1, cores() // workers)
+    return switches.threads() or max(1, cores() // workers)
 
 
 def _worker_model(model: ModelSettings, workers: int) -> ModelSettings:

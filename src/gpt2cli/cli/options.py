@@ -13,6 +13,15 @@ import typer
 from typer._click.core import ParameterSource
 
 from gpt2cli.errors import BadInputError
+from gpt2cli.switches import (
+    GEMM_CHOICES,
+    GEMM_ENV,
+    GEMV_CHOICES,
+    GEMV_ENV,
+    KERNEL_CHOICES,
+    KERNELS_ENV,
+    THREADS_ENV,
+)
 
 # Help headings (cli/help.py lists each option under its panel)
 MODEL_PANEL = "Model"
@@ -159,12 +168,6 @@ def unescape(text: str) -> str:
         return _ESCAPES.get(code, match.group(0))
 
     return _ESCAPE.sub(one, text)
-
-
-THREADS_ENV, KERNELS_ENV, GEMM_ENV, GEMV_ENV = "GPT2_THREADS", "GPT2_KERNELS", "GPT2_GEMM", "GPT2_GEMV"
-KERNEL_CHOICES = ("auto", "numba", "unfused", "torch")
-GEMM_CHOICES = ("auto", "onednn", "blas")  # kernels.GEMM_CHOICES (not imported: it imports torch)
-GEMV_CHOICES = ("auto", "rows", "blocks")  # kernels.GEMV_CHOICES, likewise
 
 
 def check_environment(environ: dict[str, str] | None = None) -> None:

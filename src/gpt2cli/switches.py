@@ -1,0 +1,37 @@
+"""The GPT2_* environment variables that pick a code path: their names, their values, and how
+the library reads them. Imports nothing heavy: the CLI checks them before torch is loaded."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+THREADS_ENV = "GPT2_THREADS"
+"""Threads for torch and the numba kernels (a positive integer)."""
+
+KERNELS_ENV = "GPT2_KERNELS"
+KERNEL_CHOICES = ("auto", "numba", "unfused", "torch")
+"""torch: PyTorch's matmuls only; unfused: the numba matmuls without the fused decode step."""
+
+GEMM_ENV = "GPT2_GEMM"
+GEMM_CHOICES = ("auto", "onednn", "blas")
+"""Where float32 GEMMs of prefill and scoring go (kernels.fp32_gemm_path)."""
+
+GEMV_ENV = "GPT2_GEMV"
+GEMV_CHOICES = ("auto", "rows", "blocks")
+"""How batch-1 decode reads half and int8 weights (kernels.gemv_rows_alone): one row at a time,
+prefetched a few rows ahead (auto: 1.18-1.30x the four-row blocks on a 2-core Zen 5, 1.06-1.08x
+on an Ice Lake Xeon), or four rows side by side (docs/performance.md). The same bits either way."""
+
+
+def choice(name: str, choices: tuple[str, ...], environ: Mapping[str, str] | None = None) -> str:
+    """``name``'s value in ``environ`` (the process's by default) if it is one of ``choices``
+    (any case, spaces around), else "auto": unset, or a value the CLI would have refused."""
+    value = (os.environ if environ is None else environ).get(name, "").strip().lower()
+    return value if value in choices else "auto"
+
+
+def threads(environ: Mapping[str, str] | None = None) -> int | None:
+    """``GPT2_THREADS`` as a thread count, or None where unset (or not a positive integer)."""
+    value = (os.environ if environ is None else environ).get(THREADS_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
