@@ -106,13 +106,11 @@ def _blocks(model: GPT2, h: Any, pos: Any, cache: KVCache, row0: int, parallel: 
     shared, like, dims, scales = table
     addresses = shared.copy()  # this call's own: another thread may decode the model into another cache
     # KVCache allocates each layer's keys and values as one contiguous float32 tensor
-    addresses[:, KV_COLUMNS] = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.k, cache.v, strict=True)]
+    kv = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.k, cache.v, strict=True)]
+    addresses[:, [nk.KEYS, nk.VALUES]] = kv
     kv_shape = tuple(cache.k[0].shape)
     nk.model_step(h, pos, addresses, like, dims, kv_shape, row0, eps, scales, act, parallel, rows_alone)
 
-
-KV_COLUMNS = slice(20, 22)
-"""Columns of ``model_step``'s table that hold a block's key and value cache addresses."""
 
 Table = tuple[Any, Any, Any, Any]
 """``model_step``'s (addresses, weight-type witness, dims, attention scales)."""
@@ -131,9 +129,10 @@ def _make_table(blocks: list[tuple[Any, float]]) -> Table | None:
     weight_type = blocks[0][0][1][0].dtype  # block 0's c_attn weight
     if not all(_as_model_step_reads(_flat(operands), weight_type) for operands, _ in blocks):
         return None  # e.g. one block's weights of another type: one call per block
-    addresses = np.zeros((len(blocks), 22), np.int64)
+    nk = kernels.nk()
+    addresses = np.zeros((len(blocks), nk.TABLE_WIDTH), np.int64)
     for i, (operands, _) in enumerate(blocks):
-        addresses[i, :20] = [a.ctypes.data for a in _flat(operands)]
+        addresses[i, : nk.KEYS] = [a.ctypes.data for a in _flat(operands)]
     ln1, qkv, _, _, fc, _ = blocks[0][0]
     with_sums = int(qkv[3].shape[0] > 0)
     dims = np.array([ln1[0].shape[0], qkv[0].shape[0], fc[0].shape[0], with_sums], np.int64)
@@ -141,16 +140,15 @@ def _make_table(blocks: list[tuple[Any, float]]) -> Table | None:
     return addresses, qkv[0], dims, scales
 
 
-WEIGHT_COLUMNS, SUMS_COLUMNS = (2, 6, 12, 16), (5, 9, 15, 19)
-
-
 def _as_model_step_reads(arrays: list[Any], weight_type: Any) -> bool:
     """Whether a block's 20 arrays are C-ordered with the element types ``model_step`` reads
     them as: the weights ``weight_type``, int32 row sums, float32 norms, scales and biases."""
     import numpy as np
 
+    weights = kernels.nk().LINEAR_COLUMNS
+    sums = [column + 3 for column in weights]  # a linear's (weight, scale, bias, row sums)
     for i, a in enumerate(arrays):
-        expected = weight_type if i in WEIGHT_COLUMNS else np.int32 if i in SUMS_COLUMNS else np.float32
+        expected = weight_type if i in weights else np.int32 if i in sums else np.float32
         if a.dtype != expected or not a.flags.c_contiguous:
             return False
     return True

@@ -893,15 +893,22 @@ def _linear_at(row, col, like, out_f, in_f, sums):  # type: ignore[no-untyped-de
     )
 
 
+LN_1, C_ATTN, ATTN_PROJ, LN_2, C_FC, MLP_PROJ, KEYS, VALUES = 0, 2, 6, 10, 12, 16, 20, 21
+"""Columns of ``model_step``'s table (one row per block): where each of a block's arrays'
+addresses starts. A norm takes two (weight, bias), a linear four (weight, scale, bias, row
+sums), the key and value cache one each (decode_step._flat gives the block's in this order)."""
+TABLE_WIDTH = 22
+LINEAR_COLUMNS = (C_ATTN, ATTN_PROJ, C_FC, MLP_PROJ)
+
+
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def model_step(x, pos, table, like, dims, kv_shape, row0, eps, scales, act, parallel, rows_alone):  # type: ignore[no-untyped-def]
     """Every block of a decode step in one call: ``block_step`` for each row of ``table``.
 
-    table int64 (n_layer, 22): a block's operands by address (in ``decode_step._flat``'s order):
-    ln_1 (weight, bias), c_attn, attn c_proj (weight, scale, bias, row sums each), ln_2, c_fc,
-    mlp c_proj, then its key and value cache. ``like``: an array of the weights' element type;
-    dims: (n_embd, c_attn's rows, c_fc's rows, 1 if int8 row sums else 0); kv_shape: a cache
-    tensor's (rows, n_head, capacity + 1, head_dim); scales (n_layer,): attention scales.
+    table int64 (n_layer, TABLE_WIDTH): a block's operands by address, in the columns above.
+    ``like``: an array of the weights' element type; dims: (n_embd, c_attn's rows, c_fc's
+    rows, 1 if int8 row sums else 0); kv_shape: a cache tensor's (rows, n_head, capacity + 1,
+    head_dim); scales (n_layer,): attention scales.
     The caller keeps every addressed tensor alive and where it was.
     """
     C, qkv_f, inner, sums = dims[0], dims[1], dims[2], dims[3] == 1
@@ -911,15 +918,15 @@ def model_step(x, pos, table, like, dims, kv_shape, row0, eps, scales, act, para
         block_step(
             x,
             pos,
-            _at(row[20], one, kv_shape),
-            _at(row[21], one, kv_shape),
+            _at(row[KEYS], one, kv_shape),
+            _at(row[VALUES], one, kv_shape),
             row0,
-            (_at(row[0], one, (C,)), _at(row[1], one, (C,))),
-            _linear_at(row, 2, like, qkv_f, C, sums),
-            _linear_at(row, 6, like, C, C, sums),
-            (_at(row[10], one, (C,)), _at(row[11], one, (C,))),
-            _linear_at(row, 12, like, inner, C, sums),
-            _linear_at(row, 16, like, C, inner, sums),
+            (_at(row[LN_1], one, (C,)), _at(row[LN_1 + 1], one, (C,))),
+            _linear_at(row, C_ATTN, like, qkv_f, C, sums),
+            _linear_at(row, ATTN_PROJ, like, C, C, sums),
+            (_at(row[LN_2], one, (C,)), _at(row[LN_2 + 1], one, (C,))),
+            _linear_at(row, C_FC, like, inner, C, sums),
+            _linear_at(row, MLP_PROJ, like, C, inner, sums),
             eps,
             scales[i],
             act,
