@@ -58,6 +58,29 @@ def test_read_only_install_and_home_compile_kernels_in_memory(ckpt_h: Path, tmp_
 
 
 @pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "hi", "-n", "2", "-t", "0"],
+        ["score", "-", "--format", "json"],
+        ["bench", "--prompt-tokens", "4", "--new-tokens", "2", "--repeats", "1", "--warmup", "0"],
+    ],
+)
+def test_every_model_command_says_when_kernels_compile_in_memory(
+    ckpt_h: Path, command: list[str], capsys, monkeypatch
+) -> None:
+    """The detection itself runs for real above (a read-only home); here each command's wiring."""
+    from gpt2cli import kernels
+
+    args = [command[0], "-m", str(ckpt_h), *command[1:]]
+    quiet = run_inprocess(args, capsys, monkeypatch, stdin=b"hello " * 20)
+    monkeypatch.setattr(kernels, "compiles_in_memory", lambda: True)
+    noted = run_inprocess(args, capsys, monkeypatch, stdin=b"hello " * 20)
+    assert quiet.code == noted.code == 0, quiet.err + noted.err
+    note = "gpt2: warning: no writable cache directory for the compiled CPU kernels"
+    assert note not in quiet.err and noted.err.count(note) == 1, noted.err
+
+
+@pytest.mark.parametrize(
     ("options", "gemv_types", "int8_kernels"),
     [
         ({}, ["float32"], 0),

@@ -97,7 +97,9 @@ def bench(
     ).validate()
 
     from gpt2cli.bench import run
+    from gpt2cli.cli.loading import note_kernels_in_memory
 
+    note_kernels_in_memory(spec.device)
     with _progress() as progress:
         report = run(spec, compare=compare, progress=progress)
     _RENDERERS[output_format](report)

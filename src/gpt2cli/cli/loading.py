@@ -32,7 +32,7 @@ def load_model(
     from gpt2cli.hub import resolve
 
     resolved = resolve(spec, offline=offline, allow_pickle=allow_pickle, progress=True, warn=warn)
-    _note_kernels_in_memory(device)
+    note_kernels_in_memory(device)
     with status(f"loading {resolved.name}"):
         return load_resolved(
             resolved,
@@ -44,7 +44,7 @@ def load_model(
         )
 
 
-def _note_kernels_in_memory(device: str) -> None:
+def note_kernels_in_memory(device: str) -> None:
     """Say so where this run compiles its CPU kernels in memory: a minute or more of every start."""
     from gpt2cli import kernels
     from gpt2cli.device import pick_device
