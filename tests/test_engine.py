@@ -377,3 +377,21 @@ def test_readme_prompt_cache_example(lm_h) -> None:
         more.samples[0].token_ids
         == lm_h.complete(follow, max_new_tokens=6, temperature=0).samples[0].token_ids
     )
+
+
+def test_greedy_picks_the_first_largest_as_torch_does() -> None:
+    """The CPU greedy pick (numpy's argmax) against torch's: ties go to the first index, a NaN
+    wins, each row apart; other dtypes and shapes go through torch itself."""
+    from gpt2cli.sampling import first_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 50257, generator=gen)
+    rows[1, [7, 40000]] = 100.0  # a tie: the first
+    rows[2, 123] = float("nan")
+    rows[3] = 0.0  # all equal: index 0
+    rows[4, -1] = float("inf")
+    picked = first_argmax(rows)
+    assert picked.dtype == torch.int64 and torch.equal(picked, rows.argmax(dim=-1))
+    assert picked.tolist()[1:4] == [7, 123, 0]
+    half = rows.bfloat16()
+    assert torch.equal(first_argmax(half), half.argmax(dim=-1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from gpt2cli.config import GenerationConfig
@@ -69,6 +70,16 @@ def process_logits(
     return logits
 
 
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> each row's first index of its largest value (B,), int64 (a NaN counts
+    as the largest, as in torch). On CPU through numpy: torch's argmax of one 50257-wide float32
+    row took 118 us on a 2-core Ice Lake, numpy's 10, in a greedy step of 8-30 ms."""
+    numpy_can = logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+    if not numpy_can or logits.requires_grad:
+        return logits.argmax(dim=-1)
+    return torch.from_numpy(logits.numpy().argmax(axis=-1).astype(np.int64, copy=False))
+
+
 def make_sampler(cfg: GenerationConfig) -> Sampler:
     """A function (logits (B, V), previous ids (B, T) | None, generator) -> next ids (B,).
 
@@ -80,7 +91,7 @@ def make_sampler(cfg: GenerationConfig) -> Sampler:
     ) -> torch.Tensor:
         logits = process_logits(logits.float(), previous, cfg)
         if cfg.greedy:
-            return logits.argmax(dim=-1)
+            return first_argmax(logits)
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
