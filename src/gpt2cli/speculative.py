@@ -25,7 +25,7 @@ import torch
 from gpt2cli.kvcache import KVCache, reusable_prefix
 from gpt2cli.logprobs import TokenLogprob, step_logprobs
 from gpt2cli.model import GPT2
-from gpt2cli.sampling import process_logits
+from gpt2cli.sampling import first_argmax, process_logits
 
 if TYPE_CHECKING:
     from gpt2cli.engine import DecodeFn, Engine, Request, Sequence, TokenEvent
@@ -136,8 +136,8 @@ class Speculator:
         for j, d in enumerate(proposals):
             p = _probs(p_logits[j], history + proposals[:j], request)
             if greedy:
-                if int(p.argmax()) != d:
-                    return j, int(p.argmax())
+                if _top(p) != d:
+                    return j, _top(p)
                 continue
             ratio = float(p[d] / q[j][d]) if float(q[j][d]) > 0 else 0.0
             u = float(torch.rand((), generator=request.generator, device=p.device))
@@ -154,11 +154,16 @@ def _probs(logits: torch.Tensor, history: list[int], request: Request) -> torch.
     prev = torch.tensor([history], device=logits.device)
     out = process_logits(logits.float().reshape(1, -1), prev, request.cfg)[0]
     if request.cfg.greedy:
-        return torch.nn.functional.one_hot(out.argmax(), out.shape[-1]).float()
+        return torch.nn.functional.one_hot(torch.tensor(_top(out), device=out.device), out.shape[-1]).float()
     return out.softmax(dim=-1)
 
 
 def _draw(probs: torch.Tensor, request: Request) -> int:
     if request.cfg.greedy:
-        return int(probs.argmax())
+        return _top(probs)
     return int(torch.multinomial(probs, 1, generator=request.generator))
+
+
+def _top(scores: torch.Tensor) -> int:
+    """The first index of the largest of ``scores`` (V,), as the plain greedy step picks it."""
+    return int(first_argmax(scores.reshape(1, -1))[0])
