@@ -310,7 +310,7 @@ def _gemv_block(x, w, scale, b, out, t):  # type: ignore[no-untyped-def]  # the 
 @numba.njit(**_INLINE)  # type: ignore[call-overload]
 def _gemv_rest(x, w, scale, b, out):  # type: ignore[no-untyped-def]  # the rows after the last block
     o = w.shape[0] // block_rows(w) * block_rows(w)
-    if o + 4 <= w.shape[0]:
+    if o + 4 <= w.shape[0]:  # 4-7 rows left: only after eight-row blocks (float32)
         _block(x, w, scale, b, out, o)
         o += 4
     for r in range(o, w.shape[0]):
