@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import make_checkpoint  # noqa: E402
+
+# Started as a background job of a non-interactive shell (`bash .ci/run &`), the suite inherits
+# SIGINT ignored, and so would every gpt2 it starts (an ignored signal stays ignored across exec,
+# and Python then installs no KeyboardInterrupt): the Ctrl-C tests would find a gpt2 that cannot
+# be interrupted. A caught signal is reset to the default by exec, so the children get Ctrl-C back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

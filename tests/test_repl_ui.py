@@ -346,3 +346,39 @@ def test_no_echo_while_a_reply_streams() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_keys_typed_on_a_terminal_are_read_without_waiting() -> None:
+    import pty
+    import tty as ttymode
+
+    from prompt_toolkit.keys import Keys
+
+    from gpt2cli.repl.ui import after_last_ctrl_c, pending_keys
+
+    master, slave = pty.openpty()
+    try:
+        ttymode.setraw(slave)  # as the prompt holds it: Ctrl-C is a key, not a signal
+        with open(slave, "rb", buffering=0, closefd=False) as term:
+            assert pending_keys(term) == []  # nothing typed: returns at once
+            os.write(master, "ab\x03cé\x1b[A".encode())
+            keys = pending_keys(term)
+        assert [k.data for k in keys] == ["a", "b", "\x03", "c", "é", "\x1b[A"]
+        assert keys[2].key == Keys.ControlC and keys[5].key == Keys.Up
+        kept = after_last_ctrl_c(keys)
+        assert kept is not None and [k.data for k in kept] == ["c", "é", "\x1b[A"]
+        assert after_last_ctrl_c(keys[:2]) is None
+        assert pending_keys(io.StringIO()) == []  # not a terminal
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_ctrl_c_typed_right_after_enter_stops_the_reply(lm_h) -> None:
+    """Keys the prompt read past the Enter (a Ctrl-C among them) reach the reply as keys, not as
+    a signal: the Ctrl-C stops it at once, the keys after it make the next turn."""
+    session = make_session(lm_h, GenerationConfig(max_new_tokens=200, temperature=0))
+    drive(session, "Tell me a long story\r\x03Go on\r/exit\r")
+    # Stopped before its first token, the first exchange left nothing in the context.
+    assert [(t.role, bool(t.content)) for t in session.turns] == [("user", True), ("assistant", True)]
+    assert session.turns[0].content == "Go on"

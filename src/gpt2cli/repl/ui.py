@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,7 +20,10 @@ from prompt_toolkit.completion import Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 from prompt_toolkit.filters import Condition
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
-from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.input.typeahead import get_typeahead, store_typeahead
+from prompt_toolkit.input.vt100_parser import Vt100Parser
+from prompt_toolkit.key_binding import KeyBindings, KeyPress, KeyPressEvent
+from prompt_toolkit.keys import Keys
 
 from gpt2cli.cli.output import color_allowed, stderr_console, write
 from gpt2cli.errors import BadInputError
@@ -128,6 +132,36 @@ def no_echo(stream: Any = None) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSANOW, before)
 
 
+def pending_keys(stream: Any = None) -> list[KeyPress]:
+    """The keys already typed on ``stream`` (a terminal without line editing), read without
+    waiting; none where it is not a terminal."""
+    stream = sys.stdin if stream is None else stream
+    try:
+        fd = stream.fileno()
+        if not os.isatty(fd):
+            return []
+        chunks = []
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (OSError, ValueError, AttributeError):
+        return []
+    keys: list[KeyPress] = []
+    Vt100Parser(keys.append).feed_and_flush(b"".join(chunks).decode("utf-8", "replace"))
+    return keys
+
+
+def after_last_ctrl_c(keys: list[KeyPress]) -> list[KeyPress] | None:
+    """The keys typed after the last Ctrl-C among ``keys`` (None: there is none). As the terminal
+    does for a Ctrl-C that becomes a signal, the keys before it are dropped."""
+    for i in range(len(keys) - 1, -1, -1):
+        if keys[i].key == Keys.ControlC:
+            return keys[i + 1 :]
+    return None
+
+
 class TerminalUI:
     """The interactive loop on a terminal.
 
@@ -221,19 +255,34 @@ class TerminalUI:
     def reply(self, text: str) -> None:
         """Stream the reply; Ctrl-C stops it and keeps what was shown."""
         pieces = self.session.respond(text)
-        shown = False
+        shown = typed_stop = False
         try:
             with no_echo():
+                typed_stop = self.take_typed_ahead()
+                if typed_stop:
+                    raise KeyboardInterrupt
                 for piece in trimmed(pieces):
                     self.console.out(piece, end="", highlight=False)
                     shown = True
         except KeyboardInterrupt:
+            if not typed_stop:  # a signal: the terminal dropped the keys typed before it; so do we
+                get_typeahead(self.prompt.input)
             pieces.close()  # commits the exchange with what was shown
             self.console.out("" if not shown else "\n", end="")
             self.note("[stopped]")
             self.console.out("")
             return
         self.console.out("\n")
+
+    def take_typed_ahead(self) -> bool:
+        """Whether a Ctrl-C was pressed while the prompt still held the terminal (just after
+        Enter): it reached us as a key, not a signal. The keys typed after it (all of them when
+        there is none) are kept for the next prompt.
+        """
+        typed = get_typeahead(self.prompt.input) + pending_keys()
+        kept = after_last_ctrl_c(typed)
+        store_typeahead(self.prompt.input, typed if kept is None else kept)
+        return kept is not None
 
 
 def terminal_ui(session: Session) -> TerminalUI:
