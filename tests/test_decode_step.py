@@ -280,3 +280,27 @@ def test_int8_row_is_the_same_bits_alone_or_in_a_batch(ckpt_h: Path) -> None:
                 alone = model(torch.tensor([[7 + r + s]]), torch.tensor([[n + s]]), cache, last_only=True)
                 torch.testing.assert_close(alone[0], together[s, r], atol=0, rtol=0)
     assert decode_step.calls == before + 18  # every step alone was fused too
+
+
+@pytest.mark.parametrize(("dtype", "quantize"), PRECISIONS)
+def test_the_step_takes_the_layout_of_its_weights(
+    ckpt_h: Path, dtype: str, quantize: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU with AMX half weights go in four-row blocks, the rest one row at a time: the
+    choice for the model's weights reaches ``model_step`` and ``block_step``."""
+    lm = load(str(ckpt_h), device="cpu", dtype=dtype, quantize=quantize)
+    model, c = lm.model, lm.model.config
+    seen: list[bool] = []
+    nk = kernels.nk()
+    for name in ("model_step", "block_step"):
+        real = getattr(nk, name)
+        monkeypatch.setattr(nk, name, lambda *a, real=real: (seen.append(a[-1]), real(*a))[1])
+    monkeypatch.setattr(kernels, "_has_amx", lambda: True)
+    monkeypatch.delenv("GPT2_GEMV", raising=False)
+    x = np.random.default_rng(1).standard_normal((1, c.n_embd), dtype=np.float32)
+    table = decode_step._operand_table
+    for one_call in (True, False):
+        monkeypatch.setattr(decode_step, "_operand_table", table if one_call else lambda model: None)
+        seen.clear()
+        decode_step._blocks(model, x.copy(), np.array([0]), model.new_cache(1, 4), 0, True)
+        assert seen and set(seen) == {dtype == "float32"}, (one_call, seen)

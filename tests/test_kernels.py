@@ -266,9 +266,9 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
 
 @needs_numba
 def test_gemv_layout_follows_the_cpu_and_gpt2_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batch-1 decode takes half and int8 weight rows one at a time (prefetched) whatever the
-    CPU; GPT2_GEMV=blocks asks for four-row blocks. The choice reaches the kernel (a spy on its
-    last argument)."""
+    """Batch-1 decode takes weight rows one at a time (prefetched), but half-precision rows in
+    four-row blocks on CPUs with AMX; GPT2_GEMV=rows|blocks decides by hand. The choice reaches
+    the kernel (a spy on its last argument), unfused and in the fused step."""
     seen: list[bool] = []
     real = kernels._nk.gemv
 
@@ -278,25 +278,28 @@ def test_gemv_layout_follows_the_cpu_and_gpt2_gemv(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(kernels._nk, "gemv", spied)
     monkeypatch.setattr(kernels._nk, "gemv_serial", spied)
-    monkeypatch.delenv("GPT2_GEMV", raising=False)
     x, w, b = _data(40, 64, 1)
-    for vendor, env, expected in [
-        ("AuthenticAMD", None, True),
-        ("GenuineIntel", None, True),
-        ("GenuineIntel", "rows", True),
-        ("GenuineIntel", "blocks", False),
-        ("AuthenticAMD", " Blocks ", False),
-        ("GenuineIntel", "auto", True),
+    for amx, env, half_rows, int8_rows in [
+        (False, None, True, True),
+        (True, None, False, True),
+        (True, "auto", False, True),
+        (True, "rows", True, True),
+        (False, "blocks", False, False),
+        (False, " Blocks ", False, False),
+        (True, "sideways", False, True),  # unknown: auto
     ]:
-        monkeypatch.setattr(kernels, "_cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(kernels, "_has_amx", lambda amx=amx: amx)
         if env is None:
             monkeypatch.delenv("GPT2_GEMV", raising=False)
         else:
             monkeypatch.setenv("GPT2_GEMV", env)
-        assert kernels.gemv_rows_alone() is expected, (vendor, env)
-        seen.clear()
-        kernels.linear(x, w.to(torch.bfloat16), b)
-        assert seen == [expected], (vendor, env)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert kernels.gemv_rows_alone(kernels.gemv_operands(w.to(dtype), None, None)[0]) is half_rows
+            seen.clear()
+            kernels.linear(x, w.to(dtype), b)
+            assert seen == [half_rows], (amx, env, dtype)
+        assert kernels.gemv_rows_alone(kernels.gemv_operands(w, None, None)[0]) is int8_rows  # float32 too
+        assert kernels.gemv_rows_alone() is int8_rows, (amx, env)
 
 
 needs_onednn = pytest.mark.skipif(not kernels._has_onednn_linear(), reason="torch without oneDNN")

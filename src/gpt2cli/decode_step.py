@@ -96,10 +96,11 @@ def _blocks(model: GPT2, h: Any, pos: Any, cache: KVCache, row0: int, parallel: 
     nk = kernels.nk()
     eps = float(model.config.layer_norm_epsilon)
     act = nk.ACTIVATIONS[model.config.activation_function]
-    rows_alone = kernels.gemv_rows_alone()
+    blocks = _block_operands(model)
+    rows_alone = kernels.gemv_rows_alone(blocks[0][0][1][0])  # by block 0's c_attn weight
     table = _operand_table(model)
     if table is None:
-        for i, (operands, scale) in enumerate(_block_operands(model)):
+        for i, (operands, scale) in enumerate(blocks):
             k, v = cache.k[i].numpy(), cache.v[i].numpy()
             nk.block_step(h, pos, k, v, row0, *operands, eps, scale, act, parallel, rows_alone)
         return

@@ -301,12 +301,27 @@ def fp32_gemm_path() -> str:
     return "onednn" if _cpu_vendor() in ONEDNN_VENDORS else "blas"
 
 
-def gemv_rows_alone() -> bool:
-    """Whether the decode GEMV reads half and int8 weights one row at a time for batch 1
-    (``rows_alone`` in numba_kernels.gemv): ``GPT2_GEMV`` (rows, blocks) chooses; unset, auto or
-    unknown: one row at a time (each prefetched a few rows ahead), faster than four-row blocks
-    on the Zen 5 and Ice Lake CPUs measured (docs/performance.md)."""
-    return switches.choice(switches.GEMV_ENV, switches.GEMV_CHOICES) != "blocks"
+def gemv_rows_alone(weight: Any = None) -> bool:
+    """Whether the decode GEMV reads ``weight`` (its numpy operand, as ``gemv_operands`` gives it;
+    None: int8 or float32) one row at a time for batch 1 (``rows_alone`` in numba_kernels.gemv).
+
+    ``GPT2_GEMV`` (rows, blocks) chooses; unset, auto or unknown: one row at a time (each
+    prefetched a few rows ahead), faster than four-row blocks on the Zen 5 and Ice Lake CPUs
+    measured, except half-precision weights on CPUs with AMX (Sapphire Rapids and later), where
+    the four-row blocks streamed a step's matrices 1.11x as fast (docs/performance.md).
+    """
+    choice = switches.choice(switches.GEMV_ENV, switches.GEMV_CHOICES)
+    if choice != "auto":
+        return choice == "rows"
+    half = weight is not None and weight.dtype.itemsize == 2  # half kept as its raw 16 bits
+    return not (half and _has_amx())
+
+
+@functools.cache
+def _has_amx() -> bool:
+    """Whether this x86 CPU has AMX tiles (Intel Sapphire Rapids and later), by torch's check."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return check is not None and bool(check())
 
 
 # --- the entry points the model calls -----------------------------------------------------------
@@ -444,7 +459,7 @@ def _gemv_int8(
 def _run(x2: torch.Tensor, kernel: str, *operands: Any) -> torch.Tensor:
     """The numba ``kernel`` on x2 and the weight's numpy operands (the weight first) -> (B, out)."""
     out = torch.empty(x2.shape[0], operands[0].shape[0])
-    _kernel(kernel)(x2.contiguous().numpy(), *operands, out.numpy(), gemv_rows_alone())
+    _kernel(kernel)(x2.contiguous().numpy(), *operands, out.numpy(), gemv_rows_alone(operands[0]))
     return out
 
 
