@@ -459,9 +459,10 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
         + ["--served-model-name", "long-one", "--served-model-name", "l1", "--cache-tokens", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "NO_COLOR": "1"},
+        env={**os.environ, "NO_COLOR": "1", "PYTHONFAULTHANDLER": "1"},  # SIGABRT: every thread's stack
     )
     url = f"http://127.0.0.1:{port}"
+    hung = False
     try:
 
         def up() -> bool:
@@ -474,20 +475,25 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(ckpt_long: Path) -> None:
         wait_for(up)
         assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["long-one", "l1"]
         received: list[str] = []
-        with httpx.stream(
-            "POST", url + "/v1/completions", json={"model": str(ckpt_long), **LONG}, timeout=120
-        ) as r:
-            for line in r.iter_lines():
-                if line:
-                    received.append(line)
-                if len(received) == 1:
-                    proc.send_signal(signal.SIGTERM)
+        try:
+            with httpx.stream(
+                "POST", url + "/v1/completions", json={"model": str(ckpt_long), **LONG}, timeout=120
+            ) as r:
+                for line in r.iter_lines():
+                    if line:
+                        received.append(line)
+                    if len(received) == 1:
+                        proc.send_signal(signal.SIGTERM)
+        except httpx.TimeoutException:
+            hung = True
+            proc.send_signal(signal.SIGABRT)  # the faulthandler writes where each thread stands
         code = proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
     _, err_bytes = proc.communicate()  # reads and closes both pipes
     err = err_bytes.decode()
+    assert not hung, f"nothing streamed for 120 s after SIGTERM ({len(received)} lines); the server:\n{err}"
     assert code == 0, err
     assert received[-1] == "data: [DONE]"
     assert json.loads(received[-2][6:])["error"]["code"] == "shutting_down"
