@@ -255,9 +255,13 @@ def _native_bf16() -> bool:
     """
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
         return True
-    cpu = torch.cpu
-    has = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in has)
+    return any(_torch_cpu_has(name) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def _torch_cpu_has(check_name: str) -> bool:
+    """torch.cpu's answer to one of its feature checks (False where this torch lacks it)."""
+    check = getattr(torch.cpu, check_name, None)
+    return check is not None and bool(check())
 
 
 def _can(path: str) -> bool:
@@ -320,8 +324,7 @@ def gemv_rows_alone(weight: Any = None) -> bool:
 @functools.cache
 def _has_amx() -> bool:
     """Whether this x86 CPU has AMX tiles (Intel Sapphire Rapids and later), by torch's check."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return check is not None and bool(check())
+    return _torch_cpu_has("_is_amx_tile_supported")
 
 
 # --- the entry points the model calls -----------------------------------------------------------
