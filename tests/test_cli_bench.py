@@ -76,6 +76,11 @@ def test_sweep_runs_every_combination(bench) -> None:
     assert [(r["prompt_tokens"], r["batch_size"]) for r in results] == [(4, 1), (4, 3), (9, 1), (9, 3)]
 
 
+def test_the_largest_seed_runs(bench) -> None:
+    res = bench("--prompt-tokens", "4", *FAST, "--seed", str(2**64 - 1), "--format", "json")
+    assert res.code == 0, res.err  # the prompts' seeds (seed + an offset) wrap instead of overflowing
+
+
 def test_csv_shape(bench) -> None:
     res = bench("--prompt-tokens", "4,6", *FAST, "--format", "csv")
     assert res.code == 0, res.err

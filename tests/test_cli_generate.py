@@ -169,7 +169,7 @@ def test_truncated_and_corrupt_safetensors(gen, tmp_path: Path) -> None:
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "truncated", "verify")
+    assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "truncated", "write or copy the model")
     weights.write_bytes(struct.pack("<Q", 40) + b"{not json" + b"\0" * 100)
     assert_one_line_error(gen(["-m", str(path), "Hi"]), 1, "corrupt")
     weights.write_bytes(b"\x01")
@@ -458,3 +458,82 @@ def test_a_cached_config_gets_the_repair_hint(tmp_path: Path) -> None:
     with pytest.raises(CorruptWeightsError) as caught:
         GPT2Config.from_json(snapshot / "config.json")
     assert caught.value.hint == "re-download it: `gpt2 models verify acme/tiny --repair`"
+
+
+def _variant(src: Path, dest: Path, *, config: dict | None = None, tensors: dict | None = None) -> Path:
+    """A copy of checkpoint ``src`` with config.json keys and weight tensors replaced."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    if config:
+        path = dest / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors:
+        state = load_file(str(src / "model.safetensors"))
+        save_file({**state, **{k: f(state) for k, f in tensors.items()}}, str(dest / "model.safetensors"))
+    return dest
+
+
+def test_odd_checkpoints_are_refused_in_one_line_not_run_wrong(ckpt_h: Path, gen, tmp_path: Path) -> None:
+    import torch
+
+    untied = _variant(
+        ckpt_h,
+        tmp_path / "untied",
+        config={"tie_word_embeddings": False},
+        tensors={"lm_head.weight": lambda s: torch.randn_like(s["wte.weight"])},
+    )
+    result = gen(["-m", str(untied), "hi", "-n", "2"])  # its own lm_head would be dropped: wrong output
+    assert_one_line_error(result, 1, "tie_word_embeddings: false", "not supported")
+    tied = _variant(ckpt_h, tmp_path / "tied", tensors={"lm_head.weight": lambda s: s["wte.weight"].clone()})
+    assert gen(["-m", str(tied), "hi", "-n", "2"]).code == 0  # a stored copy of the tied head is fine
+    ints = _variant(ckpt_h, tmp_path / "ints", tensors={"ln_f.weight": lambda s: s["ln_f.weight"].int()})
+    result = gen(["-m", str(ints), "hi", "-n", "2"])
+    assert_one_line_error(
+        result, 1, "ln_f.weight is stored as torch.int32", f"write or copy the model to {ints}"
+    )
+    assert "unexpected" not in result.err
+    for field, value in [("layer_norm_epsilon", "abc"), ("n_inner", 2.5), ("scale_attn_weights", "yes")]:
+        bad = _variant(ckpt_h, tmp_path / f"bad-{field}", config={field: value})
+        assert_one_line_error(gen(["-m", str(bad), "hi"]), 1, field, repr(value))
+
+
+def test_echo_is_in_the_text_of_json_and_jsonl_alike(ckpt_h: Path, gen) -> None:
+    args = ["-m", str(ckpt_h), "Echo me", "-n", "4", "-t", "0", "--ignore-eos", "--echo", "--format"]
+    whole = json.loads(gen([*args, "json"]).out)["samples"][0]["text"]
+    lines = [json.loads(line) for line in gen([*args, "jsonl"]).out.splitlines()]
+    assert whole.startswith("Echo me") and lines[-1]["samples"][0]["text"] == whole
+    assert "".join(line["text"] for line in lines[:-1]) == whole
+
+
+def test_library_refuses_token_ids_outside_the_vocabulary(lm_h) -> None:
+    from gpt2cli.errors import BadInputError
+
+    for ids in ([50257], [-1], [True], ["a"]):
+        with pytest.raises(BadInputError, match="not in the vocabulary"):
+            lm_h.complete(ids, max_new_tokens=2)
+    assert lm_h.complete([50256, 0], max_new_tokens=1).samples[0].tokens == 1
+
+
+def test_generation_config_is_importable_from_the_package() -> None:
+    from gpt2cli import GenerationConfig
+    from gpt2cli.config import GenerationConfig as Defined
+
+    assert GenerationConfig is Defined
+
+
+def test_a_missing_argument_with_choices_is_one_line() -> None:
+    result = run_subprocess(["completion"])
+    assert_one_line_error(result, 2, "Missing argument 'shell'. Choose from: bash, zsh, fish")
+
+
+def test_library_takes_numpy_and_torch_integer_ids(lm_h) -> None:
+    import numpy as np
+    import torch
+
+    ids = [464, 3290]
+    expected = lm_h.complete(ids, max_new_tokens=3, temperature=0).samples[0].text
+    for typed in (list(np.array(ids)), list(torch.tensor(ids))):
+        assert lm_h.complete(typed, max_new_tokens=3, temperature=0).samples[0].text == expected

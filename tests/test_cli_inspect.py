@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def test_attention_data_formats(gpt2, lm_h, tmp_path: Path) -> None:
     )
     array = np.load(tmp_path / "a.npy")
     assert array.shape == (1, 1, T, T)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert ((tmp_path / "a.npy").stat().st_mode & 0o777) == 0o666 & ~umask  # as open() makes files
     np.testing.assert_array_equal(array, expected.pattern.numpy())
     assert gpt2("attention", TEXT, "--format", "safetensors", "-o", str(tmp_path / "a.safetensors")).code == 0
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
@@ -293,6 +297,18 @@ def test_compare_jsonl_csv_and_text(gpt2, text_file: Path, tmp_path: Path) -> No
         "cross-perplexity",
         "binoculars",
     ]
+
+
+def test_compare_with_a_smaller_window_defaults_to_it(gpt2, text_file: Path, tmp_path: Path) -> None:
+    from checkpoints import make_checkpoint
+
+    narrow = make_checkpoint(tmp_path / "narrow", seed=3, n_positions=16)
+    result = gpt2("score", str(text_file), "--compare", str(narrow), "--format", "json")
+    assert result.code == 0, result.err  # not "--context 128 is outside 1..16": none was given
+    assert json.loads(result.out)["context"] == 16
+    assert_one_line_error(
+        gpt2("score", str(text_file), "--compare", str(narrow), "--context", "32"), 2, "--context 32"
+    )
 
 
 def test_compare_bad_input(gpt2, text_file: Path, tmp_path: Path) -> None:

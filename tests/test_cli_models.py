@@ -470,6 +470,16 @@ def test_info_and_verify_take_a_model_directory(tmp_path: Path, ckpt_h: Path) ->
     assert_one_line_error(bad, 1, "failed verification")
     statuses = {f["name"]: f["status"] for f in json.loads(bad.out)["files"]}
     assert statuses["model.safetensors"] == "truncated" and statuses["merges.txt"] == "missing"
+    assert "cannot be repaired" in bad.err and "--repair" not in bad.err  # no Hub to repair it from
+    shutil.copytree(ckpt_h, local, dirs_exist_ok=True)
+    data = bytearray(weights.read_bytes())
+    data[8:12] = b"{xxx"  # the header's JSON no longer parses; the length and the size still agree
+    weights.write_bytes(bytes(data))
+    corrupt = gpt2({}, "models", "verify", str(local), "--format", "json")
+    assert_one_line_error(corrupt, 1, "failed verification: model.safetensors")
+    assert {f["name"]: f["status"] for f in json.loads(corrupt.out)["files"]}[
+        "model.safetensors"
+    ] == "corrupt"
 
 
 def test_rm_takes_several_names_and_checks_them_all_first(

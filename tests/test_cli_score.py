@@ -292,3 +292,27 @@ def test_tables_and_top_fit_a_narrow_terminal(score, files, monkeypatch) -> None
     top = [line for line in result.out.splitlines() if " nats " in line]
     assert len(top) == 3 and all("[" in line and len(line) <= 60 for line in top), result.out
     assert any("…" in line for line in top)  # the context was cut to fit, not wrapped
+
+
+def _strict(text: str) -> object:
+    """JSON as a strict parser reads it: Python's Infinity and NaN refused."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_stays_strict_when_a_metric_overflows(score, tmp_path: Path) -> None:
+    one_word = tmp_path / "b64.txt"
+    one_word.write_text("QmFzZTY0IHRleHQ" * 40)  # one "word" of ~200 tokens: exp(total nll) > float max
+    obj = _strict(score([str(one_word), "--format", "json"]).out)
+    assert obj["word_perplexity"] is None and obj["words"] == 1 and obj["perplexity"] > 0
+    for line in score([str(one_word), "--format", "jsonl"]).out.splitlines():
+        _strict(line)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text(json.dumps({"text": one_word.read_text()}) + "\n" + json.dumps({"text": 5}) + "\n")
+    batch = score(["--jsonl", str(jsonl)])
+    lines = [_strict(line) for line in batch.out.splitlines()]
+    assert lines[0]["word_perplexity"] is None and "error" in lines[1]
+    assert "scored 1 documents, 1 errors" in batch.err  # the error line is no scored document

@@ -303,33 +303,63 @@ def test_ddp_two_cpu_processes_match_single_process(small: Path, ckpt_h: Path, t
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
 
 
-def test_cli_ctrl_c_saves_and_exits_130(
-    small: Path, ckpt_h: Path, tmp_path: Path, capsys, monkeypatch
+def _stop_by_ctrl_c() -> None:
+    raise KeyboardInterrupt  # where the signal's handler would raise it
+
+
+def _stop_by_sigterm() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)  # a real signal: our handler turns it into the stop
+
+
+@pytest.mark.parametrize(
+    ("stop", "code", "said"),
+    [
+        (_stop_by_ctrl_c, 130, "gpt2: interrupted; saved step 2"),
+        (_stop_by_sigterm, 143, "gpt2: terminated; saved step 2"),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_cli_ctrl_c_or_sigterm_saves_the_last_step(
+    small: Path, ckpt_h: Path, tmp_path: Path, capsys, monkeypatch, stop, code: int, said: str
 ) -> None:
-    """Ctrl-C during step 3 (simulated where the signal would land): step 2 is saved, exit 130."""
+    """A stop during step 3: step 2 is saved; exit 130 for Ctrl-C, 143 for SIGTERM."""
+    import signal
+
     from gpt2cli.train import loop
 
     original = loop._Run._one_step
 
     def one_step(self) -> None:
         if self.step == 2:
-            raise KeyboardInterrupt
+            stop()
         original(self)
 
     monkeypatch.setattr(loop._Run, "_one_step", one_step)
+    before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "cut"
     args = ["finetune", str(small), "-o", str(out), "-m", str(ckpt_h), "--from-scratch", "--max-steps", "6"]
     result = run_inprocess(
         [*args, "--block-size", "16", "--batch-size", "2", "--device", "cpu"], capsys, monkeypatch
     )
-    assert result.code == 130, result.err
-    assert "saved step 2" in result.err and "--resume" in result.err and "Traceback" not in result.err
+    assert result.code == code, result.err
+    assert said in result.err and "--resume" in result.err and "Traceback" not in result.err
     assert result.out == ""
     assert "step 2 of 6" in (out / "README.md").read_text()
     assert load(str(out), device="cpu").config.n_embd == 32
+    assert signal.getsignal(signal.SIGTERM) is before  # put back after the run
 
 
 # --- bad input ---------------------------------------------------------------------------------
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_training(ft, small: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = ft([str(small), "-o", str(afile / "out"), "--block-size", "16", "--max-steps", "2"])
+    assert_one_line_error(result, 2, "cannot write --output", "afile")
+    assert "step" not in result.err  # no step was trained (and lost)
 
 
 @pytest.fixture
@@ -476,6 +506,7 @@ def test_cli_takes_a_directory_and_says_what_it_found(
     assert result.code == 0, result.err
     assert "data: 1 file (1 .txt); skipped 1 other files (--data-format text takes them)" in result.err
     assert (out.stat().st_mode & 0o777) == 0o755  # not mkdtemp's 0700
+    assert ((out / "model.safetensors").stat().st_mode & 0o777) == 0o644  # not safetensors' 0600
     text = run_inprocess([*args[:4], "--data-format", "text", *args[4:]], capsys, monkeypatch)
     assert text.code == 0, text.err
     assert "data: 2 files (1 .py, 1 .txt)" in text.err

@@ -259,6 +259,18 @@ def test_save_asks_before_overwriting(session: Session, tmp_path: Path) -> None:
     assert json.loads(path.read_text())["turns"][0]["content"] == "Hello"
 
 
+def test_save_to_a_folder_asks_for_a_file_name(session: Session, tmp_path: Path) -> None:
+    out = session.command(f"/save {tmp_path}")
+    assert out.error and out.confirm is None and "is a folder" in out.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_clearing_a_setting_says_none(session: Session) -> None:
+    assert session.command("/set seed -1").text == "set seed to none (a random seed each reply)"
+    assert session.command("/set top_k none").text == "set top_k to none"
+    assert session.command("/set seed 7").text == "set seed to 7"
+
+
 def test_script_inputs_blocks_are_one_turn() -> None:
     from gpt2cli.repl.session import script_inputs
 

@@ -311,6 +311,18 @@ def test_ui_save_asks_before_overwriting(lm_h, tmp_path: Path) -> None:
     assert json.loads(existing.read_text())["format"] == "gpt2cli-repl-transcript"
 
 
+@pytest.mark.parametrize("key", ["\x03", "\x04"], ids=["ctrl-c", "ctrl-d"])
+def test_ui_ctrl_c_or_d_at_the_overwrite_question_answers_no(lm_h, tmp_path: Path, key: str) -> None:
+    existing = tmp_path / "chat.json"
+    existing.write_text("keep")
+    session = make_session(lm_h, GREEDY)
+    replied = (lambda ui: len(session.turns) == 2, f"/save {existing}\r{key}after\r\x04")
+    out = drive(session, "Hello\r", [replied])  # after the reply: typed during it, Ctrl-C would stop it
+    assert "nothing saved" in out and existing.read_text() == "keep"
+    users = [t.content for t in session.turns if t.role == "user"]
+    assert users == ["Hello", "after"]  # the session went on, the conversation kept
+
+
 def test_completer_completes_file_names(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "chat-one.json").write_text("{}")
     (tmp_path / "chat-two.json").write_text("{}")

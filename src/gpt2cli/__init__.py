@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from gpt2cli.api import LM, load
     from gpt2cli.kvcache import PromptCache
 
-__all__ = ["LM", "PromptCache", "__version__", "load"]
+__all__ = ["LM", "GenerationConfig", "PromptCache", "__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from gpt2cli import api
 
         return getattr(api, name)
+    if name == "GenerationConfig":
+        from gpt2cli.config import GenerationConfig
+
+        return GenerationConfig
     if name == "PromptCache":
         from gpt2cli.kvcache import PromptCache
 

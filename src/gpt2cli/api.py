@@ -130,8 +130,16 @@ class LM:
         return self.tokenizer.encode(text, allow_special=True)
 
     def prepare_prompt(self, prompt: str | list[int], warn: Warn | None = None) -> tuple[list[int], int]:
-        """Prompt ids, keeping the most recent ``window`` tokens; returns (ids, dropped)."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """Prompt ids, keeping the most recent ``window`` tokens; returns (ids, dropped).
+
+        Raises:
+            BadInputError: a token id that is not in the vocabulary.
+        """
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            ids = list(prompt)
+            self.tokenizer.check_ids(ids)
         if not ids:
             ids = [self.tokenizer.eot_id]  # an empty prompt generates unconditionally
         dropped = max(0, len(ids) - self.window)
@@ -645,11 +653,13 @@ def load_resolved(
     try:
         converter = fastpath.storage_converter(torch_device, torch_dtype, method)
         raw_state = read_state_dict(weight_files(path, allow_pickle), converter)
+        model = build_model(config, raw_state)
     except CorruptWeightsError as exc:
         if resolved.spec.repo_id is not None:  # a Hub model in the cache: the cache can repair it
             exc.hint = f"re-download it: `gpt2 models verify {resolved.name} --repair`"
+        else:  # a directory of the user's: nothing to download it from
+            exc.hint = f"write or copy the model to {path} again (a model directory cannot be repaired)"
         raise
-    model = build_model(config, raw_state)
     fastpath.place(model, torch_device, torch_dtype, method, converter)
     lm = LM(model, tokenizer, resolved)
     if compile:

@@ -331,7 +331,7 @@ def weight_bytes_per_step(model: torch.nn.Module, position_table: str) -> int:
 
 def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
     """``n`` uniformly random token ids (speed does not depend on the values)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed % 2**64)  # seeds near 2**64 - 1 plus an offset wrap
     return torch.randint(0, vocab, (n,), generator=gen).tolist()
 
 

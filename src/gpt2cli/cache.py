@@ -604,6 +604,8 @@ def check_file(
             return FileCheck(model.name, f.name, "truncated", size, None, None)
         if f.name == "config.json" and not _read_config(f.path):
             return FileCheck(model.name, f.name, "corrupt", size, None, None)
+        if f.path.suffix == ".safetensors" and read_safetensors_header(f.path) is None:
+            return FileCheck(model.name, f.name, "corrupt", size, None, None)  # a header that does not parse
         return FileCheck(model.name, f.name, "unverified", size, None, None)
     actual = file_digest(f.path, f.algorithm)
     if actual == f.digest:

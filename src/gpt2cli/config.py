@@ -54,6 +54,11 @@ class GPT2Config:
         model_type = raw.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise NotGPT2Error(f"{source} is a {model_type!r} model, not GPT-2 (model_type 'gpt2')")
+        if raw.get("tie_word_embeddings") is False:  # transformers would use a separate lm_head.weight
+            raise NotGPT2Error(
+                f"{source} sets tie_word_embeddings: false (an lm_head apart from wte): not supported",
+                hint="gpt2cli runs GPT-2 checkpoints whose lm_head is the embedding matrix, as GPT-2's own",
+            )
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         if "n_positions" not in values and isinstance(raw.get("n_ctx"), int):
@@ -95,6 +100,16 @@ class GPT2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CorruptWeightsError(f"{source}: {name} must be a positive integer, got {value!r}")
+        eps = self.layer_norm_epsilon
+        if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 < eps < 1:
+            raise CorruptWeightsError(f"{source}: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        inner = self.n_inner
+        if inner is not None and (not isinstance(inner, int) or isinstance(inner, bool) or inner < 1):
+            raise CorruptWeightsError(f"{source}: n_inner must be a positive integer or null, got {inner!r}")
+        for flag in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise CorruptWeightsError(f"{source}: {flag} must be true or false, got {value!r}")
         if self.n_embd % self.n_head:
             raise CorruptWeightsError(f"{source}: n_embd {self.n_embd} is not divisible by n_head")
         if self.activation_function not in SUPPORTED_ACTIVATIONS:

@@ -55,7 +55,10 @@ def pick_device(spec: str = "auto") -> torch.device:
         return device
     if device.type == "mps":
         if not _mps_available():
-            raise DeviceUnavailableError("MPS was requested but is not available on this machine")
+            raise DeviceUnavailableError(
+                "MPS was requested but is not available on this machine",
+                hint="use --device auto or cpu; MPS needs Apple silicon, macOS 12.3+ and an MPS torch",
+            )
         return device
     raise BadInputError(f"unsupported device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps")
 

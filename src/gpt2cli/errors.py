@@ -62,7 +62,7 @@ class UnsafeWeightsError(Gpt2Error):
 class CorruptWeightsError(Gpt2Error):
     """A weight file is truncated, corrupt, or has the wrong keys or shapes."""
 
-    default_hint = "re-download it: `gpt2 models verify NAME --repair`, or delete the file"
+    default_hint = "a cached model: `gpt2 models verify MODEL --repair`; a model directory: write it again"
 
 
 class DeviceUnavailableError(Gpt2Error):

@@ -1,4 +1,5 @@
-"""Texts from JSON Lines: one string field of each line, read lazily, bad lines named by number.
+"""JSON in and out: texts from JSON Lines (read lazily, bad lines named by number), and the one
+JSON encoder of our outputs (``dumps``: strict JSON, a non-finite number written as null).
 
 Stdlib only (the CLI reads input with it before loading any model).
 """
@@ -6,9 +7,28 @@ Stdlib only (the CLI reads input with it before loading any model).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from gpt2cli.errors import BadInputError
+
+
+def dumps(obj: Any, *, ensure_ascii: bool = False, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: NaN and infinities (a word perplexity past float range, a metric of
+    an empty text) become null, since Python's ``Infinity`` and ``NaN`` are no JSON and strict
+    parsers (jq, JavaScript, Go) reject the whole line."""
+    return json.dumps(_finite(obj), ensure_ascii=ensure_ascii, indent=indent, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def read_jsonl_texts(lines: Iterable[bytes | str], name: str, field: str = "text") -> Iterator[str]:

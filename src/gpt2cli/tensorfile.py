@@ -64,7 +64,15 @@ def check_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
 def _temp_beside(path: Path, suffix: str = ".partial") -> tuple[IO[bytes], Path]:
     """A new temporary file in ``path``'s folder (so the final rename stays on one filesystem)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; the output gets open()'s mode
     return os.fdopen(fd, "wb"), Path(name)
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -239,6 +240,18 @@ class Tokenizer:
             return self._encoding.decode_single_token_bytes(token_id)
         except (KeyError, OverflowError, TypeError, ValueError) as exc:
             raise self._bad_ids([token_id]) from exc
+
+    def check_ids(self, ids: list[int]) -> None:
+        """Raises BadInputError unless every one of ``ids`` is an integer (numpy's and torch's
+        too, not bool) token id of this vocabulary."""
+        n = self.n_vocab
+        for i in ids:
+            try:
+                ok = not isinstance(i, bool) and 0 <= operator.index(i) < n
+            except TypeError:
+                ok = False
+            if not ok:
+                raise BadInputError(f"token id {i!r} is not in the vocabulary (size {n})")
 
     def _bad_ids(self, ids: list[int]) -> BadInputError:
         bad = next((i for i in ids if not self._is_valid(i)), ids[0] if ids else None)

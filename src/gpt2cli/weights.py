@@ -83,6 +83,9 @@ def normalize_state_dict(
         if name not in shapes:
             unexpected.append(key)
             continue
+        if not (tensor.dtype.is_floating_point or (tensor.dtype == torch.int8 and tensor.ndim == 2)):
+            # (int8 2-D: the rows a quantising reader made, weights.RowConvert)
+            raise CorruptWeightsError(f"{key} is stored as {tensor.dtype}: GPT-2 weights are floating point")
         if name.endswith(CONV1D_SUFFIXES) and tensor.ndim == 2:
             tensor = tensor.t()
         out[name] = tensor

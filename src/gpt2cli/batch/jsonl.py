@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from gpt2cli.errors import BadInputError
+from gpt2cli.jsonl import dumps
 
 READ_BYTES = 1 << 20  # bytes read from the input at a time
 STDIO = "-"
@@ -152,9 +153,9 @@ class Outcome:
 
 def to_line(obj: dict[str, Any]) -> str:
     """One output line: JSON (UTF-8 where it can be, else ASCII escapes) and a newline."""
-    text = json.dumps(obj, ensure_ascii=False)
+    text = dumps(obj)
     if not _is_unicode(text):  # an id with a lone surrogate escape: keep it escaped
-        text = json.dumps(obj)
+        text = dumps(obj, ensure_ascii=True)
     return text + "\n"
 
 

@@ -143,8 +143,9 @@ def run(args: Sequence[str]) -> int:
 
 
 def _plain_usage(message: str) -> str:
-    """Typer's value errors without pydantic's wording ("Value error, 'xml' is not one of ...")."""
-    return message.replace("Value error, ", "")
+    """Typer's value errors without pydantic's wording ("Value error, 'xml' is not one of ..."), on
+    one line (click lists a missing argument's choices one per line)."""
+    return " ".join(message.replace("Value error, ", "").split())
 
 
 def _out_of_memory(exc: BaseException) -> OutOfMemoryError | None:

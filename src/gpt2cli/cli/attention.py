@@ -118,9 +118,9 @@ def _encode(result: Any, output_format: AttentionFormat, top: int | None) -> byt
     if output_format is AttentionFormat.safetensors:
         return bytes(result.to_safetensors())
     if output_format is AttentionFormat.json:
-        import json
+        from gpt2cli.jsonl import dumps
 
-        return (json.dumps(result.to_json(), ensure_ascii=False) + "\n").encode("utf-8")
+        return (dumps(result.to_json()) + "\n").encode("utf-8")
     return "".join(_tsv_lines(result, top or 3)).encode("utf-8")
 
 

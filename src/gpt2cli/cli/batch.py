@@ -241,11 +241,12 @@ class _Progress:
 
 
 def _print_summary(summary: Any, verb: tuple[str, str], job: Any, interrupted: bool) -> None:
-    """``gpt2: scored 10 documents, 1 errors | ... tok/s | perplexity ...`` on stderr."""
+    """``gpt2: scored 9 documents, 1 errors | ... tok/s | perplexity ...`` on stderr (10 lines
+    written: the errors are lines too, but not documents scored)."""
     if summary.repaired:
         warn(f"{job.output} ended in a partial line (an interrupted run): cut it off and redid it")
     done, noun = verb
-    parts = [f"{summary.documents:,} {noun}"]
+    parts = [f"{summary.documents - summary.errors:,} {noun}"]
     if summary.errors:
         parts.append(f"{summary.errors:,} errors")
     if summary.skipped:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 from gpt2cli.cli import options as opt
 from gpt2cli.cli.output import is_terminal, stderr_console, write
 from gpt2cli.errors import EXIT_INTERRUPTED
+from gpt2cli.signals import handled
 
 
 class DataFormat(str, Enum):
@@ -154,13 +156,15 @@ def finetune(
 
     reporter = _Reporter()
     try:
-        result = run_finetune(settings, reporter.event)
-    except KeyboardInterrupt:
+        with handled(signal.SIGTERM, _terminate):  # a `kill` keeps the steps done, as Ctrl-C does
+            result = run_finetune(settings, reporter.event)
+    except KeyboardInterrupt as exc:
         reporter.close()
         saved = reporter.last_save
         where = f"; saved step {saved.step} to {saved.path} (continue with --resume)" if saved else ""
-        sys.stderr.write(f"gpt2: interrupted{where}\n")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        terminated = isinstance(exc, _Terminated)
+        sys.stderr.write(f"gpt2: {'terminated' if terminated else 'interrupted'}{where}\n")
+        raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
     finally:
         reporter.close()
     if result.first_eval and result.final_eval:
@@ -170,6 +174,17 @@ def finetune(
         )
     if reporter.is_main:
         write(f"{result.output}\n")
+
+
+EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during training: handled as Ctrl-C is (the last finished step is saved)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 class _Reporter:

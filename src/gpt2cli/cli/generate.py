@@ -294,13 +294,17 @@ def _newline_after(shown: str) -> str:
     return "\n" if shown and not shown.endswith("\n") else ""
 
 
+def _echoed(obj: dict[str, Any], echo: str | None) -> dict[str, Any]:
+    """A result's JSON with ``--echo``'s prompt in front of each sample's text, as shown."""
+    if echo is not None:
+        for sample in obj["samples"]:
+            sample["text"] = echo + sample["text"]
+    return obj
+
+
 class _JsonRenderer(_Renderer):
     def done(self, result: Any) -> None:
-        obj = result.to_json()
-        if self.echo is not None:
-            for sample in obj["samples"]:
-                sample["text"] = self.echo + sample["text"]
-        write_json(obj, pretty=is_terminal(sys.stdout))
+        write_json(_echoed(result.to_json(), self.echo), pretty=is_terminal(sys.stdout))
 
     def interrupted(self, partial: Any) -> None:
         counts = [s.tokens for s in partial.samples] if partial is not None else [None] * self.n
@@ -322,7 +326,7 @@ class _JsonlRenderer(_Renderer):
         write_json({"type": "text", "sample": sample, "text": text})
 
     def done(self, result: Any) -> None:
-        write_json({"type": "summary", **result.to_json()})
+        write_json({"type": "summary", **_echoed(result.to_json(), self.echo)})
 
     def interrupted(self, partial: Any) -> None:
         write_json({"type": "summary", "interrupted": True, "seed": self.seed})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -176,10 +177,12 @@ def verify(
         bad = [c.name for c in report.checks if c.bad]
         what = name or "the cache"
         again = f"gpt2 models verify {name} --repair" if name else "gpt2 models verify --repair"
-        raise CorruptWeightsError(
-            f"{len(bad)} file(s) of {what} failed verification: {', '.join(bad)}",
-            hint=f"run `{again}`" if not repair else "check the disk and the connection, then retry",
-        )
+        if name is not None and Path(name).expanduser().is_dir():  # no Hub source to repair from
+            hint = "a model directory cannot be repaired: write or copy the model there again"
+        else:
+            hint = f"run `{again}`" if not repair else "check the disk and the connection, then retry"
+        failed = f"{len(bad)} file(s) of {what} failed verification: {', '.join(bad)}"
+        raise CorruptWeightsError(failed, hint=hint)
 
 
 def _verify_text(report: VerifyReport) -> None:

@@ -6,13 +6,13 @@ verbatim (never parsed as markup, never re-wrapped) and flushed as it comes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
 from typing import IO, Any
 
 from gpt2cli.errors import Gpt2Error
+from gpt2cli.jsonl import dumps
 
 
 def is_terminal(stream: IO[str] | None) -> bool:
@@ -61,7 +61,7 @@ def write(text: str) -> None:
 
 
 def write_json(obj: Any, *, pretty: bool = False) -> None:
-    write(json.dumps(obj, ensure_ascii=False, indent=2 if pretty else None) + "\n")
+    write(dumps(obj, indent=2 if pretty else None) + "\n")
 
 
 def dim(text: str) -> str:

@@ -188,12 +188,14 @@ def score(
     lm = load_model(
         model, device=device, dtype=dtype, offline=offline, allow_pickle=allow_pickle, quantize=quantize
     )
+    asked = (context, stride)  # --compare defaults them to the smaller of the two windows
     context = lm.window if context is None else context
     stride = max(1, context // 2) if stride is None else stride
     from gpt2cli.scoring import check_windows
 
     check_windows(context, stride, lm.window, protocol.value)
     if comparing:
+        context, stride = asked
         from gpt2cli.cli import compare as compare_cli
 
         a = compare_cli.Settings(model, quantize, dtype, device, offline, allow_pickle)

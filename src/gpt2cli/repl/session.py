@@ -365,9 +365,10 @@ class Session:
         if ids is None:  # hand-written transcripts: write the turn as the template would
             text = content if mode == "complete" else template.turn({"role": role, "content": content})
             ids = self.lm.encode(text)
-        n_vocab = self.lm.config.vocab_size
-        if not all(isinstance(i, int) and 0 <= i < n_vocab for i in ids):
-            raise ValueError("token ids out of the model's vocabulary")
+        try:
+            self.lm.tokenizer.check_ids(ids)
+        except BadInputError as exc:
+            raise ValueError(exc.message) from None
         return Turn(role, content, list(ids), mode)
 
 
@@ -390,7 +391,10 @@ def _set(session: Session, arg: str) -> Outcome:
     name, value = words
     session.set_option(name, value)
     key = name.replace("-", "_").lower()
-    return Outcome(f"set {key} to {getattr(session.cfg, key)}")
+    value = getattr(session.cfg, key)
+    if value is None:  # cleared ('none', or a seed of -1)
+        return Outcome(f"set {key} to none" + (" (a random seed each reply)" if key == "seed" else ""))
+    return Outcome(f"set {key} to {value}")
 
 
 def _show(session: Session, arg: str) -> Outcome:
@@ -411,6 +415,8 @@ def _undo(session: Session, arg: str) -> Outcome:
 def _save(session: Session, arg: str) -> Outcome:
     if not arg:
         return Outcome("usage: /save FILE", error=True)
+    if Path(arg).expanduser().is_dir():
+        return Outcome(f"{arg} is a folder: give a file name (/save {Path(arg) / 'chat.json'})", error=True)
     if Path(arg).expanduser().exists():
         return Outcome(f"{arg} exists: overwrite it?", error=True, confirm=f"/save! {arg}")
     return Outcome(f"saved {len(session.turns)} turns to {session.save(arg, overwrite=False)}")

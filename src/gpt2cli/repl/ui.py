@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from gpt2cli.repl.session import (
     script_inputs,
     unblock,
 )
+from gpt2cli.signals import handled
 from gpt2cli.text import trimmed
 
 LEAVE_HINT = "Use Ctrl-D or /bye to leave."
@@ -229,7 +231,10 @@ class TerminalUI:
                 if outcome.leave:
                     return
                 continue
-            self.reply(text)
+            try:
+                self.reply(text)
+            except KeyboardInterrupt:  # a second Ctrl-C before the stop began: still only a stop
+                self.note("[stopped]")
 
     def read(self) -> str:
         """One input: a line, or a block between triple quotes (as in ollama); Enter inside an
@@ -242,7 +247,10 @@ class TerminalUI:
 
     def show_outcome(self, outcome: Outcome) -> None:
         if outcome.confirm is not None:  # a question: ask it, and run the command on yes
-            answer = self.prompt.prompt(f"{outcome.text} [y/N] ", bottom_toolbar=None)
+            try:
+                answer = self.prompt.prompt(f"{outcome.text} [y/N] ", bottom_toolbar=None)
+            except (KeyboardInterrupt, EOFError):  # Ctrl-C or Ctrl-D answers no; the session goes on
+                answer = ""
             if answer.strip().lower() in ("y", "yes"):
                 self.show_outcome(self.session.command(outcome.confirm))
             else:
@@ -265,12 +273,14 @@ class TerminalUI:
                     self.console.out(piece, end="", highlight=False)
                     shown = True
         except KeyboardInterrupt:
-            if not typed_stop:  # a signal: the terminal dropped the keys typed before it; so do we
-                get_typeahead(self.prompt.input)
-            pieces.close()  # commits the exchange with what was shown
-            self.console.out("" if not shown else "\n", end="")
-            self.note("[stopped]")
-            self.console.out("")
+            # A second Ctrl-C must not cut the stop short (and end the session): ignored meanwhile.
+            with handled(signal.SIGINT, signal.SIG_IGN):
+                if not typed_stop:  # a signal: the terminal dropped the keys typed before it; so do we
+                    get_typeahead(self.prompt.input)
+                pieces.close()  # commits the exchange with what was shown
+                self.console.out("" if not shown else "\n", end="")
+                self.note("[stopped]")
+                self.console.out("")
             return
         self.console.out("\n")
 

@@ -18,6 +18,7 @@ import torch
 
 from gpt2cli.config import GPT2Config
 from gpt2cli.errors import BadInputError, CorruptWeightsError
+from gpt2cli.tensorfile import umask
 from gpt2cli.weights import to_hub_layout
 
 STATE_FILE = "training_state.pt"
@@ -49,6 +50,24 @@ def check_output_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
             f"output directory {path} exists and is not a gpt2 finetune checkpoint",
             hint="choose another --output, or pass --overwrite to replace it",
         )
+    _check_writable(path.absolute().parent, path)
+
+
+def _check_writable(parent: Path, path: Path) -> None:
+    """Make ``parent`` (as ``save`` will) and write a probe there, before any step is trained:
+    a run must not find out at its end that its output cannot be written.
+
+    Raises:
+        BadInputError: ``parent`` cannot be made, or a directory cannot be made in it.
+    """
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=parent))
+    except OSError as exc:
+        raise BadInputError(
+            f"cannot write --output {path}: {exc.strerror or exc} ({exc.filename or parent})",
+            hint="choose an --output in a folder you can write",
+        ) from exc
 
 
 def save(
@@ -69,10 +88,11 @@ def save(
     path = path.absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output gets the usual mode
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; the output gets the usual mode
     try:
         hub = {k: v.float().cpu().contiguous() for k, v in to_hub_layout(state).items()}
         save_file(hub, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask())  # safetensors makes it 0600
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer_dir / name, tmp / name)
@@ -82,13 +102,6 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it; it is put back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
