@@ -174,6 +174,54 @@ def test_logprobs_end_where_a_stop_string_cuts_the_text(client, lm_h) -> None:
     assert "".join(tokens) == "".join(c.text for c in streamed) == text
 
 
+def _last_token_stop(lm, prompt: str, n: int) -> tuple[str, str]:
+    """A stop string completed only by the n-th (last allowed) token: (stop, text before it)."""
+    full = lm.complete(prompt, max_new_tokens=n, temperature=0, ignore_eos=True).samples[0].text
+    for k in range(1, len(full) + 1):  # the shortest end of the text found nowhere before the end
+        if full[-k:].strip() and full.find(full[-k:]) == len(full) - k:
+            return full[-k:], full[:-k]
+    raise AssertionError(f"no stop string to take from {full!r}")
+
+
+def test_a_stop_string_on_the_last_allowed_token_is_stop_not_length(client, lm_h) -> None:
+    prompt, n = "Hello world", 6
+    stop, text = _last_token_stop(lm_h, prompt, n)
+    result = lm_h.complete(prompt, max_new_tokens=n, temperature=0, ignore_eos=True, stop=[stop]).samples[0]
+    assert (result.text, result.finish_reason) == (text, "stop")
+    args = {"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0, "stop": [stop]}
+    out = client.completions.create(**args).choices[0]
+    assert (out.text, out.finish_reason) == (text, "stop")
+    last = [c.choices[0] for c in client.completions.create(stream=True, **args)][-1]
+    assert last.finish_reason == "stop"
+
+
+def test_the_sampled_token_is_always_among_the_top_logprobs(client) -> None:
+    args = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "temperature": 2, "seed": 3, "logprobs": 1}
+    lp = client.completions.create(**args).choices[0].logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == pytest.approx(logprob) and 1 <= len(top) <= 2
+        assert max(top.values()) >= logprob  # the best alternative still leads
+
+
+def test_null_options_mean_their_defaults(served: ServerThread) -> None:
+    defaults = {"temperature": 1.0, "top_p": 1.0, "n": 1, "stream": False, "echo": False}
+    defaults |= {"presence_penalty": 0.0, "frequency_penalty": 0.0}
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": 1}
+    got = httpx.post(served.url + "/v1/completions", json=body | dict.fromkeys(defaults), timeout=120)
+    assert got.status_code == 200, got.text
+    plain = httpx.post(served.url + "/v1/completions", json=body | defaults, timeout=120)
+    assert got.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    chat = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "logprobs": None,
+    }
+    assert httpx.post(served.url + "/v1/chat/completions", json=chat, timeout=120).status_code == 200
+    wrong = httpx.post(served.url + "/v1/completions", json={**body, "temperature": "hot"}, timeout=120)
+    assert wrong.status_code == 400  # null is a default; a wrong type is still an error
+
+
 def test_tokenize_and_detokenize(served: ServerThread, lm_h) -> None:
     url = served.url
     text = "Hello world, café"

@@ -330,7 +330,7 @@ class LM:
         if not stats.decode_seconds and unfinished != "length":  # interrupted before the engine set it
             stats.decode_seconds = max(0.0, seconds - (ttft or 0.0))
         samples = [
-            SampleResult(t.text, len(t.ids), seq.finish_reason or unfinished, t.ids)
+            SampleResult(t.text, len(t.ids), t.finish_reason(seq.finish_reason) or unfinished, t.ids)
             for t, seq in zip(texts.samples, request.sequences, strict=True)
         ]
         generated = sum(s.tokens for s in samples)

@@ -56,6 +56,11 @@ class SampleText:
         text, self.stopped = self.matcher.push(self.decoder.push(token))
         return self._piece(text)
 
+    def finish_reason(self, engine_reason: str | None) -> str | None:
+        """Why the sample ended: "stop" when a stop string cut its text, even where the engine
+        had already ended it at its token limit on that same token; else the engine's reason."""
+        return "stop" if self.stopped else engine_reason
+
     def close(self) -> Piece | None:
         """End of the sample: release held-back text (unless a stop string cut it)."""
         if self.closed:

@@ -158,6 +158,9 @@ class Answer:
             alts: dict[str, float] = {}
             for tok, lp in e.top:
                 alts.setdefault(self.token_text(tok), lp)
+            # OpenAI's legacy completions always list the chosen token too (up to logprobs + 1
+            # entries), as vLLM does; the best entry stays first, so "is it greedy" checks hold.
+            alts.setdefault(self.token_text(e.token), e.logprob)
             top.append(alts)
         return {
             "tokens": tokens,

@@ -136,7 +136,11 @@ class Job:
         for piece in self.texts.close():
             self.emit(piece)
         samples = [
-            SampleOutput(t.text, FINISH_REASONS.get(seq.finish_reason or "length", "length"), len(t.ids))
+            SampleOutput(
+                t.text,
+                FINISH_REASONS.get(t.finish_reason(seq.finish_reason) or "length", "length"),
+                len(t.ids),
+            )
             for t, seq in zip(self.texts.samples, self.request.sequences, strict=True)
         ]
         self.emit(Done(samples, len(self.prompt), self.prompt_logprobs, self.cached_tokens))

@@ -11,9 +11,9 @@ divides by almost zero, NaN) is a 400 naming its field. The ranges are those of
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpt2cli.config import (
     MAX_REPETITION_PENALTY,
@@ -94,11 +94,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
+def _allows_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
 class _Request(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI's API marks these options nullable: an explicit null (as clients that write
+        every option send it) means the default, not a type error."""
+        if not isinstance(data, dict):
+            return data
+        takes_none = {name for name, f in cls.model_fields.items() if _allows_none(f.annotation)}
+        return {
+            k: v for k, v in data.items() if v is not None or k in takes_none or k not in cls.model_fields
+        }
+
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
     temperature: float = Field(default=1.0, ge=0, le=2)
