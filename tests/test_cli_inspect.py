@@ -96,6 +96,9 @@ def test_lens_bad_input(gpt2) -> None:
     assert_one_line_error(gpt2("lens", "word " * 200), 2, "more than the model's 128-token window", "first")
     assert_one_line_error(gpt2("lens", TEXT, "--top", "0"), 2, "--top")
     assert_one_line_error(gpt2("lens", "", "--no-bos"), 2, "empty")
+    empty = gpt2("lens", "")
+    assert_one_line_error(empty, 2, "empty", 'gpt2 lens "')
+    assert "unconditionally" not in empty.err  # generation's hint, not the lens's
 
 
 # --- attention ----------------------------------------------------------------------------------

@@ -41,10 +41,10 @@ def read_prompt(prompt: str | None, example: str = 'gpt2 generate "Once upon a t
     else:
         text, source = prompt, "the prompt"
     if not text.strip() and not text:
-        raise BadInputError(
-            f"{source} is empty",
-            hint="give some text; to generate unconditionally, use '<|endoftext|>' as the prompt",
-        )
+        hint = f"give some text: {example}"
+        if example.startswith("gpt2 generate"):  # only generation has a meaning for no text
+            hint += "; to generate unconditionally, use '<|endoftext|>' as the prompt"
+        raise BadInputError(f"{source} is empty", hint=hint)
     return text
 
 
