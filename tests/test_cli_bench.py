@@ -235,3 +235,58 @@ def test_draft_model_needs_batch_1(ckpt_h, capsys, monkeypatch) -> None:
 
     args = ["bench", "-m", str(ckpt_h), "--draft-model", str(ckpt_h), "--batch-size", "1,8"]
     assert_one_line_error(run_inprocess(args, capsys, monkeypatch), 2, "one sequence")
+
+
+def _interrupt_at_run(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Ctrl-C as the n-th timed run starts (each run draws its prompt: count the draws)."""
+    import gpt2cli.bench as bench_module
+
+    real, calls = bench_module.random_prompt, {"n": 0}
+
+    def drawing(*args: int) -> list[int]:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(bench_module, "random_prompt", drawing)
+
+
+def test_ctrl_c_prints_the_configurations_that_finished(bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupt_at_run(monkeypatch, 3)
+    res = bench("--prompt-tokens", "4,9", "--batch-size", "1,2", *FAST, "--format", "json")
+    assert res.code == 130 and "Traceback" not in res.err
+    results = json.loads(res.out)["results"]
+    assert [(r["prompt_tokens"], r["batch_size"]) for r in results] == [(4, 1), (4, 2)]
+    assert "gpt2: interrupted: 2 of 4 timed configurations finished" in res.err
+
+
+def test_ctrl_c_while_comparing_keeps_the_finished_pairs(bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupt_at_run(monkeypatch, 4)  # ours at 4 and 6 done, transformers at 4 done, then Ctrl-C
+    res = bench("--prompt-tokens", "4,6", *FAST, "--format", "markdown", "--compare", "transformers")
+    assert res.code == 130, res.err
+    rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in res.out.splitlines()[4:]]
+    assert rows == [
+        ["4", "1", "gpt2cli"],
+        ["4", "1", "transformers"],
+        ["4", "1", "ratio vs transformers"],
+        ["6", "1", "gpt2cli"],
+    ]
+    assert "3 of 4 timed configurations finished" in res.err
+
+
+def test_ctrl_c_before_any_result_prints_nothing_on_stdout(bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    _interrupt_at_run(monkeypatch, 1)
+    res = bench("--prompt-tokens", "4", *FAST)
+    assert res.code == 130 and res.out == ""
+    assert "gpt2: interrupted: 0 of 1 timed configuration finished" in res.err
+
+
+def test_the_seed_is_reported_a_drawn_one_too(bench) -> None:
+    given = json.loads(bench("--prompt-tokens", "4", *FAST, "--seed", "7", "--format", "json").out)
+    assert given["results"][0]["seed"] == 7
+    drawn = json.loads(bench("--prompt-tokens", "4", *FAST, "--seed", "-1", "--format", "json").out)
+    seed = drawn["results"][0]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**64
+    csv_rows = list(csv.DictReader(io.StringIO(bench("--prompt-tokens", "4", *FAST, "--format", "csv").out)))
+    assert csv_rows[0]["seed"] == "0"

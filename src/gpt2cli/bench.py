@@ -165,6 +165,7 @@ class BenchResult:
     new_tokens: int
     batch_size: int
     repeats: int
+    seed: int  # of the random prompts: the same seed times the same prompts again
     load_seconds: float
     prefill_tokens_per_second: float
     decode_tokens_per_second: float
@@ -239,6 +240,14 @@ class BenchReport:
         if self.comparisons:
             out["comparisons"] = [c.to_dict() for c in self.comparisons]
         return out
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run``: ``report`` holds the configurations that finished before it."""
+
+    def __init__(self, report: BenchReport) -> None:
+        super().__init__()
+        self.report = report
 
 
 @dataclass
@@ -527,6 +536,7 @@ def _measure(
             new_tokens=spec.new_tokens,
             batch_size=batch,
             repeats=spec.repeats,
+            seed=spec.seed,
             load_seconds=subject.load_seconds,
             prefill_tokens_per_second=figures["prefill_tokens_per_second"].median,
             decode_tokens_per_second=decode,
@@ -559,6 +569,7 @@ def run(
         BadInputError: a bad value, or prompt + new tokens past the model's window.
         MissingExtraError: ``compare="transformers"`` without transformers installed.
         Gpt2Error: loading the model failed (any of its kinds).
+        BenchInterrupted: Ctrl-C; its ``report`` holds the configurations finished before it.
     """
     spec = spec.validate()
     if compare is not None and compare not in COMPARE_WITH:
@@ -570,19 +581,47 @@ def run(
         raise BadInputError("--draft-model is measured against plain decoding: drop --compare")
     runs_per_engine = len(spec.workloads()) * spec.repeats
     total = runs_per_engine * (2 if compare or spec.draft_model else 1)
+    ours: list[BenchResult] = []
+    others: list[BenchResult] = []  # the draft-model or transformers runs, in the same order
+    try:
+        _run_engines(spec, compare, compare_dtype, progress, total, ours, others)
+    except KeyboardInterrupt as exc:
+        raise BenchInterrupted(_report(ours, others, spec)) from exc
+    return _report(ours, others, spec)
+
+
+def _report(ours: list[BenchResult], others: list[BenchResult], spec: BenchSpec) -> BenchReport:
+    """Every result, and a comparison per configuration both engines finished."""
+    pairs = zip(ours, others, strict=False)  # strict=False: Ctrl-C may have cut ``others`` short
+    if spec.draft_model is not None:  # the speculative run against plain decoding
+        return BenchReport(ours + others, [Comparison.of(b, a) for a, b in pairs])
+    return BenchReport(ours + others, [Comparison.of(a, b) for a, b in pairs])
+
+
+def _run_engines(
+    spec: BenchSpec,
+    compare: str | None,
+    compare_dtype: str | None,
+    progress: Progress | None,
+    total: int,
+    ours: list[BenchResult],
+    others: list[BenchResult],
+) -> None:
+    """Load and time our engine, then the draft-model or transformers run: results appended as
+    each configuration finishes (so that Ctrl-C keeps them)."""
     done = [0]
     if progress:
         progress("gpt2cli: loading", 0, total)
     lm, ours_subject = _load_ours(spec)
     path, device = lm.resolved.path, lm.device
-    ours = list(_measure(ours_subject, spec, lm.name, progress, done, total))
+    ours.extend(_measure(ours_subject, spec, lm.name, progress, done, total))
     if spec.draft_model is not None:
-        drafted = list(_measure(_speculative_subject(lm, spec), spec, lm.name, progress, done, total))
-        return BenchReport(ours + drafted, [Comparison.of(a, b) for a, b in zip(drafted, ours, strict=True)])
+        others.extend(_measure(_speculative_subject(lm, spec), spec, lm.name, progress, done, total))
+        return
     del lm, ours_subject
     gc.collect()
     if compare is None:
-        return BenchReport(ours)
+        return
     if progress:
         progress("transformers: loading", done[0], total)
     from gpt2cli.device import pick_dtype
@@ -590,11 +629,9 @@ def run(
     dtype = pick_dtype(compare_dtype or ours[0].dtype, device)
     model, theirs_subject = _load_transformers(path, device, dtype)
     same = replace(spec, quantize=None)
-    theirs = list(_measure(theirs_subject, same, ours[0].model, progress, done, total))
+    others.extend(_measure(theirs_subject, same, ours[0].model, progress, done, total))
     del model, theirs_subject
     gc.collect()
-    comparisons = [Comparison.of(a, b) for a, b in zip(ours, theirs, strict=True)]
-    return BenchReport(ours + theirs, comparisons)
 
 
 def _check_transformers() -> None:

@@ -14,6 +14,7 @@ import typer
 
 from gpt2cli.cli import options as opt
 from gpt2cli.cli.output import color_allowed, is_terminal, write, write_json
+from gpt2cli.errors import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
     from gpt2cli.bench import BenchReport, BenchResult
@@ -96,13 +97,30 @@ def bench(
         compile=compile,
     ).validate()
 
-    from gpt2cli.bench import run
+    from gpt2cli.bench import BenchInterrupted, run
     from gpt2cli.cli.loading import note_kernels_in_memory
 
     note_kernels_in_memory(spec.device)
-    with _progress() as progress:
-        report = run(spec, compare=compare, progress=progress)
+    try:
+        with _progress() as progress:
+            report = run(spec, compare=compare, progress=progress)
+    except BenchInterrupted as exc:
+        engines = 2 if compare is not None or spec.draft_model is not None else 1
+        _interrupted(exc.report, output_format, len(spec.workloads()) * engines)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     _RENDERERS[output_format](report)
+
+
+def _interrupted(report: BenchReport, output_format: BenchFormat, runs: int) -> None:
+    """Ctrl-C: the configurations that finished, rendered as usual, and a line saying so."""
+    if report.results:
+        _RENDERERS[output_format](report)
+    done = len(report.results)
+    sys.stderr.write(
+        f"gpt2: interrupted: {done} of {runs} timed configuration{'s' if runs != 1 else ''} finished"
+        + (", the figures are of those\n" if done else "\n")
+    )
+    sys.stderr.flush()
 
 
 @contextmanager
@@ -164,9 +182,9 @@ def _row(r: BenchResult) -> list[str]:
 
 
 def _rows(report: BenchReport) -> list[list[str]]:
-    """Ours, then (when compared) theirs and a ratio row per configuration (> 1: gpt2cli faster)."""
-    if not report.comparisons:
-        return [_row(r) for r in report.results]
+    """Ours, then (when compared) theirs and a ratio row per configuration (> 1: gpt2cli faster);
+    after Ctrl-C, the results no comparison holds."""
+    compared = {id(r) for c in report.comparisons for r in (c.ours, c.theirs)}
     rows = []
     for c in report.comparisons:
         ratio = c.ratio
@@ -187,7 +205,7 @@ def _rows(report: BenchReport) -> list[list[str]]:
                 "",
             ],
         ]
-    return rows
+    return rows + [_row(r) for r in report.results if id(r) not in compared]
 
 
 def _caption(report: BenchReport) -> str:
