@@ -338,6 +338,19 @@ def test_load_hand_written_transcript_without_tokens(session: Session, lm_h, tmp
             '{"format": "gpt2cli-repl-transcript", "turns": [{"role": "user", "content": "a", "tokens": [-1]}]}',
             "vocabulary",
         ),
+        (
+            '{"format": "gpt2cli-repl-transcript", "turns": [], "settings": {"temperature": -1}}',
+            "bad.json: temperature must be 0 (greedy) or at least 0.001, got -1",
+        ),
+        (
+            '{"format": "gpt2cli-repl-transcript", "turns": [], '
+            '"template": {"user_name": "Bob", "bot_name": "Bob"}}',
+            "bad.json: the user and the model are both named 'Bob' (fix that value in the file)",
+        ),
+        (
+            '{"format": "gpt2cli-repl-transcript", "turns": [], "template": {"kind": "alpaca"}}',
+            "unknown chat template 'alpaca' (use one of:",
+        ),
     ],
 )
 def test_load_bad_files(session: Session, tmp_path: Path, content: str | None, needle: str) -> None:
@@ -347,6 +360,7 @@ def test_load_bad_files(session: Session, tmp_path: Path, content: str | None, n
         path.write_text(content)
     out = session.command(f"/load {path}")
     assert out.error and needle in out.text and "\n" not in out.text
+    assert "--" not in out.text  # the repl's words, not the command line's flags
     assert session.turns[0].content == "keep me"  # a failed load loses nothing
 
 

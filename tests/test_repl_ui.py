@@ -184,6 +184,7 @@ def test_piped_subprocess_plain_text_and_ctrl_c_exits_130(ckpt_h: Path, tmp_path
         (["--template", "alpaca"], "--template"),
         (["--user-name", ""], "speaker name"),
         (["--bot-name", "A: B"], "speaker name"),
+        (["--user-name", "Bob", "--bot-name", " Bob "], "both named 'Bob'"),
         (["--temperature", "-1"], "--temperature must be 0 (greedy) or at least 0.001"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--seed", "99999999999999999999"], "--seed must be -1 (random)"),

@@ -68,7 +68,7 @@ def pick_template(
     """The template for ``model_name``: ``kind`` if given, DialoGPT for DialoGPT models.
 
     Raises:
-        BadInputError: unknown template, or empty/multi-line speaker names.
+        BadInputError: unknown template, empty/multi-line speaker names, or one name for both.
     """
     if kind is None:
         kind = "dialogpt" if "dialogpt" in model_name.lower() else "transcript"
@@ -77,4 +77,10 @@ def pick_template(
     for name in (user_name, bot_name):
         if not name.strip() or "\n" in name or ":" in name:
             raise BadInputError(f"speaker name {name!r} must be one line, non-empty, without ':'")
+    if user_name.strip() == bot_name.strip():
+        # The reply ends where the user's next turn starts: one name would end it at once.
+        raise BadInputError(
+            f"the user and the model are both named {user_name.strip()!r}",
+            hint="give --user-name and --bot-name different names",
+        )
     return ChatTemplate(kind, user_name.strip(), bot_name.strip())

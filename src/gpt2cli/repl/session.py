@@ -335,6 +335,9 @@ class Session:
             raise BadInputError(f"{path} is not a gpt2 repl transcript", hint="save one with /save FILE")
         try:
             self._restore(raw)
+        except BadInputError as exc:  # a template or setting out of range: say which file
+            hint = exc.hint if exc.hint and "--" not in exc.hint else "fix that value in the file"
+            raise BadInputError(f"{path}: {exc.message}", hint=hint) from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadInputError(f"{path} is not a valid transcript: {exc}") from None
         return path
@@ -354,7 +357,7 @@ class Session:
             raise ValueError(f"unknown mode {mode!r}")
         turns = [self._turn_from_json(t, template) for t in raw["turns"]]
         dropped = int(raw.get("dropped", 0))
-        self.cfg, self.template, self.mode = cfg.validate(), template, mode
+        self.cfg, self.template, self.mode = cfg.validate(names=SET_NAMES), template, mode
         self.turns, self.start = turns, min(max(dropped, 0), len(turns))
 
     def _turn_from_json(self, raw: dict[str, Any], template: ChatTemplate) -> Turn:
