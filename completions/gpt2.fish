@@ -473,7 +473,7 @@ complete -c gpt2 -n '__gpt2_at finetune' -l warmup-steps -x -d 'Linear warmup st
 complete -c gpt2 -n '__gpt2_at finetune' -l weight-decay -x -d 'AdamW weight decay.'
 complete -c gpt2 -n '__gpt2_at finetune' -l grad-clip -x -d 'Clip the gradient norm (0 disables).'
 complete -c gpt2 -n '__gpt2_at finetune' -l seed -x -d 'Seed for initialisation, split and shuffling (0 to 2^64-1).'
-complete -c gpt2 -n '__gpt2_at finetune' -l eval-every -x -d 'Held-out evaluation every N steps (default: 10 per run).'
+complete -c gpt2 -n '__gpt2_at finetune' -l eval-every -x -d 'Held-out evaluation every N steps (default: at most 10 a run).'
 complete -c gpt2 -n '__gpt2_at finetune' -l save-every -x -d 'Checkpoint every N steps (default: only at the end).'
 complete -c gpt2 -n '__gpt2_at finetune' -l lora -x -d 'Train rank-R LoRA adapters instead of all weights.'
 complete -c gpt2 -n '__gpt2_at finetune' -l lora-alpha -x -d 'LoRA scale numerator, > 0 (default 2 x rank); needs --lora.'

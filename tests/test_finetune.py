@@ -539,3 +539,18 @@ def test_any_64_bit_seed_shuffles() -> None:
     from gpt2cli.train.data import epoch_order
 
     assert sorted(epoch_order(10, 2**64 - 1, 3).tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("steps", [3, 15, 25])
+def test_default_evaluation_is_at_most_ten_a_run(
+    small: Path, ckpt_h: Path, tmp_path: Path, steps: int
+) -> None:
+    """Without --eval-every: the first and final evaluations and at most ten in all (help's words)."""
+    evals: list[EvalEvent] = []
+    settings = scratch_settings(small, ckpt_h, tmp_path / "out", max_steps=steps, batch_size=4, block_size=16)
+    finetune(settings, lambda e: evals.append(e) if isinstance(e, EvalEvent) else None)
+    at = [e.step for e in evals]
+    assert at[0] == 0 and at[-1] == steps and at == sorted(set(at))
+    assert len(at) <= 11  # 0, up to nine between, the end
+    gaps = [b - a for a, b in zip(at, at[1:], strict=False)]
+    assert max(gaps) <= max(1, steps // 5)  # spread over the run

@@ -81,7 +81,7 @@ def finetune(
     ] = 0,
     eval_every: Annotated[
         int | None,
-        typer.Option("--eval-every", help="Held-out evaluation every N steps (default: 10 per run)."),
+        typer.Option("--eval-every", help="Held-out evaluation every N steps (default: at most 10 a run)."),
     ] = None,
     save_every: Annotated[
         int | None,
