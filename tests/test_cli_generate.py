@@ -378,6 +378,22 @@ def test_stop_reads_backslash_escapes(ckpt_h: Path, gen, tmp_path: Path) -> None
     assert unescape("\\n\\t\\\\n\\x41\\u00e9\\q") == "\n\t\\nA\u00e9\\q"
 
 
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (["generate", "hi", "--format"], "gpt2 generate"),
+        (["score", "--context"], "gpt2 score"),
+        (["bench", "--prompt-tokens", "4", "-n"], "gpt2 bench"),
+        (["models", "verify", "--nope"], "gpt2 models verify"),
+        (["--nope"], "gpt2"),
+    ],
+)
+def test_an_option_error_points_at_its_commands_help(capsys, monkeypatch, args, command) -> None:
+    result = run_inprocess(args, capsys, monkeypatch)
+    assert_one_line_error(result, 2)
+    assert f"hint: see '{command} --help'" in result.err
+
+
 def test_debug_works_after_the_subcommand(ckpt_h: Path, gen) -> None:
     result = gen(["-m", str(ckpt_h), "Hi", "-t", "1e-45", "--debug"])
     assert result.code == 2

@@ -118,7 +118,7 @@ def run(args: Sequence[str]) -> int:
         exc.show()  # bare `gpt2` (or a group): help is the answer, not an error
         return 0
     except UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx else "gpt2"
+        command = exc.ctx.command_path if exc.ctx else _command_path(args)
         return _fail(_plain_usage(exc.format_message()), f"see '{command} --help'", EXIT_USAGE, debug)
     except ClickException as exc:
         return _fail(exc.format_message(), None, exc.exit_code, debug)
@@ -140,6 +140,21 @@ def run(args: Sequence[str]) -> int:
         return _fail(
             f"unexpected {type(exc).__name__}: {exc}", "rerun with --debug for the traceback", 1, debug
         )
+
+
+def _command_path(args: Sequence[str]) -> str:
+    """The command ``args`` name ("gpt2 models verify"), for errors click raises without one
+    (an option's missing value): the words before the first that is not a subcommand."""
+    command: object = typer.main.get_command(app)
+    path = ["gpt2"]
+    for word in _before_separator(args):
+        if word.startswith("-"):
+            continue
+        command = getattr(command, "commands", {}).get(word)
+        if command is None:
+            break
+        path.append(word)
+    return " ".join(path)
 
 
 def _plain_usage(message: str) -> str:
