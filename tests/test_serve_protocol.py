@@ -139,10 +139,18 @@ def test_an_empty_prompt_means_endoftext_in_every_form(client, lm_h) -> None:
         assert out.usage.prompt_tokens == 1
 
 
+def _greedy_args(prompt: str, max_tokens: int, **more: object) -> dict[str, object]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **more}
+
+
+def _greedy_token_texts(lm, prompt: str, n: int) -> list[str]:
+    ids = lm.complete(prompt, max_new_tokens=n, temperature=0).samples[0].token_ids
+    return [lm.tokenizer.decode([t]) for t in ids]
+
+
 def _inside_token_stop(lm, prompt: str, n: int) -> tuple[str, str]:
     """A stop string that starts inside a generated token (not at its start): (stop, text before it)."""
-    ids = lm.complete(prompt, max_new_tokens=n, temperature=0).samples[0].token_ids
-    texts = [lm.tokenizer.decode([t]) for t in ids]
+    texts = _greedy_token_texts(lm, prompt, n)
     full = "".join(texts)
     start = 0
     for text in texts:
@@ -154,24 +162,88 @@ def _inside_token_stop(lm, prompt: str, n: int) -> tuple[str, str]:
     raise AssertionError(f"no token to cut in {texts}")
 
 
-def test_logprobs_end_where_a_stop_string_cuts_the_text(client, lm_h) -> None:
+def _stop_across_tokens(lm, prompt: str, n: int) -> tuple[str, str]:
+    """A stop string from the last character of a generated token into the next token: the
+    text before it is sent while the end of that token is held back (stop, text before it)."""
+    texts = _greedy_token_texts(lm, prompt, n)
+    full, start = "".join(texts), 0
+    for this, following in zip(texts, texts[1:], strict=False):
+        start += len(this)
+        stop = this[-1:] + following
+        if len(this) >= 2 and (this + following).isprintable() and full.find(stop) == start - 1:
+            return stop, full[: start - 1]
+    raise AssertionError(f"no pair of tokens to cut across in {texts}")
+
+
+@pytest.mark.parametrize("find_stop", [_inside_token_stop, _stop_across_tokens])
+def test_logprobs_end_where_a_stop_string_cuts_the_text(client, lm_h, find_stop) -> None:
+    """One-shot and streamed, chunk by chunk: the tokens span the text sent, never more."""
     prompt = "The meaning of life is"
-    stop, text = _inside_token_stop(lm_h, prompt, 12)
+    stop, text = find_stop(lm_h, prompt, 12)
+    args = _greedy_args(prompt, 12, stop=[stop], logprobs=1)
+    whole = client.completions.create(**args).choices[0]
+    assert whole.text == text and whole.finish_reason == "stop" and "".join(whole.logprobs.tokens) == text
+    assert len(whole.logprobs.tokens) == len(whole.logprobs.token_logprobs) == len(whole.logprobs.text_offset)
+    sent, tokens, offsets = "", [], []
+    for chunk in client.completions.create(stream=True, **args):
+        choice = chunk.choices[0]
+        sent += choice.text
+        if choice.logprobs:
+            tokens += choice.logprobs.tokens
+            offsets += choice.logprobs.text_offset
+        assert len("".join(tokens)) <= len(sent)  # never a token whose text was not sent yet
+    assert sent == "".join(tokens) == text
+    assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+    assert offsets == [len(prompt) + len("".join(tokens[:k])) for k in range(len(tokens))]
+
+
+def test_a_stream_with_echo_sends_the_prompts_logprobs_first(client) -> None:
     args = {
         "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": 12,
+        "prompt": "Hello there",
+        "max_tokens": 4,
         "temperature": 0,
-        "stop": [stop],
-        "logprobs": 1,
+        "echo": True,
+        "logprobs": 2,
     }
-    out = client.completions.create(**args).choices[0]
-    assert out.text == text and out.finish_reason == "stop"
-    assert "".join(out.logprobs.tokens) == text
-    assert len(out.logprobs.tokens) == len(out.logprobs.token_logprobs) == len(out.logprobs.text_offset)
-    streamed = [c.choices[0] for c in client.completions.create(stream=True, **args)]
-    tokens = [t for c in streamed if c.logprobs for t in c.logprobs.tokens]
-    assert "".join(tokens) == "".join(c.text for c in streamed) == text
+    whole = client.completions.create(**args).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **args)]
+    assert chunks[0].text == "Hello there"
+    assert (
+        "".join(chunks[0].logprobs.tokens) == "Hello there" and chunks[0].logprobs.token_logprobs[0] is None
+    )
+    streamed = {
+        key: [x for c in chunks if c.logprobs for x in getattr(c.logprobs, key)]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    }
+    assert streamed["tokens"] == whole.tokens and streamed["text_offset"] == whole.text_offset
+    # the second request reuses the first one's cached prompt: the same numbers within rounding
+    assert streamed["token_logprobs"][0] is None
+    assert streamed["token_logprobs"][1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-4)
+    assert [t and set(t) for t in streamed["top_logprobs"]] == [t and set(t) for t in whole.top_logprobs]
+
+
+def test_a_token_that_is_part_of_a_character_is_shown_as_its_bytes(client, lm_h) -> None:
+    prompt = "ok 🎉 日本 é!"
+    ids = lm_h.encode(prompt)
+    raw = [lm_h.tokenizer.token_bytes(t) for t in ids]
+    assert any(not _valid_utf8(r) for r in raw)  # the prompt does split a character
+    args = {"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1}
+    lp = client.completions.create(**args).choices[0].logprobs
+    want = [r.decode() if _valid_utf8(r) else "bytes:" + "".join(f"\\x{b:02x}" for b in r) for r in raw]
+    assert lp.tokens == want and "\ufffd" not in "".join(lp.tokens)
+    # text_offset counts the prompt's characters: a split character counts once
+    complete = [len(b"".join(raw[:k]).decode("utf-8", errors="ignore")) for k in range(len(raw))]
+    assert lp.text_offset == complete
+    assert lp.text_offset[ids.index(lm_h.encode(" 日")[0])] == prompt.index(" 日")
+
+
+def _valid_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _last_token_stop(lm, prompt: str, n: int) -> tuple[str, str]:

@@ -4,10 +4,18 @@
 into OpenAI choices and gives the stream chunks (``text_completion`` or
 ``chat.completion.chunk``), the usage chunk of ``stream_options.include_usage`` and the final
 body, with ``usage.prompt_tokens_details.cached_tokens``.
+
+Log-probabilities follow the text they belong to: a token is listed once the text sent covers
+it (text held back because it may start a stop string holds its tokens back too), so a chunk's
+tokens span its text; a stop string inside a token cuts its entry there.
+``text_offset`` counts the text's characters: a token that is only part of a UTF-8 character
+(emoji, CJK) is shown as ``bytes:\\xe2\\x80`` (OpenAI's form) and adds no character until the
+token that completes it.
 """
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from collections.abc import Callable
@@ -16,10 +24,33 @@ from typing import Any
 
 from gpt2cli.config import GenerationConfig
 from gpt2cli.logprobs import TokenLogprob
-from gpt2cli.server.batch import Done, Event, Piece, StopPiece
+from gpt2cli.server.batch import Done, Event, Piece, Scored, StopPiece
 from gpt2cli.text import ReplyTrimmer
 
-Shown = tuple[TokenLogprob, str]  # a token's log-probability entry and its text as shown
+Shown = tuple[TokenLogprob, str, int]
+"""A token's log-probability entry, the token as shown, and the characters of text it completes."""
+
+
+def shown_token(raw: bytes) -> str:
+    """A token as log-probabilities show it: its text, or ``bytes:\\xe2\\x80`` where its bytes
+    are only part of a UTF-8 character (OpenAI's form; U+FFFD would merge distinct tokens)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class _Characters:
+    """One token sequence's tokens as ``Shown``: each with the characters of text it completes
+    (the text's own decoder: bytes of a split character count once, with their last token)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self.token_bytes = token_bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def shown(self, entry: TokenLogprob) -> Shown:
+        raw = self.token_bytes(entry.token)
+        return entry, shown_token(raw), len(self.decoder.decode(raw))
 
 
 @dataclass
@@ -43,11 +74,12 @@ class Answer:
     """Accumulates events into OpenAI choices; gives stream chunks and the final body.
 
     Args:
-        token_text: a token's text as shown in logprobs.
+        token_bytes: a token's bytes.
+        prompt_chars: each prompt's length in characters (generated text's offsets follow it).
     """
 
-    def __init__(self, plan: Plan, token_text: Callable[[int], str], prompt_chars: list[int]) -> None:
-        self.plan, self.token_text = plan, token_text
+    def __init__(self, plan: Plan, token_bytes: Callable[[int], bytes], prompt_chars: list[int]) -> None:
+        self.plan, self.token_bytes = plan, token_bytes
         n = plan.cfg.num_samples
         self.n = n
         count = len(plan.prompts) * n
@@ -55,61 +87,95 @@ class Answer:
         self.finish: list[str | None] = [None] * count
         self.tokens = [0] * count
         self.cached = [0] * len(plan.prompts)
-        self.logprobs: list[list[Shown]] = [[] for _ in range(count)]
-        self.prompt_lps: list[list[TokenLogprob] | None] = [None] * len(plan.prompts)
+        self.logprobs: list[list[Shown]] = [[] for _ in range(count)]  # sent (or to be, in the body)
+        self.held: list[list[Shown]] = [[] for _ in range(count)]  # their text not sent yet
+        self.covered = [0] * count  # characters of text[c] that self.logprobs[c] spans
+        self.characters = [_Characters(token_bytes) for _ in range(count)]
+        self.prompt_lps: list[list[Shown]] = [[] for _ in plan.prompts]
         self.chat = plan.kind == "chat.completion"
         self.cleaners = [ReplyTrimmer() for _ in range(count)] if self.chat else []
-        self.prompt_chars = prompt_chars  # each prompt's length in characters (for text_offset)
+        self.prompt_chars = prompt_chars
         # text_offset of the next streamed token: generated text follows the prompt's text.
         self.stream_offsets = [prompt_chars[c // n] for c in range(count)] if plan.stream else [0] * count
 
     # one event -> stream chunks (also recorded for the final body)
     def add(self, i: int, ev: Event) -> list[dict[str, Any]]:
+        if isinstance(ev, Scored):
+            return self._scored(i, ev)
         if isinstance(ev, Piece):
             c = i * self.n + ev.sample
             self.texts[c] += ev.text
-            shown = self._shown(c, ev.logprobs, isinstance(ev, StopPiece))
-            self.logprobs[c].extend(shown)
+            self.held[c].extend(self.characters[c].shown(e) for e in ev.logprobs)
+            shown = self._release(c, stopped=isinstance(ev, StopPiece))
             text = self.cleaners[c].push(ev.text) if self.chat else ev.text
             if not text and not shown:
                 return []
             return [self._chunk(c, text, None, shown)]
         assert isinstance(ev, Done)
-        self.prompt_lps[i] = ev.prompt_logprobs
         self.cached[i] = ev.cached_tokens
         chunks = []
         for s, sample in enumerate(ev.samples):
             c = i * self.n + s
             self.finish[c], self.tokens[c] = sample.finish_reason, sample.tokens
-            chunks.append(self._chunk(c, "", sample.finish_reason, []))
+            chunks.append(
+                self._chunk(c, "", sample.finish_reason, self._release(c, stopped=False, flush=True))
+            )
         return chunks
 
-    def _shown(self, c: int, entries: list[TokenLogprob], stopped: bool) -> list[Shown]:
-        """Entries with their token texts; after a stop string, cut to end where the text ends."""
-        shown = [(e, self.token_text(e.token)) for e in entries]
-        if not stopped:
-            return shown
-        room = len(self.texts[c]) - sum(len(t) for _, t in self.logprobs[c])
-        cut: list[Shown] = []
-        for entry, text in shown:
-            if room <= 0:
+    def _scored(self, i: int, ev: Scored) -> list[dict[str, Any]]:
+        """The prompt's log-probabilities: kept for the body; a stream's echo chunks carry them."""
+        characters = _Characters(self.token_bytes)
+        self.prompt_lps[i] = [characters.shown(e) for e in ev.logprobs]
+        if not (self.plan.stream and self.plan.echo and self.plan.logprobs is not None) or self.chat:
+            return []
+        text = self.plan.prompt_texts[i]
+        return [self._chunk(c, text, None, self.prompt_lps[i], offset=0) for c in self._choices(i)]
+
+    def _choices(self, i: int) -> range:
+        return range(i * self.n, (i + 1) * self.n)
+
+    def _release(self, c: int, stopped: bool, flush: bool = False) -> list[Shown]:
+        """The held entries that the text received covers now, in order; after a stop string, the
+        rest cut where the text ends; ``flush``: every one (the sample is done)."""
+        room = len(self.texts[c]) - self.covered[c]
+        held, out = self.held[c], []
+        while held:
+            entry, token, chars = held[0]
+            if stopped and room <= 0:
                 break  # a token wholly inside the stop string: not part of the answer
-            cut.append((entry, text[:room]))
-            room -= len(text)
-        return cut
+            if chars > room and not flush:
+                if not stopped:
+                    break  # its text is held back (it may start a stop string): so is the token
+                token, chars = token[:room], room  # the stop string starts inside this token
+            out.append((entry, token, chars))
+            room -= chars
+            held.pop(0)
+        if stopped or flush:
+            held.clear()
+        self.covered[c] += sum(chars for _, _, chars in out)
+        self.logprobs[c].extend(out)
+        return out
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         if self.chat:
             return [self._chunk(c, "", None, [], role=True) for c in range(len(self.texts))]
-        if self.plan.echo:
+        if self.plan.echo and self.plan.logprobs is None:  # with logprobs: sent once scored
             return [
                 self._chunk(c, self.plan.prompt_texts[c // self.n], None, []) for c in range(len(self.texts))
             ]
         return []
 
     def _chunk(
-        self, c: int, text: str, finish: str | None, lps: list[Shown], role: bool = False
+        self,
+        c: int,
+        text: str,
+        finish: str | None,
+        lps: list[Shown],
+        role: bool = False,
+        offset: int | None = None,
     ) -> dict[str, Any]:
+        """One stream chunk of choice ``c``; ``offset``: the text_offset of ``lps[0]`` (default:
+        where the generated text streamed so far ends)."""
         plan = self.plan
         if self.chat:
             delta: dict[str, Any] = (
@@ -120,8 +186,10 @@ class Answer:
         else:
             choice = {"index": c, "text": text, "finish_reason": finish, "logprobs": None}
             if plan.logprobs is not None and lps:
-                choice["logprobs"] = self._logprobs_obj(lps, self.stream_offsets[c])
-                self.stream_offsets[c] += sum(len(t) for _, t in lps)
+                if offset is None:
+                    offset = self.stream_offsets[c]
+                    self.stream_offsets[c] += sum(chars for _, _, chars in lps)
+                choice["logprobs"] = self._logprobs_obj(lps, offset)
             obj = "text_completion"
         chunk = self._envelope(obj, [choice])
         if plan.include_usage:
@@ -146,25 +214,26 @@ class Answer:
 
     def _logprobs_obj(self, lps: list[Shown], offset: int) -> dict[str, Any]:
         tokens, offsets = [], []
-        for _, text in lps:
-            tokens.append(text)
+        for _, token, chars in lps:
+            tokens.append(token)
             offsets.append(offset)
-            offset += len(text)
+            offset += chars
         top: list[dict[str, float] | None] = []
-        for e, _ in lps:
+        for e, _, _ in lps:
             if e.logprob is None:
                 top.append(None)
                 continue
             alts: dict[str, float] = {}
-            for tok, lp in e.top:
-                alts.setdefault(self.token_text(tok), lp)
+            for alt, lp in e.top:
+                alts.setdefault(shown_token(self.token_bytes(alt)), lp)
             # OpenAI's legacy completions always list the chosen token too (up to logprobs + 1
             # entries), as vLLM does; the best entry stays first, so "is it greedy" checks hold.
-            alts.setdefault(self.token_text(e.token), e.logprob)
+            # (A token cut by a stop string is listed under its whole text among the others.)
+            alts.setdefault(shown_token(self.token_bytes(e.token)), e.logprob)
             top.append(alts)
         return {
             "tokens": tokens,
-            "token_logprobs": [e.logprob for e, _ in lps],
+            "token_logprobs": [e.logprob for e, _, _ in lps],
             "top_logprobs": top,
             "text_offset": offsets,
         }
@@ -198,8 +267,10 @@ class Answer:
                 "logprobs": None,
             }
             if plan.logprobs is not None:
-                echoed = [(e, self.token_text(e.token)) for e in (self.prompt_lps[p] or [])]
-                start = 0 if plan.echo else self.prompt_chars[p]
-                choice["logprobs"] = self._logprobs_obj(echoed + self.logprobs[c], start)
+                generated = self._logprobs_obj(self.logprobs[c], self.prompt_chars[p])
+                if plan.echo:  # the prompt's entries first, its text from offset 0
+                    echoed = self._logprobs_obj(self.prompt_lps[p], 0)
+                    generated = {key: echoed[key] + generated[key] for key in generated}
+                choice["logprobs"] = generated
             choices.append(choice)
         return {**self._envelope(plan.kind, choices), "usage": self.usage()}

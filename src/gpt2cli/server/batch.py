@@ -3,7 +3,7 @@
 Each job becomes one engine ``Request`` with its own sampler, seeded generator, stop strings,
 token limit and prompt-cache lease, so its result does not depend on what it runs beside. The
 job's text side is the shared text layer (``text.SampleText`` per sample); this module only
-turns engine events into the server's events (``Piece``, ``Done``, ``Failed``).
+turns engine events into the server's events (``Scored``, ``Piece``, ``Done``, ``Failed``).
 """
 
 from __future__ import annotations
@@ -41,12 +41,18 @@ class StopPiece(Piece):
 
 
 @dataclass
+class Scored:
+    """The prompt's own log-probabilities (echo asked for them), before any generated piece."""
+
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
 class Done:
-    """A job has finished: every sample's text, and the prompt's own logprobs when echo asked."""
+    """A job has finished: every sample's text."""
 
     samples: list[SampleOutput]
     prompt_tokens: int
-    prompt_logprobs: list[TokenLogprob] | None = None
     cached_tokens: int = 0  # prompt tokens taken from the prompt cache, not prefilled
 
 
@@ -56,7 +62,7 @@ class Failed:
     code: str | None = None  # "shutting_down", or None for an internal error
 
 
-Event = Piece | Done | Failed
+Event = Scored | Piece | Done | Failed
 
 
 @dataclass
@@ -74,7 +80,6 @@ class Job:
     done: bool = False
     request: Request | None = field(default=None, repr=False)
     texts: RequestTexts | None = field(default=None, repr=False)
-    prompt_logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
     cache: PromptCache | None = field(default=None, repr=False)  # the prompt-cache lease
     queued_at: float = field(default_factory=time.perf_counter)
     token_at: list[float] = field(default_factory=list, repr=False)  # each sample's latest token
@@ -105,7 +110,7 @@ class Job:
         0's ids and keys/values at the end.
         """
         if self.echo:
-            self.prompt_logprobs = sequence_logprobs(model, self.prompt, self.logprobs or 0)
+            self.emit(Scored(sequence_logprobs(model, self.prompt, self.logprobs or 0)))
         self.cache = cache
         request = Request(self.prompt, self.cfg, self.eos_id, self.logprobs, cache)
         self.request = engine.submit(request)
@@ -143,11 +148,11 @@ class Job:
             )
             for t, seq in zip(self.texts.samples, self.request.sequences, strict=True)
         ]
-        self.emit(Done(samples, len(self.prompt), self.prompt_logprobs, self.cached_tokens))
+        self.emit(Done(samples, len(self.prompt), self.cached_tokens))
 
 
 def run_scores(model: GPT2, job: Job) -> None:
     """A ``max_tokens=0`` job: the prompt's log-probabilities, no generation."""
-    prompt_lp = sequence_logprobs(model, job.prompt, job.logprobs or 0)
+    job.emit(Scored(sequence_logprobs(model, job.prompt, job.logprobs or 0)))
     samples = [SampleOutput("", "length", 0) for _ in range(job.cfg.num_samples)]
-    job.emit(Done(samples, len(job.prompt), prompt_lp))
+    job.emit(Done(samples, len(job.prompt)))
