@@ -223,6 +223,24 @@ def test_a_stream_with_echo_sends_the_prompts_logprobs_first(client) -> None:
     assert [t and set(t) for t in streamed["top_logprobs"]] == [t and set(t) for t in whole.top_logprobs]
 
 
+def test_echo_without_logprobs_scores_nothing(client, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpt2cli.server.batch as batch_module
+
+    calls = []
+    real = batch_module.sequence_logprobs
+    monkeypatch.setattr(batch_module, "sequence_logprobs", lambda *a: calls.append(a) or real(*a))
+    args = {"model": MODEL, "prompt": "Hello there", "temperature": 0, "echo": True}
+    whole = client.completions.create(max_tokens=3, **args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(max_tokens=3, stream=True, **args)]
+    assert whole.text.startswith("Hello there") and whole.logprobs is None
+    assert chunks[0].text == "Hello there" and "".join(c.text for c in chunks) == whole.text
+    bare = client.completions.create(max_tokens=0, **args).choices[0]
+    assert bare.text == "Hello there" and bare.logprobs is None
+    assert calls == []  # the prompt's text is echoed; its log-probabilities are not computed
+    client.completions.create(max_tokens=0, logprobs=0, **args)
+    assert len(calls) == 1
+
+
 def test_a_token_that_is_part_of_a_character_is_shown_as_its_bytes(client, lm_h) -> None:
     prompt = "ok 🎉 日本 é!"
     ids = lm_h.encode(prompt)

@@ -42,7 +42,7 @@ class StopPiece(Piece):
 
 @dataclass
 class Scored:
-    """The prompt's own log-probabilities (echo asked for them), before any generated piece."""
+    """The prompt's own log-probabilities (echo with logprobs), before any generated piece."""
 
     logprobs: list[TokenLogprob]
 
@@ -104,13 +104,13 @@ class Job:
     def start(
         self, engine: Engine, model: GPT2, tokenizer: Tokenizer, cache: PromptCache | None = None
     ) -> None:
-        """Submit this job to ``engine`` (after scoring the prompt when echo asks for it).
+        """Submit this job to ``engine`` (after scoring the prompt when echo and logprobs ask).
 
         ``cache``: a prompt-cache lease whose prefix the engine reuses and which holds sample
         0's ids and keys/values at the end.
         """
-        if self.echo:
-            self.emit(Scored(sequence_logprobs(model, self.prompt, self.logprobs or 0)))
+        if self.echo and self.logprobs is not None:  # echo alone needs only the prompt's text
+            self.emit(Scored(sequence_logprobs(model, self.prompt, self.logprobs)))
         self.cache = cache
         request = Request(self.prompt, self.cfg, self.eos_id, self.logprobs, cache)
         self.request = engine.submit(request)
@@ -152,7 +152,8 @@ class Job:
 
 
 def run_scores(model: GPT2, job: Job) -> None:
-    """A ``max_tokens=0`` job: the prompt's log-probabilities, no generation."""
-    job.emit(Scored(sequence_logprobs(model, job.prompt, job.logprobs or 0)))
+    """A ``max_tokens=0`` job: the prompt's log-probabilities (if asked for), no generation."""
+    if job.logprobs is not None:
+        job.emit(Scored(sequence_logprobs(model, job.prompt, job.logprobs)))
     samples = [SampleOutput("", "length", 0) for _ in range(job.cfg.num_samples)]
     job.emit(Done(samples, len(job.prompt)))
