@@ -59,15 +59,15 @@ def main() -> None:
     mats = [stored(s, args.dtype, gen) for s in shapes]
     xs = {n: rng.standard_normal((1, n), dtype=np.float32) for n in (c, 4 * c)}
     outs = [np.empty((1, s[0]), np.float32) for s in shapes]
-    rows_alone = kernels.gemv_rows_alone(mats[0][0])  # the layout decode takes here (GPT2_GEMV)
+    layout = kernels.gemv_layout(mats[0][0])  # the layout decode takes here (GPT2_GEMV)
 
     def step() -> None:
         for (w, scale, bias, sums), out in zip(mats, outs, strict=True):
             x = xs[w.shape[1]]
             if w.dtype == np.int8:
-                nk.gemv_i8(x, w, scale, bias, sums, out, rows_alone)
+                nk.gemv_i8(x, w, scale, bias, sums, out, layout)
             else:
-                nk.gemv(x, w, scale, bias, out, rows_alone)
+                nk.gemv(x, w, scale, bias, out, layout)
 
     step()  # compile (or load numba's cache)
     times = []

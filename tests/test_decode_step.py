@@ -120,9 +120,9 @@ def test_block_step_serial_equals_parallel_bit_for_bit(ckpt_h: Path) -> None:
     k0 = rng.standard_normal((7, c.n_head, 12, c.head_dim), dtype=np.float32)
     results = []
     for parallel in (False, True):
-        for rows_alone in (False, True):  # the GEMV's weight-row layout: the same bits either way
+        for layout in (kernels.BLOCKS, kernels.ROWS, kernels.PREFETCHED_ROWS):  # int8: the same bits
             x, k, v = x0.copy(), k0.copy(), k0.copy() * 2
-            kernels.nk().block_step(x, pos, k, v, 1, *operands, 1e-5, scale, 0, parallel, rows_alone)
+            kernels.nk().block_step(x, pos, k, v, 1, *operands, 1e-5, scale, 0, parallel, layout)
             results.append((x, k, v))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
@@ -286,21 +286,26 @@ def test_int8_row_is_the_same_bits_alone_or_in_a_batch(ckpt_h: Path) -> None:
 def test_the_step_takes_the_layout_of_its_weights(
     ckpt_h: Path, dtype: str, quantize: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On a CPU with AMX half weights go in four-row blocks, the rest one row at a time: the
-    choice for the model's weights reaches ``model_step`` and ``block_step``."""
+    """On an Intel CPU with AMX half weights go in blocks, int8 in prefetched rows; on an AMD CPU
+    both one row at a time; float32 in blocks: the choice reaches ``model_step`` and ``block_step``."""
     lm = load(str(ckpt_h), device="cpu", dtype=dtype, quantize=quantize)
     model, c = lm.model, lm.model.config
-    seen: list[bool] = []
+    seen: list[int] = []
     nk = kernels.nk()
     for name in ("model_step", "block_step"):
         real = getattr(nk, name)
         monkeypatch.setattr(nk, name, lambda *a, real=real: (seen.append(a[-1]), real(*a))[1])
-    monkeypatch.setattr(kernels, "_has_amx", lambda: True)
     monkeypatch.delenv("GPT2_GEMV", raising=False)
     x = np.random.default_rng(1).standard_normal((1, c.n_embd), dtype=np.float32)
     table = decode_step._operand_table
-    for one_call in (True, False):
-        monkeypatch.setattr(decode_step, "_operand_table", table if one_call else lambda model: None)
-        seen.clear()
-        decode_step._blocks(model, x.copy(), np.array([0]), model.new_cache(1, 4), 0, True)
-        assert seen and set(seen) == {dtype == "float32"}, (one_call, seen)
+    f32 = dtype == "float32" and quantize is None
+    on_intel = kernels.PREFETCHED_ROWS if quantize == "int8" else kernels.BLOCKS
+    on_amd = kernels.BLOCKS if f32 else kernels.ROWS
+    for vendor, amx, want in (("GenuineIntel", True, on_intel), ("AuthenticAMD", False, on_amd)):
+        monkeypatch.setattr(kernels, "_cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(kernels, "_has_amx", lambda amx=amx: amx)
+        for one_call in (True, False):
+            monkeypatch.setattr(decode_step, "_operand_table", table if one_call else lambda model: None)
+            seen.clear()
+            decode_step._blocks(model, x.copy(), np.array([0]), model.new_cache(1, 4), 0, True)
+            assert seen and set(seen) == {want}, (vendor, one_call, seen)

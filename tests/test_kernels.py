@@ -120,8 +120,8 @@ for case in ("blocks", "row"):
     data = np.load(sys.argv[2] + case + ".npz")
     for name in ("gemv_i8", "gemv_i8_serial"):
         out = np.empty((data["x"].shape[0], data["w"].shape[0]), np.float32)
-        rows_alone = case == "row"
-        getattr(nk, name)(data["x"], data["w"], data["scale"], data["b"], data["sums"], out, rows_alone)
+        layout = nk.PREFETCHED_ROWS if case == "row" else nk.BLOCKS
+        getattr(nk, name)(data["x"], data["w"], data["scale"], data["b"], data["sums"], out, layout)
         np.save(sys.argv[3] + case + name + ".npy", out)
 if sys.argv[1] == "generic":  # no F16C: float16 weights widened in integer operations, exactly
     assert nk._SOFT_F16
@@ -216,10 +216,14 @@ def test_int8_row_sums_follow_the_weight() -> None:
         )
 
 
+LAYOUTS = (kernels.BLOCKS, kernels.ROWS, kernels.PREFETCHED_ROWS)
+
+
 @needs_numba
 def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     """One thread runs the serial twins: the sums must not change with the thread count, nor
-    with the weight-row layout (``rows_alone``: one weight row at a time or four-row blocks)."""
+    (half and int8 weights) with the weight-row layout: blocks, rows, or rows prefetched.
+    float32's rows sum in another order than its blocks (within rounding)."""
     nk = kernels._nk
     x, w, b = _data(
         333, 256, 7
@@ -233,43 +237,46 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     }
     for kind, (weights, sc) in cases.items():
         by_batch = []
-        for xr in (x, x[4:6], x[4:5]):  # half weights, fewer than four rows: the layout choice applies
-            outs = []
+        for xr in (x, x[4:6], x[4:5]):  # fewer than four rows: the layout choice applies
+            outs = {}
             for kernel in (nk.gemv, nk.gemv_serial):
-                for rows_alone in (False, True):
+                for layout in LAYOUTS:
                     out = torch.empty(xr.shape[0], 333)
-                    kernel(xr.contiguous().numpy(), weights, sc, b.numpy(), out.numpy(), rows_alone)
-                    outs.append(out)
-            assert all(torch.equal(outs[0], o) for o in outs[1:]), (kind, xr.shape[0])
-            by_batch.append(outs[0])
+                    kernel(xr.contiguous().numpy(), weights, sc, b.numpy(), out.numpy(), layout)
+                    outs[kernel, layout] = out
+            blocks = outs[nk.gemv, kernels.BLOCKS]
+            for layout in LAYOUTS:  # the thread count changes no bit
+                assert torch.equal(outs[nk.gemv, layout], outs[nk.gemv_serial, layout]), (kind, layout)
+            rows = outs[nk.gemv, kernels.ROWS]
+            assert torch.equal(rows, outs[nk.gemv, kernels.PREFETCHED_ROWS]), kind  # prefetch: no bit
+            if kind == "f32":
+                torch.testing.assert_close(rows, blocks, atol=1e-4, rtol=1e-5)
+            else:
+                assert torch.equal(rows, blocks), (kind, xr.shape[0])
+            by_batch.append(blocks)
         # rows 4 and 5 alone get the bits they get in the batch of 7 (outside its tile)
         assert torch.equal(by_batch[1], by_batch[0][4:6]), kind
         assert torch.equal(by_batch[2], by_batch[0][4:5]), kind
     sums = q.sum(dim=1, dtype=torch.int32).numpy()
     for xr in (x, x[4:5]):  # one row of x (whole chunks): the layout choice applies
-        outs = []
+        int8_outs = []
         for kernel in (nk.gemv_i8, nk.gemv_i8_serial):
-            for rows_alone in (False, True):
+            for layout in LAYOUTS:
                 out = torch.empty(xr.shape[0], 333)
                 kernel(
-                    xr.contiguous().numpy(),
-                    q.numpy(),
-                    scale.numpy(),
-                    b.numpy(),
-                    sums,
-                    out.numpy(),
-                    rows_alone,
+                    xr.contiguous().numpy(), q.numpy(), scale.numpy(), b.numpy(), sums, out.numpy(), layout
                 )
-                outs.append(out)
-        assert all(torch.equal(outs[0], o) for o in outs[1:]), ("i8", xr.shape[0])
+                int8_outs.append(out)
+        assert all(torch.equal(int8_outs[0], o) for o in int8_outs[1:]), ("i8", xr.shape[0])
 
 
 @needs_numba
 def test_gemv_layout_follows_the_cpu_and_gpt2_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batch-1 decode takes weight rows one at a time (prefetched), but half-precision rows in
-    four-row blocks on CPUs with AMX; GPT2_GEMV=rows|blocks decides by hand. The choice reaches
-    the kernel (a spy on its last argument), unfused and in the fused step."""
-    seen: list[bool] = []
+    """Batch-1 decode reads half and int8 weight rows one at a time on AMD CPUs, prefetched on
+    Intel's, half weights in four-row blocks on CPUs with AMX, float32 in blocks;
+    GPT2_GEMV=rows|prefetched-rows|blocks decides by hand (float32 too). The choice reaches the
+    kernel (a spy on its last argument)."""
+    seen: list[int] = []
     real = kernels._nk.gemv
 
     def spied(*args: Any) -> None:
@@ -279,27 +286,31 @@ def test_gemv_layout_follows_the_cpu_and_gpt2_gemv(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(kernels._nk, "gemv", spied)
     monkeypatch.setattr(kernels._nk, "gemv_serial", spied)
     x, w, b = _data(40, 64, 1)
-    for amx, env, half_rows, int8_rows in [
-        (False, None, True, True),
-        (True, None, False, True),
-        (True, "auto", False, True),
-        (True, "rows", True, True),
-        (False, "blocks", False, False),
-        (False, " Blocks ", False, False),
-        (True, "sideways", False, True),  # unknown: auto
+    blocks, rows, prefetched = LAYOUTS
+    intel, amd = "GenuineIntel", "AuthenticAMD"
+    for vendor, amx, env, want in [  # want: the layouts of (half, float32, int8) weights
+        (intel, False, None, (prefetched, blocks, prefetched)),
+        (intel, True, None, (blocks, blocks, prefetched)),
+        (intel, True, "auto", (blocks, blocks, prefetched)),
+        (intel, True, "sideways", (blocks, blocks, prefetched)),  # unknown: auto
+        (amd, False, None, (rows, blocks, rows)),
+        (intel, True, "rows", (rows, rows, rows)),
+        (amd, False, "prefetched-rows", (prefetched, prefetched, prefetched)),
+        (amd, False, " Blocks ", (blocks, blocks, blocks)),
     ]:
         monkeypatch.setattr(kernels, "_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(kernels, "_cpu_vendor", lambda vendor=vendor: vendor)
         if env is None:
             monkeypatch.delenv("GPT2_GEMV", raising=False)
         else:
             monkeypatch.setenv("GPT2_GEMV", env)
-        for dtype in (torch.bfloat16, torch.float16):
-            assert kernels.gemv_rows_alone(kernels.gemv_operands(w.to(dtype), None, None)[0]) is half_rows
+        case = (vendor, amx, env)
+        for dtype, layout in ((torch.bfloat16, want[0]), (torch.float16, want[0]), (torch.float32, want[1])):
+            assert kernels.gemv_layout(kernels.gemv_operands(w.to(dtype), None, None)[0]) == layout, case
             seen.clear()
             kernels.linear(x, w.to(dtype), b)
-            assert seen == [half_rows], (amx, env, dtype)
-        assert kernels.gemv_rows_alone(kernels.gemv_operands(w, None, None)[0]) is int8_rows  # float32 too
-        assert kernels.gemv_rows_alone() is int8_rows, (amx, env)
+            assert seen == [layout], (case, dtype)
+        assert kernels.gemv_layout(kernels.gemv_operands(*quantize_rows(w), None)[0]) == want[2], case
 
 
 needs_onednn = pytest.mark.skipif(not kernels._has_onednn_linear(), reason="torch without oneDNN")

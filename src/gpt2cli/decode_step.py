@@ -99,19 +99,19 @@ def _blocks(model: GPT2, h: Any, pos: Any, cache: KVCache, row0: int, parallel: 
     table = _operand_table(model)
     if table is None:
         blocks = _block_operands(model)
-        rows_alone = kernels.gemv_rows_alone(blocks[0][0][1][0])  # by block 0's c_attn weight
+        layout = kernels.gemv_layout(blocks[0][0][1][0])  # by block 0's c_attn weight
         for i, (operands, scale) in enumerate(blocks):
             k, v = cache.k[i].numpy(), cache.v[i].numpy()
-            nk.block_step(h, pos, k, v, row0, *operands, eps, scale, act, parallel, rows_alone)
+            nk.block_step(h, pos, k, v, row0, *operands, eps, scale, act, parallel, layout)
         return
     shared, like, dims, scales = table
-    rows_alone = kernels.gemv_rows_alone(like)  # like: block 0's c_attn weight
+    layout = kernels.gemv_layout(like)  # like: block 0's c_attn weight
     addresses = shared.copy()  # this call's own: another thread may decode the model into another cache
     # KVCache allocates each layer's keys and values as one contiguous float32 tensor
     kv = [(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.k, cache.v, strict=True)]
     addresses[:, [nk.KEYS, nk.VALUES]] = kv
     kv_shape = tuple(cache.k[0].shape)
-    nk.model_step(h, pos, addresses, like, dims, kv_shape, row0, eps, scales, act, parallel, rows_alone)
+    nk.model_step(h, pos, addresses, like, dims, kv_shape, row0, eps, scales, act, parallel, layout)
 
 
 Table = tuple[Any, Any, Any, Any]

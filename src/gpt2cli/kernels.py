@@ -75,6 +75,11 @@ beside torch's own pool (a second libgomp)."""
 HALF = (torch.float16, torch.bfloat16)
 
 ONEDNN_VENDORS = ("AuthenticAMD", "HygonGenuine")
+
+BLOCKS, ROWS, PREFETCHED_ROWS = 0, 1, 2
+"""The decode GEMV's ``layout`` (``gemv_layout``): how ``gemv`` and ``gemv_i8`` read the weight for
+a few rows of x: rows side by side in blocks, one row at a time, or one row at a time with each
+row prefetched ``numba_kernels.PREFETCH_ROWS`` ahead."""
 """CPU vendors whose float32 GEMMs go to oneDNN by default: MKL's sgemm takes its AVX2 code there
 (2-3x slower than oneDNN's AVX-512 on Zen 5). Intel CPUs keep MKL, which runs its AVX-512 code
 there (the Sapphire Rapids runs in docs/performance.md used it)."""
@@ -305,20 +310,24 @@ def fp32_gemm_path() -> str:
     return "onednn" if _cpu_vendor() in ONEDNN_VENDORS else "blas"
 
 
-def gemv_rows_alone(weight: Any = None) -> bool:
-    """Whether the decode GEMV reads ``weight`` (its numpy operand, as ``gemv_operands`` gives it;
-    None: int8 or float32) one row at a time for batch 1 (``rows_alone`` in numba_kernels.gemv).
+def gemv_layout(weight: Any) -> int:
+    """How the decode GEMV reads ``weight`` (its numpy operand, as ``gemv_operands`` gives it) for
+    a few rows of x: ``BLOCKS``, ``ROWS`` or ``PREFETCHED_ROWS``.
 
-    ``GPT2_GEMV`` (rows, blocks) chooses; unset, auto or unknown: one row at a time (each
-    prefetched a few rows ahead), faster than four-row blocks on the Zen 5 and Ice Lake CPUs
-    measured, except half-precision weights on CPUs with AMX (Sapphire Rapids and later), where
-    the four-row blocks streamed a step's matrices 1.11x as fast (docs/performance.md).
+    ``GPT2_GEMV`` (rows, prefetched-rows, blocks) chooses; unset, auto or unknown: float32 in
+    eight-row blocks; half and int8 weights one row at a time, each row prefetched a few rows
+    ahead on Intel CPUs (Ice Lake: 1.06-1.08x the four-row blocks) and not on AMD's (Zen 4:
+    float16 1.04-1.26x and bfloat16 1.01-1.06x the prefetched rows end to end; Zen 5: 1.18-1.30x
+    the blocks), except half weights on CPUs with AMX (Sapphire Rapids and later), where
+    four-row blocks streamed a step's matrices 1.11x as fast as the rows (docs/performance.md).
     """
     choice = switches.choice(switches.GEMV_ENV, switches.GEMV_CHOICES)
     if choice != "auto":
-        return choice == "rows"
-    half = weight is not None and weight.dtype.itemsize == 2  # half kept as its raw 16 bits
-    return not (half and _has_amx())
+        return {"blocks": BLOCKS, "rows": ROWS, "prefetched-rows": PREFETCHED_ROWS}[choice]
+    half = weight.dtype.itemsize == 2  # half kept as its raw 16 bits
+    if weight.dtype == np.float32 or (half and _has_amx()):
+        return BLOCKS
+    return ROWS if _cpu_vendor() in ONEDNN_VENDORS else PREFETCHED_ROWS
 
 
 @functools.cache
@@ -462,7 +471,7 @@ def _gemv_int8(
 def _run(x2: torch.Tensor, kernel: str, *operands: Any) -> torch.Tensor:
     """The numba ``kernel`` on x2 and the weight's numpy operands (the weight first) -> (B, out)."""
     out = torch.empty(x2.shape[0], operands[0].shape[0])
-    _kernel(kernel)(x2.contiguous().numpy(), *operands, out.numpy(), gemv_rows_alone(operands[0]))
+    _kernel(kernel)(x2.contiguous().numpy(), *operands, out.numpy(), gemv_layout(operands[0]))
     return out
 
 

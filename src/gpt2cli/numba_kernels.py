@@ -35,7 +35,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from gpt2cli.kernels import writable_cache_dir
+from gpt2cli.kernels import BLOCKS, PREFETCHED_ROWS, ROWS, writable_cache_dir
 
 _CACHE_DIR = writable_cache_dir()
 if _CACHE_DIR is not None:
@@ -183,13 +183,14 @@ def _widen(v):  # type: ignore[no-untyped-def]
 
 # Half-precision weight rows are taken four at a time (``_block``: x loaded once for four
 # dot products, four independent sums in flight), float32 rows eight at a time (``_block8``:
-# 7% faster than four at batch 1 on an Ice Lake Xeon, as fast as MKL's sgemv there). With
-# ``rows_alone`` (the caller's choice: kernels.gemv_rows_alone), half-precision weights and
-# fewer than four rows of x (batch-1 decode), rows go one at a time instead (``_row``), the
-# matrix read front to back as one stream per thread, each row prefetched PREFETCH_ROWS
-# ahead: on an Ice Lake Xeon 8% faster than the blocks (one row at a time without the
-# prefetch was 15% slower), on a 2-core Zen 5 (without the prefetch) 18-21% faster
-# (docs/performance.md). The sums are the same bits either way.
+# 7% faster than four at batch 1 on an Ice Lake Xeon, as fast as MKL's sgemv there). With a
+# row ``layout`` (the caller's choice: kernels.gemv_layout) and fewer than four rows of x
+# (batch-1 decode), rows go one at a time instead (``_row``), the matrix read front to back as
+# one stream per thread, prefetched PREFETCH_ROWS rows ahead or not: on an Ice Lake Xeon half
+# weights 8% faster than the blocks with the prefetch (15% slower without), on a 2-core Zen 5
+# 18-21% faster without it, on a Zen 4 EPYC 1.13-1.26x the prefetched rows without it
+# (docs/performance.md). For half weights the sums are the same bits in every layout;
+# float32's rows (``GPT2_GEMV=rows``) sum in another order than its blocks.
 # Rows of x go four at a time where there are four (``_tile``: 16 sums, each weight value
 # loaded once for four rows of x instead of once per row), 1.6-1.9x faster at 8 rows (there
 # one weight row at a time is 20% slower than four); the rest go one by one. A row's sum is
@@ -276,18 +277,6 @@ def _row(x, w, scale, b, out, o):  # type: ignore[no-untyped-def]  # row o of w,
         out[r, o] = acc * scale[o] + b[o]
 
 
-def row_at_a_time(w):  # type: ignore[no-untyped-def]
-    """Whether ``gemv`` may take w's rows one at a time for fewer than four rows of x (half
-    precision: where the caller asks, ``rows_alone``) or always four at a time (float32)."""
-    raise NotImplementedError  # only called inside numba-compiled code
-
-
-@overload(row_at_a_time, inline="always")
-def _row_at_a_time(w):  # type: ignore[no-untyped-def]
-    one = w.dtype != types.float32
-    return lambda w: one
-
-
 def block_rows(w):  # type: ignore[no-untyped-def]
     """How many weight rows ``gemv`` takes at a time: 8 for float32, 4 for half precision."""
     raise NotImplementedError  # only called inside numba-compiled code
@@ -318,10 +307,11 @@ def _gemv_rest(x, w, scale, b, out):  # type: ignore[no-untyped-def]  # the rows
 
 
 @numba.njit(parallel=True, fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
-def gemv(x, w, scale, b, out, rows_alone):  # type: ignore[no-untyped-def]
-    if rows_alone and row_at_a_time(w) and x.shape[0] < 4:
+def gemv(x, w, scale, b, out, layout):  # type: ignore[no-untyped-def]
+    if layout != BLOCKS and x.shape[0] < 4:
         for o in prange(w.shape[0]):
-            prefetch_row(w, o + PREFETCH_ROWS)
+            if layout == PREFETCHED_ROWS:
+                prefetch_row(w, o + PREFETCH_ROWS)
             _row(x, w, scale, b, out, o)
         return
     for t in prange(w.shape[0] // block_rows(w)):
@@ -330,10 +320,11 @@ def gemv(x, w, scale, b, out, rows_alone):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
-def gemv_serial(x, w, scale, b, out, rows_alone):  # type: ignore[no-untyped-def]
-    if rows_alone and row_at_a_time(w) and x.shape[0] < 4:
+def gemv_serial(x, w, scale, b, out, layout):  # type: ignore[no-untyped-def]
+    if layout != BLOCKS and x.shape[0] < 4:
         for o in range(w.shape[0]):
-            prefetch_row(w, o + PREFETCH_ROWS)
+            if layout == PREFETCHED_ROWS:
+                prefetch_row(w, o + PREFETCH_ROWS)
             _row(x, w, scale, b, out, o)
         return
     for t in range(w.shape[0] // block_rows(w)):
@@ -605,18 +596,19 @@ def _rounded(x):  # type: ignore[no-untyped-def]  # x float32 (B, in) -> int8 (B
 
 
 @numba.njit(parallel=True, fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
-def gemv_i8(x, w, scale, b, wsum, out, rows_alone):  # type: ignore[no-untyped-def]
+def gemv_i8(x, w, scale, b, wsum, out, layout):  # type: ignore[no-untyped-def]
     """out = (x rounded to int8 per row) @ w.T, rescaled, + b; x float32 (B, in), w int8 (out, in),
     wsum int32 (out,) = w's row sums. The same numbers as ``int8_gemm`` (quantise, exact sums, rescale)."""
     xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
-    # One row of x (batch-1 decode) and ``rows_alone``: the weight rows one at a time, one
-    # stream per thread, prefetched as in ``gemv``: 22-30% faster on Zen 5 (without the
+    # One row of x (batch-1 decode) and a row layout: the weight rows one at a time, one
+    # stream per thread, prefetched or not as in ``gemv``: 22-30% faster on Zen 5 (without the
     # prefetch), 6% faster on Ice Lake (11% slower without), the same sums; with two rows, 10%
     # slower on Zen 5 too.
-    if rows_alone and x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
+    if layout != BLOCKS and x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
         for o in prange(w.shape[0]):
-            prefetch_row(w, o + PREFETCH_ROWS)
+            if layout == PREFETCHED_ROWS:
+                prefetch_row(w, o + PREFETCH_ROWS)
             _row_i8(xq, xs, w, scale, b, wsum, out, o)
         return
     # The tail's loop is compiled only where in % CHUNK > 0 (GPT-2's widths are multiples of
@@ -631,12 +623,13 @@ def gemv_i8(x, w, scale, b, wsum, out, rows_alone):  # type: ignore[no-untyped-d
 
 
 @numba.njit(fastmath=_STRICT, cache=CACHE, nogil=True, error_model="numpy")  # type: ignore[call-overload]
-def gemv_i8_serial(x, w, scale, b, wsum, out, rows_alone):  # type: ignore[no-untyped-def]
+def gemv_i8_serial(x, w, scale, b, wsum, out, layout):  # type: ignore[no-untyped-def]
     xq, xs = _rounded(x)
     n4 = w.shape[0] // 4
-    if rows_alone and x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
+    if layout != BLOCKS and x.shape[0] == 1 and x.shape[1] % CHUNK == 0:
         for o in range(w.shape[0]):
-            prefetch_row(w, o + PREFETCH_ROWS)
+            if layout == PREFETCHED_ROWS:
+                prefetch_row(w, o + PREFETCH_ROWS)
             _row_i8(xq, xs, w, scale, b, wsum, out, o)
         return
     if x.shape[1] % CHUNK == 0:
@@ -663,11 +656,11 @@ def warm_up(weight_types: Iterable[Any] = (*WEIGHT_TYPES, np.int8)) -> None:
     for dtype in WEIGHT_TYPES:
         if np.dtype(dtype) in wanted:
             for kernel in (gemv, gemv_serial):
-                kernel(x, np.zeros((5, 8), dtype), ones, ones, out, True)
+                kernel(x, np.zeros((5, 8), dtype), ones, ones, out, ROWS)
     if np.dtype(np.int8) not in wanted:
         return
     for int8_kernel in (gemv_i8, gemv_i8_serial):
-        int8_kernel(x, np.zeros((5, 8), np.int8), ones, ones, np.zeros(5, np.int32), out, True)
+        int8_kernel(x, np.zeros((5, 8), np.int8), ones, ones, np.zeros(5, np.int32), out, ROWS)
     embed_i8(np.zeros(1, np.int64), np.zeros((4, 5), np.int8), ones, out)
     for quantize in (quantize_rows_i8, quantize_rows_i8_serial):
         quantize(out, np.empty((1, 5), np.int8), ones[:1])
@@ -804,41 +797,41 @@ def _layer_norm(x, w, b, eps, out):  # type: ignore[no-untyped-def]  # x (B, C) 
             out[r, i] = (xr[i] - mean) * inv * w[i] + b[i]
 
 
-def matmul(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
+def matmul(x, op, out, parallel, layout):  # type: ignore[no-untyped-def]
     """out = x @ w.T (rescaled) + b for op = (w, scale, b, wsum): ``gemv`` or ``gemv_i8`` by w's type
-    (their ``_serial`` twins unless ``parallel``; ``rows_alone`` as they take it)."""
+    (their ``_serial`` twins unless ``parallel``; ``layout`` as they take it)."""
     raise NotImplementedError  # only called inside numba-compiled code
 
 
 @overload(matmul, inline="always")
-def _matmul(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
+def _matmul(x, op, out, parallel, layout):  # type: ignore[no-untyped-def]
     if op.types[0].dtype == types.int8:
 
-        def int8(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
+        def int8(x, op, out, parallel, layout):  # type: ignore[no-untyped-def]
             if parallel:
-                gemv_i8(x, op[0], op[1], op[2], op[3], out, rows_alone)
+                gemv_i8(x, op[0], op[1], op[2], op[3], out, layout)
             else:
-                gemv_i8_serial(x, op[0], op[1], op[2], op[3], out, rows_alone)
+                gemv_i8_serial(x, op[0], op[1], op[2], op[3], out, layout)
 
         return int8
 
-    def floats(x, op, out, parallel, rows_alone):  # type: ignore[no-untyped-def]
+    def floats(x, op, out, parallel, layout):  # type: ignore[no-untyped-def]
         if parallel:
-            gemv(x, op[0], op[1], op[2], out, rows_alone)
+            gemv(x, op[0], op[1], op[2], out, layout)
         else:
-            gemv_serial(x, op[0], op[1], op[2], out, rows_alone)
+            gemv_serial(x, op[0], op[1], op[2], out, layout)
 
     return floats
 
 
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
 def block_step(  # type: ignore[no-untyped-def]
-    x, pos, kc, vc, row0, ln1, qkv_w, attn_o, ln2, fc, proj, eps, attn_scale, act, parallel, rows_alone
+    x, pos, kc, vc, row0, ln1, qkv_w, attn_o, ln2, fc, proj, eps, attn_scale, act, parallel, layout
 ):
     """One GPT-2 block for x (B, C), each row one token at position pos[r], in place.
 
     ``ln1``/``ln2`` are (weight, bias); ``qkv_w``, ``attn_o``, ``fc``, ``proj`` are (weight,
-    scale, bias, row sums) as ``matmul`` takes them, and ``parallel`` and ``rows_alone`` too.
+    scale, bias, row sums) as ``matmul`` takes them, and ``parallel`` and ``layout`` too.
     Writes the rows' keys and values into kc, vc (rows row0..row0+B-1) and leaves the block's
     output in x.
     """
@@ -846,7 +839,7 @@ def block_step(  # type: ignore[no-untyped-def]
     h = np.empty((B, C), np.float32)
     _layer_norm(x, ln1[0], ln1[1], eps, h)
     qkv = np.empty((B, qkv_w[0].shape[0]), np.float32)
-    matmul(h, qkv_w, qkv, parallel, rows_alone)
+    matmul(h, qkv_w, qkv, parallel, layout)
     y = np.empty((B, C), np.float32)
     scores = np.empty((B * kc.shape[1], pos.max() + 1), np.float32)
     if parallel:
@@ -854,14 +847,14 @@ def block_step(  # type: ignore[no-untyped-def]
     else:
         attend_serial(qkv, pos, kc, vc, row0, attn_scale, y, scores)
     a = np.empty((B, C), np.float32)
-    matmul(y, attn_o, a, parallel, rows_alone)
+    matmul(y, attn_o, a, parallel, layout)
     x += a
     _layer_norm(x, ln2[0], ln2[1], eps, h)
     f = np.empty((B, fc[0].shape[0]), np.float32)
-    matmul(h, fc, f, parallel, rows_alone)
+    matmul(h, fc, f, parallel, layout)
     for r in range(B):
         _activate(f[r], act)
-    matmul(f, proj, a, parallel, rows_alone)
+    matmul(f, proj, a, parallel, layout)
     x += a
 
 
@@ -902,7 +895,7 @@ LINEAR_COLUMNS = (C_ATTN, ATTN_PROJ, C_FC, MLP_PROJ)
 
 
 @numba.njit(fastmath=True, cache=CACHE, nogil=True, error_model="numpy")
-def model_step(x, pos, table, like, dims, kv_shape, row0, eps, scales, act, parallel, rows_alone):  # type: ignore[no-untyped-def]
+def model_step(x, pos, table, like, dims, kv_shape, row0, eps, scales, act, parallel, layout):  # type: ignore[no-untyped-def]
     """Every block of a decode step in one call: ``block_step`` for each row of ``table``.
 
     table int64 (n_layer, TABLE_WIDTH): a block's operands by address, in the columns above.
@@ -931,7 +924,7 @@ def model_step(x, pos, table, like, dims, kv_shape, row0, eps, scales, act, para
             scales[i],
             act,
             parallel,
-            rows_alone,
+            layout,
         )
 
 

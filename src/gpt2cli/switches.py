@@ -18,11 +18,13 @@ GEMM_CHOICES = ("auto", "onednn", "blas")
 """Where float32 GEMMs of prefill and scoring go (kernels.fp32_gemm_path)."""
 
 GEMV_ENV = "GPT2_GEMV"
-GEMV_CHOICES = ("auto", "rows", "blocks")
-"""How batch-1 decode reads half and int8 weights (kernels.gemv_rows_alone): one row at a time,
-prefetched a few rows ahead (auto: 1.18-1.30x the four-row blocks on a 2-core Zen 5, 1.06-1.08x
-on an Ice Lake Xeon), or four rows side by side (auto for half weights on CPUs with AMX: 1.11x
-the rows on a Sapphire Rapids Xeon; docs/performance.md). The same bits either way."""
+GEMV_CHOICES = ("auto", "rows", "prefetched-rows", "blocks")
+"""How batch-1 decode reads its weights (kernels.gemv_layout): one row at a time (auto for half
+and int8 weights on AMD CPUs: on a Zen 4 EPYC float16 1.04-1.26x the prefetched rows end to
+end), one row at a time with each row prefetched a few rows ahead (auto for them on Intel's:
+1.06-1.08x the blocks on an Ice Lake Xeon), or rows side by side in blocks (auto for float32,
+and for half weights on CPUs with AMX: 1.11x the rows on a Sapphire Rapids Xeon;
+docs/performance.md). For half and int8 weights the same bits in every layout."""
 
 
 def choice(name: str, choices: tuple[str, ...], environ: Mapping[str, str] | None = None) -> str:

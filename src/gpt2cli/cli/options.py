@@ -202,8 +202,8 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         env,
         GEMV_ENV,
         GEMV_CHOICES,
-        f"{GEMV_ENV}=rows or blocks picks how batch-1 decode reads half and int8 weights; "
-        "unset it for the default (rows, each prefetched a few rows ahead)",
+        f"{GEMV_ENV}=rows, prefetched-rows or blocks picks how batch-1 decode reads the weights; "
+        "unset it for the default (chosen by weight type and CPU)",
     )
 
 
