@@ -243,11 +243,12 @@ class BenchReport:
 
 
 class BenchInterrupted(KeyboardInterrupt):
-    """Ctrl-C during ``run``: ``report`` holds the configurations that finished before it."""
+    """Ctrl-C during ``run``: ``report`` holds the configurations that finished before it, out
+    of ``configurations`` (every workload of every engine the run would have timed)."""
 
-    def __init__(self, report: BenchReport) -> None:
+    def __init__(self, report: BenchReport, configurations: int) -> None:
         super().__init__()
-        self.report = report
+        self.report, self.configurations = report, configurations
 
 
 @dataclass
@@ -579,14 +580,14 @@ def run(
     configure_threads(spec.threads)
     if compare is not None and spec.draft_model is not None:
         raise BadInputError("--draft-model is measured against plain decoding: drop --compare")
-    runs_per_engine = len(spec.workloads()) * spec.repeats
-    total = runs_per_engine * (2 if compare or spec.draft_model else 1)
+    engines = 2 if compare or spec.draft_model else 1
+    total = len(spec.workloads()) * spec.repeats * engines
     ours: list[BenchResult] = []
     others: list[BenchResult] = []  # the draft-model or transformers runs, in the same order
     try:
         _run_engines(spec, compare, compare_dtype, progress, total, ours, others)
     except KeyboardInterrupt as exc:
-        raise BenchInterrupted(_report(ours, others, spec)) from exc
+        raise BenchInterrupted(_report(ours, others, spec), len(spec.workloads()) * engines) from exc
     return _report(ours, others, spec)
 
 

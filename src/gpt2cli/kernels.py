@@ -75,14 +75,14 @@ beside torch's own pool (a second libgomp)."""
 HALF = (torch.float16, torch.bfloat16)
 
 ONEDNN_VENDORS = ("AuthenticAMD", "HygonGenuine")
+"""CPU vendors whose float32 GEMMs go to oneDNN by default: MKL's sgemm takes its AVX2 code there
+(2-3x slower than oneDNN's AVX-512 on Zen 5). Intel CPUs keep MKL, which runs its AVX-512 code
+there (the Sapphire Rapids runs in docs/performance.md used it)."""
 
 BLOCKS, ROWS, PREFETCHED_ROWS = 0, 1, 2
 """The decode GEMV's ``layout`` (``gemv_layout``): how ``gemv`` and ``gemv_i8`` read the weight for
 a few rows of x: rows side by side in blocks, one row at a time, or one row at a time with each
 row prefetched ``numba_kernels.PREFETCH_ROWS`` ahead."""
-"""CPU vendors whose float32 GEMMs go to oneDNN by default: MKL's sgemm takes its AVX2 code there
-(2-3x slower than oneDNN's AVX-512 on Zen 5). Intel CPUs keep MKL, which runs its AVX-512 code
-there (the Sapphire Rapids runs in docs/performance.md used it)."""
 
 _nk: Any = None  # the gpt2cli.numba_kernels module, once compiled
 _state = "unknown"  # unknown | ready | missing | off

@@ -105,8 +105,7 @@ def bench(
         with _progress() as progress:
             report = run(spec, compare=compare, progress=progress)
     except BenchInterrupted as exc:
-        engines = 2 if compare is not None or spec.draft_model is not None else 1
-        _interrupted(exc.report, output_format, len(spec.workloads()) * engines)
+        _interrupted(exc.report, output_format, exc.configurations)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     _RENDERERS[output_format](report)
 

@@ -15,10 +15,8 @@ token that completes it.
 
 from __future__ import annotations
 
-import codecs
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +24,7 @@ from gpt2cli.config import GenerationConfig
 from gpt2cli.logprobs import TokenLogprob
 from gpt2cli.server.batch import Done, Event, Piece, Scored, StopPiece
 from gpt2cli.text import ReplyTrimmer
+from gpt2cli.tokenizer import StreamDecoder, Tokenizer
 
 Shown = tuple[TokenLogprob, str, int]
 """A token's log-probability entry, the token as shown, and the characters of text it completes."""
@@ -40,17 +39,10 @@ def shown_token(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-class _Characters:
-    """One token sequence's tokens as ``Shown``: each with the characters of text it completes
-    (the text's own decoder: bytes of a split character count once, with their last token)."""
-
-    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
-        self.token_bytes = token_bytes
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def shown(self, entry: TokenLogprob) -> Shown:
-        raw = self.token_bytes(entry.token)
-        return entry, shown_token(raw), len(self.decoder.decode(raw))
+def _shown(tokenizer: Tokenizer, decoder: StreamDecoder, entry: TokenLogprob) -> Shown:
+    """``entry`` as shown, with the characters of text its token completes in the sequence that
+    ``decoder`` reads (the text's own decoder: a split character counts once, at its last token)."""
+    return entry, shown_token(tokenizer.token_bytes(entry.token)), len(decoder.push(entry.token))
 
 
 @dataclass
@@ -74,12 +66,12 @@ class Answer:
     """Accumulates events into OpenAI choices; gives stream chunks and the final body.
 
     Args:
-        token_bytes: a token's bytes.
+        tokenizer: the model's (tokens as logprobs show them).
         prompt_chars: each prompt's length in characters (generated text's offsets follow it).
     """
 
-    def __init__(self, plan: Plan, token_bytes: Callable[[int], bytes], prompt_chars: list[int]) -> None:
-        self.plan, self.token_bytes = plan, token_bytes
+    def __init__(self, plan: Plan, tokenizer: Tokenizer, prompt_chars: list[int]) -> None:
+        self.plan, self.tokenizer = plan, tokenizer
         n = plan.cfg.num_samples
         self.n = n
         count = len(plan.prompts) * n
@@ -90,7 +82,7 @@ class Answer:
         self.logprobs: list[list[Shown]] = [[] for _ in range(count)]  # sent (or to be, in the body)
         self.held: list[list[Shown]] = [[] for _ in range(count)]  # their text not sent yet
         self.covered = [0] * count  # characters of text[c] that self.logprobs[c] spans
-        self.characters = [_Characters(token_bytes) for _ in range(count)]
+        self.decoders = [StreamDecoder(tokenizer) for _ in range(count)]
         self.prompt_lps: list[list[Shown]] = [[] for _ in plan.prompts]
         self.chat = plan.kind == "chat.completion"
         self.cleaners = [ReplyTrimmer() for _ in range(count)] if self.chat else []
@@ -105,7 +97,7 @@ class Answer:
         if isinstance(ev, Piece):
             c = i * self.n + ev.sample
             self.texts[c] += ev.text
-            self.held[c].extend(self.characters[c].shown(e) for e in ev.logprobs)
+            self.held[c].extend(_shown(self.tokenizer, self.decoders[c], e) for e in ev.logprobs)
             shown = self._release(c, stopped=isinstance(ev, StopPiece))
             text = self.cleaners[c].push(ev.text) if self.chat else ev.text
             if not text and not shown:
@@ -124,8 +116,8 @@ class Answer:
 
     def _scored(self, i: int, ev: Scored) -> list[dict[str, Any]]:
         """The prompt's log-probabilities: kept for the body; a stream's echo chunks carry them."""
-        characters = _Characters(self.token_bytes)
-        self.prompt_lps[i] = [characters.shown(e) for e in ev.logprobs]
+        decoder = StreamDecoder(self.tokenizer)
+        self.prompt_lps[i] = [_shown(self.tokenizer, decoder, e) for e in ev.logprobs]
         if not (self.plan.stream and self.plan.echo and self.plan.logprobs is not None) or self.chat:
             return []
         text = self.plan.prompt_texts[i]
@@ -225,11 +217,11 @@ class Answer:
                 continue
             alts: dict[str, float] = {}
             for alt, lp in e.top:
-                alts.setdefault(shown_token(self.token_bytes(alt)), lp)
+                alts.setdefault(shown_token(self.tokenizer.token_bytes(alt)), lp)
             # OpenAI's legacy completions always list the chosen token too (up to logprobs + 1
             # entries), as vLLM does; the best entry stays first, so "is it greedy" checks hold.
             # (A token cut by a stop string is listed under its whole text among the others.)
-            alts.setdefault(shown_token(self.token_bytes(e.token)), e.logprob)
+            alts.setdefault(shown_token(self.tokenizer.token_bytes(e.token)), e.logprob)
             top.append(alts)
         return {
             "tokens": tokens,

@@ -453,7 +453,7 @@ async def _respond(state: ServerState, request: Request, plan: Plan) -> Any:
     prompt_chars = [0] * len(plan.prompts)
     if plan.logprobs is not None:
         prompt_chars = [len(state.lm.tokenizer.decode(p)) for p in plan.prompts]
-    answer = Answer(plan, state.lm.tokenizer.token_bytes, prompt_chars)
+    answer = Answer(plan, state.lm.tokenizer, prompt_chars)
     if plan.stream:
         return StreamingResponse(
             _sse(state, jobs, events, answer),

@@ -156,7 +156,7 @@ class _Run:
         self.batching = Batching(s.batch_size, s.grad_accum, info.world, info.rank)
         self.total = self._total_steps()
         self.warmup = s.warmup_steps if s.warmup_steps is not None else max(1, self.total // 20)
-        self.eval_every = s.eval_every or -(-self.total // 10)  # ceil: at most 10 per run
+        self.eval_every = s.eval_every or max(1, -(-self.total // 10))  # ceil: at most 10 a run
         self.model = self._model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _adamw(self.model, s.learning_rate, s.weight_decay, info.device)
