@@ -131,7 +131,12 @@ def finetune(settings: FinetuneSettings, on_event: Callable[[Event], None] | Non
     info = distributed.setup(settings.device)
     try:
         run = _Run(settings, info, on_event if (on_event and info.is_main) else (lambda e: None))
-        return run.train()
+        result = run.train()
+        # The other ranks wait while rank 0 saves, so that every rank leaves the process group
+        # together: a rank that tore gloo down while rank 0 still wrote its files died of SIGABRT
+        # once ("terminate called without an active exception", a CI run on a busy machine).
+        distributed.barrier(info)
+        return result
     finally:
         distributed.teardown(info)
 
