@@ -121,6 +121,28 @@ def test_batching_does_not_change_scores(lms) -> None:
     assert many.total_nll == pytest.approx(one.total_nll, rel=1e-6)
 
 
+def test_int8_logits_come_in_smaller_chunks_with_the_same_bits(ckpt_h: Path, monkeypatch) -> None:
+    """An int8 lm_head makes LOGIT_ELEMENTS_INT8 logits at a time (its GEMM holds an int32 and a
+    float32 copy of each), a float one LOGIT_ELEMENTS; the chunking never changes a score."""
+    int8, fp32 = load(str(ckpt_h), device="cpu", quantize="int8"), load(str(ckpt_h), device="cpu")
+    vocab = int8.model.config.vocab_size
+    monkeypatch.setattr(scoring, "LOGIT_ELEMENTS", 40 * vocab)
+    monkeypatch.setattr(scoring, "LOGIT_ELEMENTS_INT8", 20 * vocab)
+    seen: dict[str, list[int]] = {"int8": [], "fp32": []}
+    for name, lm in (("int8", int8), ("fp32", fp32)):
+        real = lm.model.logits
+        monkeypatch.setattr(
+            lm.model, "logits", lambda h, real=real, name=name: seen[name].append(len(h)) or real(h)
+        )
+    chunked = int8.score(TEXT, context=96, stride=48, per_token=True)
+    fp32.score(TEXT, context=96, stride=48)
+    assert max(seen["int8"]) == 20 and max(seen["fp32"]) == 40, seen
+    monkeypatch.setattr(scoring, "LOGIT_ELEMENTS_INT8", 3 * vocab)  # GEMV rows instead of the GEMM
+    rows = int8.score(TEXT, context=96, stride=48, per_token=True)
+    assert max(seen["int8"][-5:]) == 3
+    assert [t.logprob for t in rows.token_scores] == [t.logprob for t in chunked.token_scores]
+
+
 def test_default_batch_is_a_token_budget_on_cpu(lms, monkeypatch) -> None:
     """Unless --batch-size is given, a CPU batch holds CPU_BATCH_TOKENS worth of windows (the
     memory of eight 1024-token windows bought no speed there); a GPU batch eight windows."""

@@ -25,12 +25,12 @@ import torch
 from gpt2cli.errors import BadInputError
 from gpt2cli.model import GPT2
 from gpt2cli.scoring import (
-    LOGIT_ELEMENTS,
     Progress,
     ScoreInputError,
     TextStats,
     Window,
     check_windows,
+    logit_rows,
     open_source,
     windows,
 )
@@ -321,7 +321,7 @@ def compare_rows(
 
     Logits are made a few rows at a time (never n x vocab at once), in float32.
     """
-    step = max(1, LOGIT_ELEMENTS // a.config.vocab_size)
+    step = min(logit_rows(a), logit_rows(b))
     parts: list[list[torch.Tensor]] = [[] for _ in range(6)]
     for i in range(0, h_a.shape[0], step):
         la = a.logits(h_a[i : i + step]).float().log_softmax(-1)  # (n, V)

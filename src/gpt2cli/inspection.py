@@ -21,7 +21,7 @@ import torch
 
 from gpt2cli.errors import BadInputError
 from gpt2cli.model import BLOCK_HOOKS, FINAL_HOOK, GPT2, hook_names
-from gpt2cli.scoring import LOGIT_ELEMENTS
+from gpt2cli.scoring import logit_rows
 from gpt2cli.tokenizer import Tokenizer
 
 Spec = str | int | Sequence[int] | None  # a selection of layers, heads or positions (see ``select``)
@@ -385,15 +385,14 @@ def _lens_rows(
 
     ``targets`` (P,) holds -1 where there is none. Logits are made a few rows at a time.
     """
-    vocab = model.config.vocab_size
-    step = max(1, LOGIT_ELEMENTS // vocab)
+    step = logit_rows(model)
     for i in range(0, resid.shape[0], step):
         logits = model.logits(model.ln_f(resid[i : i + step])).float()  # (n, V)
         logprobs = logits.log_softmax(-1)
         tgt = targets[i : i + step].clamp(min=0)[:, None]  # (n, 1)
         picked = logits.gather(1, tgt)
         ranks = (logits > picked).sum(dim=1) + 1
-        values, indices = logprobs.topk(min(top, vocab), dim=-1)  # (n, k)
+        values, indices = logprobs.topk(min(top, model.config.vocab_size), dim=-1)  # (n, k)
         yield from zip(
             logprobs.gather(1, tgt)[:, 0].tolist(),
             ranks.tolist(),

@@ -42,13 +42,24 @@ from gpt2cli.tokenizer import Tokenizer
 
 READ_BYTES = 1 << 20  # bytes read from the input at a time
 FORCE_CUT_CHARS = 16 << 20  # text without any safe boundary is cut here anyway (pathological input)
-LOGIT_ELEMENTS = 1 << 23  # logits computed at once: rows x vocab (32 MiB in float32; int8 needs 3x)
+LOGIT_ELEMENTS = 1 << 23  # logits computed at once: rows x vocab (32 MiB in float32)
+LOGIT_ELEMENTS_INT8 = 1 << 20
+"""The same for an int8 lm_head, whose GEMM holds an int32 sum and a float32 copy per logit
+besides the log-softmax's: at 8 Mi elements int8 scoring peaked 300-370 MiB over the loaded
+124M model, at 1 Mi (20 rows of GPT-2's vocabulary, still the GEMM) 150-190 MiB, as fast
+and the same bits (the int8 sums are exact; docs/performance.md)."""
 CONTEXT_TOKENS = 12  # tokens of context shown either side of a --top token
 CPU_BATCH_TOKENS = 2048
 """Tokens a CPU batch of windows holds by default (two windows of 1024): on a 2-core CPU one or
 two windows of 1024 scored as fast as eight (0.98-1.19x) with half to a third of the extra
 memory (docs/performance.md). GPUs keep ``GPU_BATCH_WINDOWS``: they want large batches."""
 GPU_BATCH_WINDOWS = 8
+
+
+def logit_rows(model: GPT2) -> int:
+    """Rows of hidden states whose logits are made at once (never all rows x vocab)."""
+    elements = LOGIT_ELEMENTS_INT8 if model.lm_head_q is not None else LOGIT_ELEMENTS
+    return max(1, elements // model.config.vocab_size)
 
 
 def default_batch_size(context: int, device: torch.device) -> int:
@@ -740,7 +751,7 @@ class Scorer:
 
         hidden: (N, C), targets: (N,). The logits (rows x vocab) are never all materialised.
         """
-        step = max(1, LOGIT_ELEMENTS // self.model.config.vocab_size)
+        step = logit_rows(self.model)
         logprobs, ranks, entropies = [], [], []
         for i in range(0, hidden.shape[0], step):
             logits = self.model.logits(hidden[i : i + step]).float()  # (n, V), log-softmax in fp32
