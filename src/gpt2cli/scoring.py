@@ -57,8 +57,13 @@ GPU_BATCH_WINDOWS = 8
 
 
 def logit_rows(model: GPT2) -> int:
-    """Rows of hidden states whose logits are made at once (never all rows x vocab)."""
-    elements = LOGIT_ELEMENTS_INT8 if model.lm_head_q is not None else LOGIT_ELEMENTS
+    """Rows of hidden states whose logits are made at once (never all rows x vocab).
+
+    ``LOGIT_ELEMENTS_INT8`` only for an int8 lm_head on CPU (its int8 GEMM's copies); elsewhere
+    an int8 layer dequantises its weight per call, and smaller chunks would repeat that.
+    """
+    int8_gemm = model.lm_head_q is not None and model.lm_head_q[0].device.type == "cpu"
+    elements = LOGIT_ELEMENTS_INT8 if int8_gemm else LOGIT_ELEMENTS
     return max(1, elements // model.config.vocab_size)
 
 
