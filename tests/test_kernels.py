@@ -222,8 +222,9 @@ LAYOUTS = (kernels.BLOCKS, kernels.ROWS, kernels.PREFETCHED_ROWS)
 @needs_numba
 def test_serial_and_parallel_kernels_are_bit_identical() -> None:
     """One thread runs the serial twins: the sums must not change with the thread count, nor
-    (half and int8 weights) with the weight-row layout: blocks, rows, or rows prefetched.
-    float32's rows sum in another order than its blocks (within rounding)."""
+    with the prefetch, nor (int8 weights; half weights where the CPU has AVX-512) with the
+    weight-row layout: blocks or rows. float32's rows, and half's on AVX2 CPUs, sum in another
+    order than their blocks (within rounding)."""
     nk = kernels._nk
     x, w, b = _data(
         333, 256, 7
@@ -249,10 +250,10 @@ def test_serial_and_parallel_kernels_are_bit_identical() -> None:
                 assert torch.equal(outs[nk.gemv, layout], outs[nk.gemv_serial, layout]), (kind, layout)
             rows = outs[nk.gemv, kernels.ROWS]
             assert torch.equal(rows, outs[nk.gemv, kernels.PREFETCHED_ROWS]), kind  # prefetch: no bit
-            if kind == "f32":
-                torch.testing.assert_close(rows, blocks, atol=1e-4, rtol=1e-5)
-            else:
+            if kind != "f32" and "avx512f" in nk._target_features():
                 assert torch.equal(rows, blocks), (kind, xr.shape[0])
+            else:  # the vectorizer orders each loop's sums by the registers it has
+                torch.testing.assert_close(rows, blocks, atol=1e-4, rtol=1e-5)
             by_batch.append(blocks)
         # rows 4 and 5 alone get the bits they get in the batch of 7 (outside its tile)
         assert torch.equal(by_batch[1], by_batch[0][4:6]), kind

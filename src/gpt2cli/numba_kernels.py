@@ -189,8 +189,11 @@ def _widen(v):  # type: ignore[no-untyped-def]
 # one stream per thread, prefetched PREFETCH_ROWS rows ahead or not: on an Ice Lake Xeon half
 # weights 8% faster than the blocks with the prefetch (15% slower without), on a 2-core Zen 5
 # 18-21% faster without it, on a Zen 4 EPYC 1.13-1.26x the prefetched rows without it
-# (docs/performance.md). For half weights the sums are the same bits in every layout;
-# float32's rows (``GPT2_GEMV=rows``) sum in another order than its blocks.
+# (docs/performance.md). fastmath lets LLVM order each loop's sums (vector width, how many
+# partial sums) by the registers the CPU has: for half weights the rows and the blocks came out
+# the same bits on the AVX-512 CPUs seen, not on an AVX2-only one (a few ulps, ~1e-5 of the
+# largest output); float32's rows (``GPT2_GEMV=rows``) sum in another order than its blocks
+# everywhere. The thread count and the prefetch change no bit on any CPU.
 # Rows of x go four at a time where there are four (``_tile``: 16 sums, each weight value
 # loaded once for four rows of x instead of once per row), 1.6-1.9x faster at 8 rows (there
 # one weight row at a time is 20% slower than four); the rest go one by one. A row's sum is
