@@ -177,6 +177,7 @@ def test_latin1_locale_replaces_what_it_cannot_show(ckpt_h: Path, latin1_locale,
         ({"GPT2_KERNELS": "bogus"}, ["GPT2_KERNELS='bogus'", "torch", "unfused"]),
         ({"GPT2_GEMM": "mkl"}, ["GPT2_GEMM='mkl'", "onednn", "blas"]),
         ({"GPT2_GEMV": "tiles"}, ["GPT2_GEMV='tiles'", "rows", "blocks"]),
+        ({"GPT2_INT8_GEMM": "vnni"}, ["GPT2_INT8_GEMM='vnni'", "int-mm", "numba"]),
         ({"GPT2_DEVICE": "tpu"}, ["GPT2_DEVICE='tpu' in the environment", "unset GPT2_DEVICE"]),
     ],
 )
@@ -221,6 +222,20 @@ def test_every_gemm_choice_is_accepted(ckpt_h: Path, capsys, monkeypatch) -> Non
         monkeypatch.setenv("GPT2_GEMM", f" {choice.upper()} ")
         result = run_inprocess(
             ["score", "-m", str(ckpt_h), "-", "--format", "json"], capsys, monkeypatch, stdin=b"hello " * 30
+        )
+        assert result.code == 0, result.err
+
+
+def test_every_int8_gemm_choice_is_accepted(ckpt_h: Path, capsys, monkeypatch) -> None:
+    from gpt2cli.cli.options import INT8_GEMM_CHOICES
+
+    for choice in INT8_GEMM_CHOICES:
+        monkeypatch.setenv("GPT2_INT8_GEMM", f" {choice.upper()} ")
+        result = run_inprocess(
+            ["score", "-m", str(ckpt_h), "-", "--format", "json", "--quantize", "int8"],
+            capsys,
+            monkeypatch,
+            stdin=b"hello " * 30,
         )
         assert result.code == 0, result.err
 

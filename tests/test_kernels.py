@@ -92,9 +92,13 @@ def test_gemv_half_accumulates_in_float32(spy, dtype: torch.dtype, rows: int) ->
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 16])  # tiles of four rows of x and rows alone
 # a tail in both dims; 128: whole chunks on every tier (one row of x: the row-at-a-time path)
 @pytest.mark.parametrize(("out_f", "in_f"), [(64, 48), (65, 200), (9, 3), (67, 128)])
-def test_gemv_int8_is_the_int8_definition_bit_for_bit(spy, rows: int, out_f: int, in_f: int) -> None:
+def test_gemv_int8_is_the_int8_definition_bit_for_bit(
+    spy, monkeypatch, rows: int, out_f: int, in_f: int
+) -> None:
     """The int8 decode GEMV: x rounded per row, exact int32 sums (VNNI here where the CPU has
-    it), the strict epilogue: the same bits as the definition in torch and as the many-row GEMM."""
+    it), the strict epilogue: the same bits as the definition in torch and as the many-row GEMM
+    (torch's _int_mm here; the other many-row path is this kernel)."""
+    monkeypatch.setenv("GPT2_INT8_GEMM", "int-mm")
     x, w, b = _data(out_f, in_f, rows)
     q, scale = quantize_rows(w)
     for bias in (b, None):
@@ -400,8 +404,54 @@ def test_int8_gemm_is_exact_on_row_quantised_activations() -> None:
 
 
 @needs_numba
+def test_both_int8_gemm_paths_give_the_same_bits(spy, monkeypatch) -> None:
+    """GPT2_INT8_GEMM=int-mm (torch's _int_mm, the default with VNNI or AMX) and numba (gemv_i8
+    over all the rows, the default without) sum the same int8 products exactly: the same bits,
+    at any row count; each choice takes effect; with the fast paths off, _int_mm."""
+    x, w, b = _data(70, 200, 2 * 45)
+    q, scale = quantize_rows(w)
+    outs = {}
+    for path in ("int-mm", "numba"):
+        monkeypatch.setenv("GPT2_INT8_GEMM", path)
+        assert kernels.int8_gemm_path() == path
+        spy.clear()
+        outs[path] = kernels.linear_int8(x.view(2, 45, 200), q, scale, b)
+        assert (spy == ["int8"]) == (path == "numba"), (path, spy)
+    assert outs["numba"].shape == (2, 45, 70)
+    assert torch.equal(outs["numba"], outs["int-mm"])
+    torch.testing.assert_close(
+        outs["numba"].view(90, 70), _int8_by_definition(x, q, scale, b), atol=1e-4, rtol=1e-5
+    )
+    monkeypatch.delenv("GPT2_INT8_GEMM")
+    assert kernels.int8_gemm_path() == ("int-mm" if kernels._fast_int_mm() else "numba")
+    monkeypatch.setenv("GPT2_INT8_GEMM", "numba")
+    kernels.set_enabled(False)
+    try:
+        assert kernels.int8_gemm_path() == "int-mm"  # the reference never changes path
+    finally:
+        kernels.set_enabled(True)
+
+
+def test_int8_gemm_auto_follows_the_cpu_features(monkeypatch) -> None:
+    """_int_mm where oneDNN has VNNI (AVX-512 or AVX) or AMX for it, or off x86; numba elsewhere."""
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    for torch_has, flags, fast in [
+        ({"_is_vnni_supported"}, "avx2 avx512f avx512_vnni", True),
+        ({"_is_amx_tile_supported"}, "avx2 amx_tile", True),
+        (set(), "avx2 avx_vnni", True),
+        (set(), "fpu avx2 fma", False),
+        (set(), "", False),
+    ]:
+        monkeypatch.setattr(kernels, "_torch_cpu_has", lambda name, has=torch_has: name in has)
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda f=flags: frozenset(f.split()))
+        assert kernels._fast_int_mm.__wrapped__() is fast, (torch_has, flags)
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert kernels._fast_int_mm.__wrapped__() is True
+
+
+@needs_numba
 @pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu", "silu"])
-def test_int8_mlp_equals_its_two_layers(act: str) -> None:
+def test_int8_mlp_equals_its_two_layers(act: str, monkeypatch) -> None:
     """The fused int8 MLP (bias, activation and re-quantisation in one pass) against the two
     int8 layers and the activation run one by one: the same arithmetic, float32 rounding apart."""
     from gpt2cli.model import activation
@@ -414,6 +464,9 @@ def test_int8_mlp_equals_its_two_layers(act: str) -> None:
         layer.qweight, layer.scale = quantize_rows(w)
         layer.bias = b
     x = x.view(3, 17, 36)
+    monkeypatch.setenv("GPT2_INT8_GEMM", "numba")
+    assert kernels.int8_mlp(x, fc, proj, act) is None  # the numba path runs the layers one by one
+    monkeypatch.setenv("GPT2_INT8_GEMM", "int-mm")
     with torch.inference_mode():
         fused = kernels.int8_mlp(x, fc, proj, act)
         one_by_one = proj(activation(act, fc(x)))

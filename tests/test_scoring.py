@@ -122,8 +122,11 @@ def test_batching_does_not_change_scores(lms) -> None:
 
 
 def test_int8_logits_come_in_smaller_chunks_with_the_same_bits(ckpt_h: Path, monkeypatch) -> None:
-    """An int8 lm_head makes LOGIT_ELEMENTS_INT8 logits at a time (its GEMM holds an int32 and a
-    float32 copy of each), a float one LOGIT_ELEMENTS; the chunking never changes a score."""
+    """An int8 lm_head going through torch's _int_mm makes LOGIT_ELEMENTS_INT8 logits at a time
+    (that GEMM holds an int32 and a float32 copy of each), through the numba int8 kernel and a
+    float one LOGIT_ELEMENTS; the chunking never changes a score, the int8 path within float32
+    rounding (each layer's bits are the same; _int_mm's path fuses the MLP's activation)."""
+    monkeypatch.setenv("GPT2_INT8_GEMM", "int-mm")
     int8, fp32 = load(str(ckpt_h), device="cpu", quantize="int8"), load(str(ckpt_h), device="cpu")
     vocab = int8.model.config.vocab_size
     monkeypatch.setattr(scoring, "LOGIT_ELEMENTS", 40 * vocab)
@@ -141,6 +144,12 @@ def test_int8_logits_come_in_smaller_chunks_with_the_same_bits(ckpt_h: Path, mon
     rows = int8.score(TEXT, context=96, stride=48, per_token=True)
     assert max(seen["int8"][-5:]) == 3
     assert [t.logprob for t in rows.token_scores] == [t.logprob for t in chunked.token_scores]
+    monkeypatch.setenv("GPT2_INT8_GEMM", "numba")
+    numba_path = int8.score(TEXT, context=96, stride=48, per_token=True)
+    assert max(seen["int8"][-5:]) == 40
+    assert [t.logprob for t in numba_path.token_scores] == pytest.approx(
+        [t.logprob for t in chunked.token_scores], rel=1e-5, abs=1e-5
+    )
 
 
 def test_default_batch_is_a_token_budget_on_cpu(lms, monkeypatch) -> None:

@@ -9,7 +9,7 @@ float32 (..., in) and a weight (out, in) on CPU:
 | float32 | numba ``gemv`` | GEMM: oneDNN on AMD CPUs, else torch's BLAS (``fp32_gemm_path``) |
 | bfloat16 | numba ``gemv`` (bits widened) | bf16 GEMM (oneDNN: AVX512-BF16/AMX), x rounded to bf16 |
 | float16 | numba ``gemv`` (bits widened) | f16 GEMM (oneDNN: AVX512-FP16/AMX-FP16), x rounded to f16 |
-| int8, per-row scale | numba ``gemv_i8`` (VNNI where the CPU has it) | ``torch._int_mm`` (oneDNN: VNNI/AMX) |
+| int8, per-row scale | numba ``gemv_i8`` (VNNI if there) | ``torch._int_mm`` (VNNI/AMX), else ``gemv_i8`` |
 
 int8 layers round x to int8 per row on every CPU path and sum the int8 products exactly, so
 ``linear_int8`` gives a row the same bits whatever its batch, path (GEMV, GEMM, reference) or
@@ -19,7 +19,9 @@ oneDNN emulates on other x86 CPUs 3-4x slower than widening), or numba is not in
 the call, int8 goes through ``torch._int_mm`` with torch's own rounding and
 rescaling. Float32 GEMMs go to oneDNN where torch's BLAS (MKL) does not run its AVX-512 code:
 on AMD CPUs MKL's sgemm reached 140-200 GFLOP/s, oneDNN's 300-460 on a 2-core Zen 5
-(docs/performance.md); ``GPT2_GEMM=onednn|blas`` chooses by hand.
+(docs/performance.md); ``GPT2_GEMM=onednn|blas`` chooses by hand. int8 layers of many rows
+go to ``torch._int_mm`` where oneDNN has VNNI or AMX for it, to ``gemv_i8`` over all the rows
+elsewhere (``int8_gemm_path``, ``GPT2_INT8_GEMM=int-mm|numba``): the same bits either way.
 ``set_enabled(False)`` turns every fast path off (the reference the tests compare with). CUDA
 and autograd use ``F.linear`` (int8 weights dequantised).
 
@@ -276,10 +278,15 @@ def _can(path: str) -> bool:
 @functools.cache
 def _cpu_vendor() -> str:
     """The CPU's vendor string on Linux (``vendor_id`` in /proc/cpuinfo), else ""."""
+    return _cpuinfo_field("vendor_id")
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first CPU's ``name`` line in /proc/cpuinfo (Linux), else ""."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
             for line in info:
-                if line.startswith("vendor_id"):
+                if line.partition(":")[0].strip() == name:
                     return line.partition(":")[2].strip()
     except OSError:
         pass
@@ -293,6 +300,40 @@ def _has_onednn_linear() -> bool:
         return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except (AttributeError, RuntimeError):
         return False
+
+
+def int8_gemm_path() -> str:
+    """Where int8 layers of more than ``SMALL_BATCH`` rows go on CPU: "int-mm" or "numba".
+
+    ``GPT2_INT8_GEMM`` (int-mm, numba) chooses; unset, auto or unknown: torch's ``_int_mm``
+    (oneDNN) where the CPU has VNNI or AMX, or is not x86; the numba ``gemv_i8`` over all the
+    rows elsewhere: on a 2-core AVX2-only Zen 4 VM ``_int_mm`` took 444 ms for 512 x 768 x 2304
+    (its reference code) against 13-20 ms for the float32 GEMM and 10 ms for ``gemv_i8``, which
+    was 1.2-1.5x the float32 GEMM at prefill's shapes (docs/performance.md). Both sum the same
+    int8 products exactly: the same bits. Always "int-mm" with the fast paths off (the reference).
+    """
+    if not is_enabled():
+        return "int-mm"
+    choice = switches.choice(switches.INT8_GEMM_ENV, switches.INT8_GEMM_CHOICES)
+    if choice != "auto":
+        return choice
+    return "int-mm" if _fast_int_mm() else "numba"
+
+
+@functools.cache
+def _fast_int_mm() -> bool:
+    """Whether oneDNN multiplies int8 in hardware here: VNNI (AVX512 or AVX), AMX, or not x86."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    if _torch_cpu_has("_is_vnni_supported") or _torch_cpu_has("_is_amx_tile_supported"):
+        return True
+    return "avx_vnni" in _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags on Linux (``flags`` in /proc/cpuinfo), else none."""
+    return frozenset(_cpuinfo_field("flags").split())
 
 
 def fp32_gemm_path() -> str:
@@ -545,6 +586,8 @@ def int8_gemm(
     fuses the quantisation and the rescaling into one pass each (in torch they cost as much
     as the GEMM: ten passes over the output).
     """
+    if int8_gemm_path() == "numba":  # the GEMV kernel over all M rows: the same sums
+        return _gemv_int8(x2, qweight, scale, bias)
     xq, xs = quantize_rows_dynamic(x2)
     return _int8_rescale(torch._int_mm(xq, qweight.t()), xs, scale, bias)  # (M, N) int32 -> float32
 
@@ -573,6 +616,8 @@ def int8_mlp(x: torch.Tensor, fc: Any, proj: Any, activation: str) -> torch.Tens
         return None
     if not (hasattr(fc, "qweight") and hasattr(proj, "qweight") and is_enabled()):
         return None
+    if int8_gemm_path() != "int-mm":
+        return None  # the numba path: ``linear_int8`` per layer (its kernel rounds x itself)
     fc, proj = cast(Int8Layer, fc), cast(Int8Layer, proj)
     act = _nk.ACTIVATIONS.get(activation)
     if act is None:

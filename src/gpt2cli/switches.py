@@ -17,6 +17,12 @@ GEMM_ENV = "GPT2_GEMM"
 GEMM_CHOICES = ("auto", "onednn", "blas")
 """Where float32 GEMMs of prefill and scoring go (kernels.fp32_gemm_path)."""
 
+INT8_GEMM_ENV = "GPT2_INT8_GEMM"
+INT8_GEMM_CHOICES = ("auto", "int-mm", "numba")
+"""Where int8 layers of more than a few rows go on CPU (kernels.int8_gemm_path): torch's
+``_int_mm`` (oneDNN; auto where the CPU has VNNI or AMX) or the numba int8 kernel over all
+rows (auto elsewhere: on an AVX2-only CPU ``_int_mm`` ran 30x slower than a float32 GEMM)."""
+
 GEMV_ENV = "GPT2_GEMV"
 GEMV_CHOICES = ("auto", "rows", "prefetched-rows", "blocks")
 """How batch-1 decode reads its weights (kernels.gemv_layout): one row at a time (auto for half

@@ -18,6 +18,8 @@ from gpt2cli.switches import (
     GEMM_ENV,
     GEMV_CHOICES,
     GEMV_ENV,
+    INT8_GEMM_CHOICES,
+    INT8_GEMM_ENV,
     KERNEL_CHOICES,
     KERNELS_ENV,
     THREADS_ENV,
@@ -174,8 +176,8 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
     """Refuse GPT2_* variables with values we would otherwise have to ignore.
 
     Raises:
-        BadInputError: GPT2_THREADS is not a positive integer, GPT2_KERNELS, GPT2_GEMM or
-            GPT2_GEMV not a known path.
+        BadInputError: GPT2_THREADS is not a positive integer, GPT2_KERNELS, GPT2_GEMM,
+            GPT2_INT8_GEMM or GPT2_GEMV not a known path.
     """
     env = os.environ if environ is None else environ
     threads = env.get(THREADS_ENV, "").strip()
@@ -197,6 +199,13 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         GEMM_CHOICES,
         f"{GEMM_ENV}=onednn or blas picks the float32 GEMM of prefill and scoring; unset it "
         "for the default (oneDNN on AMD CPUs, BLAS elsewhere)",
+    )
+    _check_choice(
+        env,
+        INT8_GEMM_ENV,
+        INT8_GEMM_CHOICES,
+        f"{INT8_GEMM_ENV}=int-mm or numba picks the int8 GEMM of prefill and scoring; unset it "
+        "for the default (torch's _int_mm where the CPU has VNNI or AMX, numba elsewhere)",
     )
     _check_choice(
         env,
