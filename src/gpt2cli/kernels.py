@@ -260,9 +260,14 @@ def _native_bf16() -> bool:
     Xeon its bf16 GEMM ran at 54-59 GFLOP/s against 150-240 for the weight widened to float32
     per call (docs/performance.md). Elsewhere (aarch64) oneDNN's own answer stands.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if not on_x86():
         return True
     return any(_torch_cpu_has(name) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def on_x86() -> bool:
+    """Whether this is an x86 machine (64- or 32-bit), by ``platform.machine()``."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def _torch_cpu_has(check_name: str) -> bool:
@@ -323,7 +328,7 @@ def int8_gemm_path() -> str:
 @functools.cache
 def _fast_int_mm() -> bool:
     """Whether oneDNN multiplies int8 in hardware here: VNNI (AVX512 or AVX), AMX, or not x86."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if not on_x86():
         return True
     if _torch_cpu_has("_is_vnni_supported") or _torch_cpu_has("_is_amx_tile_supported"):
         return True

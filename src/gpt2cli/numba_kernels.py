@@ -24,7 +24,6 @@ weights go to ``gemv_i8``: x rounded to int8 per row, int8 x int8 products summe
 from __future__ import annotations
 
 import math
-import platform
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,7 +34,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from gpt2cli.kernels import BLOCKS, PREFETCHED_ROWS, ROWS, writable_cache_dir
+from gpt2cli.kernels import BLOCKS, PREFETCHED_ROWS, ROWS, on_x86, writable_cache_dir
 
 _CACHE_DIR = writable_cache_dir()
 if _CACHE_DIR is not None:
@@ -157,9 +156,7 @@ def _target_features() -> frozenset[str]:
     return frozenset(f[1:] for f in spec.split(",") if f.startswith("+"))
 
 
-_SOFT_F16 = (
-    platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and "f16c" not in _target_features()
-)
+_SOFT_F16 = on_x86() and "f16c" not in _target_features()
 """float16 widened in integer operations: an x86 target without F16C (e.g. NUMBA_CPU_NAME=generic)."""
 
 
